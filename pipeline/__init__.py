@@ -1,0 +1,1 @@
+"""kdpipe library: cache format, capture, losses, training. No CLI code here."""

@@ -1,0 +1,1 @@
+"""Shard storage backends (one writer/reader pair per format)."""

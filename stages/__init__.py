@@ -1,0 +1,1 @@
+"""Command-line entry points of kdpipe (thin wrappers over kdpipe.pipeline)."""
