@@ -1,5 +1,65 @@
+"""The ``kdpipe`` command: one subcommand per stage.
+
+Library errors (:class:`KdpipeError`) become a one-line ``error: ...`` on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
 import click
 
-@click.group()
+from kdpipe import __version__
+from kdpipe.pipeline.errors import KdpipeError
+
+
+def user_errors(command):
+    """Turn library errors into one line on stderr and a non-zero exit, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KdpipeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished shards are kept; re-run the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdpipe")
 def main():
-    """kdpipe"""
+    """kdpipe: offline knowledge distillation.
+
+    Run the teacher once (cache-teacher), train students from its cache anywhere (train-student).
+    """
+
+
+def _register():
+    from kdpipe.stages.cache_teacher import cache_teacher
+    from kdpipe.stages.inspect_cache import inspect_cache
+    from kdpipe.stages.verify_cache import verify_cache
+
+    for command in (cache_teacher, inspect_cache, verify_cache):
+        main.add_command(command)
+    try:
+        from kdpipe.stages.train_student import train_student
+
+        main.add_command(train_student)
+    except ImportError:  # pragma: no cover - stage two not installed yet
+        pass
+    try:
+        from kdpipe.stages.evaluate import evaluate
+
+        main.add_command(evaluate)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_register()

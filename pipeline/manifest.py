@@ -1,0 +1,121 @@
+"""The cache manifest: ``manifest.json`` at the cache root, versioned JSON, written last.
+
+A cache without a manifest is unfinished. Readers check ``format`` and ``format_version`` first and
+validate every shard path before any shard file is opened.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path, PurePosixPath
+
+from kdpipe.pipeline.errors import CacheFormatError
+from kdpipe.pipeline.schema import CacheSchema
+
+FORMAT_NAME = "kdpipe-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+
+
+def shard_name(*, rank: int, index: int, suffix: str) -> str:
+    """Deterministic, zero-padded shard name; ranks never collide, so writers need no coordination."""
+    return f"{SHARD_DIR}/r{rank:05d}-s{index:06d}{suffix}"
+
+
+def resolve_shard_path(root: Path, name: str) -> Path:
+    """``root / name``, refusing names that are absolute or leave ``root/shards``."""
+    pure = PurePosixPath(name)
+    if (
+        not isinstance(name, str)
+        or pure.is_absolute()
+        or "\\" in name
+        or ".." in pure.parts
+        or len(pure.parts) != 2
+        or pure.parts[0] != SHARD_DIR
+    ):
+        raise CacheFormatError(
+            f"manifest names shard {name!r}, which is outside the cache's {SHARD_DIR}/ folder; "
+            "the manifest was edited or is not from kdpipe -- re-create the cache"
+        )
+    return root / pure
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """The commit of the kdpipe checkout this code runs from, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def software_versions() -> dict:
+    import numpy
+    import pyarrow
+    import torch
+    import zarr
+
+    import kdpipe
+
+    versions = {
+        "kdpipe": kdpipe.__version__,
+        "kdpipe_git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "pyarrow": pyarrow.__version__,
+        "docker_image": os.environ.get("KDPIPE_IMAGE"),
+    }
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        versions["transformers"] = None
+    return versions
+
+
+def load_manifest(root: str | os.PathLike) -> dict:
+    """Read and validate ``root/manifest.json``; raises :class:`CacheFormatError` naming the fix."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise CacheFormatError(f"cache directory {root} does not exist; check the --cache path")
+    if not path.is_file():
+        raise CacheFormatError(
+            f"{root} has no {MANIFEST_NAME}: it is not a kdpipe cache or its capture has not "
+            "finished (re-run the same cache-teacher command to finish it)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheFormatError(f"{path} is not valid JSON ({exc}); re-create the cache") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{path} is not a kdpipe cache manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{path} has cache format version {version!r}, but this kdpipe reads version "
+            f"{FORMAT_VERSION}; use the kdpipe version that wrote it or re-create the cache"
+        )
+    for key in ("schema", "shards", "capture", "totals"):
+        if key not in manifest:
+            raise CacheFormatError(f"{path} lacks the {key!r} section; re-create the cache")
+    CacheSchema.from_dict(manifest["schema"])
+    for shard in manifest["shards"]:
+        resolve_shard_path(root, shard.get("name", ""))
+    return manifest

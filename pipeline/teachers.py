@@ -1,0 +1,167 @@
+"""Teachers: a Hugging Face model (local directory or hub id) or a plain PyTorch module.
+
+A :class:`Teacher` turns a batch of model inputs into logits ``[B, P, V]`` (``P = L`` positions for
+a causal LM, ``P = 1`` for a classifier) and describes itself for the manifest (fingerprint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from kdpipe.pipeline.errors import ConfigError, TeacherError
+from kdpipe.pipeline.fileio import sha256_files
+from kdpipe.pipeline.modules import load_module
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class Teacher:
+    kind: str  # "hf" or "module"
+    task: str  # "causal-lm" or "classification"
+    vocab_size: int  # size of the logits' last axis
+    max_positions: int | None
+    fingerprint: dict
+    tokenizer: object | None = None
+    tokenizer_fingerprint: dict | None = None
+    model: torch.nn.Module | None = None  # None when only the config was loaded (dry run)
+    device: torch.device = torch.device("cpu")
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, P, V]`` in the teacher's dtype for inputs on ``self.device``."""
+        if self.kind == "hf":
+            out = self.model(input_ids=inputs, attention_mask=attention_mask).logits
+        else:
+            out = self.model(inputs)
+        if self.task == "classification":
+            if out.ndim != 2 or out.shape[1] != self.vocab_size:
+                raise TeacherError(
+                    f"teacher output has shape {tuple(out.shape)}, expected [batch, classes]; "
+                    "a classification teacher must return logits of shape [B, C]"
+                )
+            out = out[:, None, :]
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 (or fp16 without bf16 support) on CUDA, fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """Hash of the tokenizer's full definition plus its vocabulary size and special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:  # slow tokenizer: its vocabulary is its definition
+        definition = repr(sorted(tokenizer.get_vocab().items()))
+    special = {
+        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
+    }
+    return {
+        "sha256": hashlib.sha256(definition.encode()).hexdigest(),
+        "vocab_size": len(tokenizer),
+        "special_ids": special,
+        "class": type(tokenizer).__name__,
+    }
+
+
+def _hf_task(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classification"
+    return "causal-lm"
+
+
+def load_hf_teacher(
+    path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+    load_weights: bool = True, task: str | None = None,
+) -> Teacher:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise TeacherError(
+            f"teacher {path} is not a Hugging Face model directory (no config.json); "
+            "point --teacher at a directory saved with save_pretrained, or use module:factory"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherError(
+            f"cannot load teacher {path!r}: {first} (is it a local model directory or a reachable "
+            "hub id? a model with custom code needs --trust-remote-code)"
+        ) from None
+    task = task or _hf_task(config)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    vocab_size = config.num_labels if task == "classification" else config.vocab_size
+    weights = sorted(p for p in local.glob("*") if p.suffix in _WEIGHT_SUFFIXES) if local.is_dir() else []
+    fingerprint = {
+        "kind": "hf",
+        "path": str(path),
+        "class": (getattr(config, "architectures", None) or [auto.__name__])[0],
+        "config": config.to_diff_dict(),
+        "weights_sha256": sha256_files(weights, root=local) if weights else getattr(config, "_commit_hash", None),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    model = None
+    if load_weights:
+        try:
+            model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise TeacherError(f"cannot load teacher weights from {path!r}: {exc}") from None
+        model.to(device).eval()
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return Teacher(
+        kind="hf", task=task, vocab_size=int(vocab_size), max_positions=max_positions,
+        fingerprint=fingerprint, tokenizer=tokenizer,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), model=model, device=device,
+    )
+
+
+def load_module_teacher(
+    spec: str, *, weights: str | None, device: torch.device, dtype: torch.dtype,
+    num_classes: int, load_weights: bool = True,
+) -> Teacher:
+    from kdpipe.pipeline.fileio import sha256_file
+
+    if weights is None:
+        raise ConfigError(f"module teacher {spec!r} needs its trained weights: pass --weights FILE.safetensors")
+    model = load_module(spec, weights).to(device=device, dtype=dtype).eval() if load_weights else None
+    fingerprint = {
+        "kind": "module",
+        "factory": spec,
+        "weights_sha256": sha256_file(weights) if Path(weights).is_file() else None,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return Teacher(
+        kind="module", task="classification", vocab_size=num_classes, max_positions=None,
+        fingerprint=fingerprint, model=model, device=device,
+    )
+
+
+def is_module_spec(spec: str) -> bool:
+    """``package.module:factory`` or ``file.py:factory`` (a path never has a ':' on POSIX here)."""
+    return ":" in spec and not Path(spec).exists()

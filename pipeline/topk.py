@@ -1,0 +1,63 @@
+"""Turning teacher logits into the cache's sparse, exact, multi-temperature view.
+
+For logits ``z`` of one position: ``S = argtopk(z)`` does not depend on ``T``, so one top-k serves
+every temperature as long as each temperature's normaliser is kept (KD-NOTES section 2). Per position
+we keep the top-k ids, ``z_S - max z`` (so fp16 keeps its precision near the top), and for each
+captured ``T``: ``lse_T = log sum_v exp((z_v - max z) / T)`` and the exact log tail mass
+``log sum_{v not in S} exp((z_v - max z) / T) - lse_T``, computed from the tail itself rather than
+as ``1 - sum p`` so that tiny tails keep their precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+# fp32 working memory per chunk of positions: [chunk, V] * 4 bytes stays under this.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class SparseView:
+    topk_ids: torch.Tensor  # [N, k] int64, best first
+    topk_logits: torch.Tensor  # [N, k] fp32, z_S - max z (<= 0)
+    logsumexp: torch.Tensor  # [N, nT] fp32, log sum_v exp((z_v - max z) / T)
+    tail_logprob: torch.Tensor  # [N, nT] fp32, log of the mass outside the top-k at T
+
+
+def sparse_view_of_logits(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    temperatures: tuple[float, ...],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> SparseView:
+    """Sparse view of ``logits [N, V]`` (any float dtype), never holding more than one fp32 chunk.
+
+    Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite.
+    """
+    n, vocab = logits.shape
+    chunk = max(1, chunk_bytes // (4 * vocab))
+    parts = [
+        _sparse_view_chunk(logits[start : start + chunk], top_k, temperatures, offset=start)
+        for start in range(0, n, chunk)
+    ]
+    return SparseView(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(SparseView)))
+
+
+def _sparse_view_chunk(logits, top_k, temperatures, *, offset) -> SparseView:
+    z = logits.float()  # [n, V] fp32 working copy (a new tensor unless already fp32)
+    if z is logits:
+        z = z.clone()
+    finite = torch.isfinite(z).all(dim=1)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite)[0, 0]) + offset
+        raise FloatingPointError(f"teacher logits are NaN or infinite at position {bad}")
+    top_values, topk_ids = torch.topk(z, top_k, dim=1, sorted=True)  # [n, k]
+    z -= top_values[:, :1]  # shift so the max is 0
+    topk_logits = top_values - top_values[:, :1]
+    lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)  # [n, nT]
+    z.scatter_(1, topk_ids, float("-inf"))  # keep only the tail
+    tail = torch.stack([torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)
+    return SparseView(topk_ids, topk_logits, lse, tail - lse)
