@@ -135,3 +135,10 @@ def open_cache(path: str | os.PathLike, *, verify_hashes: bool = False) -> Teach
     if not Path(path).exists():
         raise CacheFormatError(f"cache {path} does not exist; check the path")
     return TeacherCache(path, verify_hashes=verify_hashes)
+
+
+def release_shard(cache: TeacherCache, index: int) -> None:
+    """Close one shard's reader (streaming readers keep at most a few shards open)."""
+    reader = cache._readers.pop(index, None)
+    if reader is not None:
+        reader.close()

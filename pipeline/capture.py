@@ -272,6 +272,7 @@ def manifest_header(plan: CapturePlan) -> dict:
         **plan.fingerprints,
         "capture": {**s.content_settings(), "teacher": s.teacher, "data": s.data,
                     "batch_size": s.batch_size, "id_dtype": plan.schema.id_dtype,
+                    "teacher_vocab_size": plan.teacher.vocab_size,
                     "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
                     "value_space": "logits minus the position's max logit"},
         "schema": plan.schema.to_dict(),

@@ -1,0 +1,321 @@
+"""Evaluating a trained student (or a teacher) on held-out data and against a teacher cache.
+
+:func:`evaluate_model` streams over rows in batches and reports:
+
+* on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
+  ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
+* with a cache -- ``kl_to_teacher`` (KL(teacher || student) at T = 1 on the cache's top-k + tail view,
+  a lower bound of the full KL, exact at k = V) and ``top1_agreement`` (student argmax == teacher's
+  best id), over the cache's valid positions;
+* ``rows``, ``rows_per_s`` and, for text models, ``tokens_per_s`` (student forward passes only).
+
+Without a cache the rows are ``data`` packed exactly as ``cache-teacher`` packs them. With a cache
+the rows are the cache's rows: a text student is fed the cache's ``input_ids``; when ``data`` is
+given too (required for classification caches, which store no attention mask or no input at all)
+the inputs are ``data``'s rows at each cache row's ``sample_index``, checked by ``input_hash``.
+Causal LM position ``t`` predicts token ``t + 1``: it is scored against the teacher where the
+cache's mask is True, and against ``input_ids[t + 1]`` where ``mask[t]`` and ``mask[t + 1]`` are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kdpipe.pipeline import data as datalib
+from kdpipe.pipeline import metrics
+from kdpipe.pipeline.cache import TeacherCache, open_cache
+from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
+from kdpipe.pipeline.modules import load_module
+from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
+
+MODULE_CONFIG = "kdpipe_module.json"
+MODULE_WEIGHTS = "model.safetensors"
+DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context
+
+
+# ----------------------------------------------------------------------------- loading a model dir
+@dataclasses.dataclass
+class EvalModel:
+    kind: str  # "hf" or "module"
+    task: str  # "causal-lm" or "classification"
+    module: torch.nn.Module
+    device: torch.device
+    tokenizer: object | None = None
+    max_positions: int | None = None
+    num_outputs: int | None = None  # size of the logits' last axis; None for a module until it runs
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[B, P, V]`` (``P = L`` for a causal LM, 1 for a classifier) for inputs on ``device``."""
+        if self.kind == "hf":
+            out = self.module(input_ids=inputs, attention_mask=attention_mask).logits
+        else:
+            out = self.module(inputs)
+        if self.task == "classification":
+            if out.ndim != 2:
+                raise ConfigError(f"the model returns shape {tuple(out.shape)}; a classifier must return logits [batch, classes]")
+            out = out[:, None, :]
+        return out
+
+
+def load_model(model_dir: str | Path, *, device: torch.device) -> EvalModel:
+    """A Hugging Face model dir (config.json) or a kdpipe module dir (kdpipe_module.json), in fp32.
+
+    A train-student run dir stands for its final model, ``model/``. A module dir's factory may name a
+    ``.py`` file relative to the dir itself.
+    """
+    root = Path(model_dir)
+    if not (root / MODULE_CONFIG).is_file() and not (root / "config.json").is_file() and (root / "model").is_dir():
+        root = root / "model"  # a train-student run dir: its final model
+    if (root / MODULE_CONFIG).is_file():
+        return _load_module_dir(root, device)
+    if (root / "config.json").is_file():
+        return _load_hf_dir(root, device)
+    raise ConfigError(
+        f"--model {model_dir} holds neither config.json (Hugging Face) nor {MODULE_CONFIG} (module); "
+        "point it at a train-student output dir or a model dir saved with save_pretrained"
+    )
+
+
+def _load_hf_dir(root: Path, device: torch.device) -> EvalModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+        archs = getattr(config, "architectures", None) or []
+        task = "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+        auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+        model = auto.from_pretrained(root, dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot load model {root}: {first} (it needs config.json, weights and tokenizer files)") from None
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    num_outputs = config.num_labels if task == "classification" else model.get_output_embeddings().weight.shape[0]
+    return EvalModel("hf", task, model.to(device).eval(), device, tokenizer, max_positions, int(num_outputs))
+
+
+def _load_module_dir(root: Path, device: torch.device) -> EvalModel:
+    try:
+        spec = json.loads((root / MODULE_CONFIG).read_text())["factory"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{root / MODULE_CONFIG} must be JSON like {{\"factory\": \"package.module:factory\"}}") from None
+    module_name, _, factory = spec.rpartition(":")
+    if module_name.endswith(".py") and (root / module_name).is_file():  # a file next to the weights
+        spec = f"{(root / module_name).resolve()}:{factory}"
+    if not (root / MODULE_WEIGHTS).is_file():
+        raise ConfigError(f"module dir {root} has no {MODULE_WEIGHTS}; it must hold the trained weights")
+    module = load_module(spec, root / MODULE_WEIGHTS).to(device=device, dtype=torch.float32)
+    return EvalModel("module", "classification", module.eval(), device)
+
+
+# ----------------------------------------------------------------------------- rows and batches
+def _data_rows(model: EvalModel, data: str | Path, seq_len: int | None) -> datalib.Rows:
+    """``data`` as model inputs, packed exactly as cache-teacher packs them."""
+    if model.kind == "module":
+        return datalib.rows_from_arrays(data)
+    if Path(data).suffix == ".npz":
+        raise DataError(f"--data {data} holds arrays, but --model is a text model; pass .txt, .jsonl or .parquet")
+    if model.max_positions is not None and seq_len is not None and seq_len > model.max_positions:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {model.max_positions} tokens; use --seq-len {model.max_positions} or less")
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN)
+    make_rows = datalib.pack_causal_lm if model.task == "causal-lm" else datalib.rows_for_classification
+    return make_rows(datalib.read_documents(data), model.tokenizer, seq_len=seq_len)
+
+
+def _stack(items: list[dict]) -> dict:
+    """Row dicts -> one batch dict; a field that is None in the rows stays None."""
+    return {k: None if items[0][k] is None else np.stack([item[k] for item in items]) for k in items[0]}
+
+
+def _data_batches(rows: datalib.Rows, n: int, batch_size: int) -> Iterator[dict]:
+    """Batches of ``inputs``, ``attention``, ``mask`` [B, P] and ``labels`` from in-memory rows."""
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        yield {
+            "inputs": rows.inputs[sl], "mask": rows.mask[sl],
+            "attention": None if rows.attention_mask is None else rows.attention_mask[sl],
+            "labels": None if rows.labels is None else rows.labels[sl],
+        }
+
+
+def _cache_batches(cache: TeacherCache, rows: datalib.Rows | None, n: int, batch_size: int) -> Iterator[dict]:
+    """Batches of the cache's first ``n`` rows at T = 1, with their inputs (see module doc)."""
+    for start in range(0, n, batch_size):
+        yield _stack([_cache_item(cache, i, rows) for i in range(start, min(start + batch_size, n))])
+
+
+def _cache_item(cache: TeacherCache, i: int, rows: datalib.Rows | None) -> dict:
+    row = cache.read(i, temperature=1.0)
+    if rows is None:
+        x, attention = row["input_ids"], row["mask"].astype(np.int64)  # causal LM: mask == attention
+    else:
+        s = int(row["sample_index"])
+        if s >= len(rows.inputs):
+            raise DataError(f"cache row {i} is sample {s} but --data has {len(rows.inputs)} rows; pass the data the cache was made from ({cache.manifest['data']['path']})")
+        x = rows.inputs[s]
+        attention = None if rows.attention_mask is None else rows.attention_mask[s]
+    if datalib.input_hash(x) != int(row["input_hash"]):
+        raise DataError(f"cache row {i} (sample {int(row['sample_index'])}): the input's hash differs from the cache's input_hash; pass the data the cache was made from ({cache.manifest['data']['path']})")
+    with np.errstate(divide="ignore"):
+        tail_logprob = np.log(row["tail_mass"])  # -inf where the tail is empty (k = V)
+    return {"inputs": x, "attention": attention, "mask": row["mask"], "labels": row.get("label"),
+            "topk_ids": row["topk_ids"], "topk_logprobs": row["topk_logprobs"], "tail_logprob": tail_logprob}
+
+
+def _check_cache_fits(model: EvalModel, cache: TeacherCache, data, seq_len) -> None:
+    schema, manifest = cache.schema, cache.manifest
+    if schema.task != model.task:
+        raise ConfigError(f"cache {cache.root} is for a {schema.task} teacher but --model is a {model.task} model; evaluate against a cache of the same task")
+    if seq_len is not None and schema.input_len is not None and seq_len != schema.input_len:
+        raise ConfigError(f"--seq-len {seq_len} differs from the cache's seq_len {schema.input_len}; drop --seq-len when evaluating against a cache")
+    if data is None and (schema.input_len is None or schema.task == "classification"):
+        raise ConfigError(f"cache {cache.root} holds classification rows, whose inputs are read from the data it was made from: pass --data {manifest['data']['path']}")
+    cached, mine = manifest.get("tokenizer"), model.tokenizer
+    if (cached is None) != (mine is None):
+        raise ConfigError(f"cache {cache.root} and --model disagree on having a tokenizer (a text model against an array cache or the reverse); use a cache of the same kind of model")
+    if mine is not None and tokenizer_fingerprint(mine)["sha256"] != cached["sha256"]:
+        raise ConfigError(f"the model's tokenizer differs from the cache's (sha256 {cached['sha256'][:12]}...); the student must use the teacher's tokenizer")
+
+
+# ----------------------------------------------------------------------------- scoring
+class _Scores:
+    """Everything summed over batches; :meth:`result` turns it into the reported numbers."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.nll, self.kl, self.top1 = metrics.Mean(), metrics.Mean(), metrics.Mean()
+        self.calibration = metrics.CalibrationBins()
+        self.confusion: metrics.ConfusionMatrix | None = None
+        self.rows = self.fed_tokens = 0
+        self.forward_s = 0.0
+
+    def result(self, *, with_teacher: bool, text: bool) -> dict:
+        out: dict = {"rows": self.rows}
+        if self.task == "causal-lm":
+            ce = self.nll.value
+            out.update(tokens=self.nll.count, ce=ce, perplexity=_perplexity(ce),
+                       accuracy=self.calibration_accuracy(), ece=self.calibration.value)
+        else:
+            out.update(accuracy=self.confusion.accuracy, macro_f1=self.confusion.macro_f1, ece=self.calibration.value)
+        if with_teacher:
+            out.update(positions=self.kl.count, kl_to_teacher=self.kl.value, top1_agreement=self.top1.value)
+        out["rows_per_s"] = self.rows / self.forward_s if self.forward_s else math.nan
+        if text:
+            out["tokens_per_s"] = self.fed_tokens / self.forward_s if self.forward_s else math.nan
+        return out
+
+    def calibration_accuracy(self) -> float:
+        n = float(self.calibration.count.sum())
+        return float(self.calibration.correct.sum()) / n if n else math.nan
+
+
+def _perplexity(ce: float) -> float:
+    """``exp(ce)``: inf past float range, NaN when nothing was counted."""
+    return math.exp(ce) if ce < 709.0 else (math.inf if ce == ce else math.nan)
+
+
+def _forward(model: EvalModel, batch: dict, scores: _Scores) -> torch.Tensor:
+    """Student logits ``[B * P, V]`` (fp32), timing the forward pass."""
+    inputs = torch.from_numpy(batch["inputs"]).to(model.device)
+    attention = None if batch["attention"] is None else torch.from_numpy(batch["attention"]).to(model.device)
+    started = time.perf_counter()
+    logits = model.logits(inputs, attention)  # [B, P, V]
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    scores.forward_s += time.perf_counter() - started
+    scores.rows += len(inputs)
+    scores.fed_tokens += int(attention.sum()) if attention is not None else 0  # text models only
+    return logits.reshape(-1, logits.shape[-1]).float()
+
+
+def _hard_targets(model: EvalModel, batch: dict, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``[B * P]`` and where they are valid ``[B * P]`` (see module doc)."""
+    if model.task == "causal-lm":
+        ids, mask = torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["mask"])  # [B, L]
+        valid = mask & mask.roll(-1, dims=1)
+        valid[:, -1] = False  # the last position's next token lies in the next row
+        targets, valid = ids.roll(-1, dims=1).reshape(-1), valid.reshape(-1)
+    else:
+        targets = torch.from_numpy(np.asarray(batch["labels"], dtype=np.int64))  # [B]
+        valid = torch.ones(len(targets), dtype=torch.bool)
+    if valid.any() and int(targets[valid].max()) >= v:
+        raise DataError(f"target id {int(targets[valid].max())} is out of range for a model with {v} outputs; "
+                        "evaluate on data whose labels (or token ids) the model can predict")
+    return targets, valid
+
+
+def _score_batch(model: EvalModel, batch: dict, scores: _Scores) -> None:
+    if "topk_ids" in batch and model.num_outputs is not None:
+        _check_teacher_ids(batch, model.num_outputs)  # before the forward pass can fail on them
+    logits = _forward(model, batch, scores)  # [N, V]
+    v = logits.shape[-1]
+    targets, valid = (t.to(logits.device) for t in _hard_targets(model, batch, v))  # [N], [N]
+    scores.nll.add(*metrics.token_cross_entropy(logits, targets, valid))
+    probs_max, pred = torch.softmax(logits, dim=-1).max(dim=-1)  # [N], [N]
+    scores.calibration.add(probs_max[valid], (pred == targets)[valid])
+    if model.task == "classification":
+        scores.confusion = scores.confusion or metrics.ConfusionMatrix(v)
+        scores.confusion.add(pred[valid], targets[valid])
+    if "topk_ids" in batch:
+        _score_teacher(logits, batch, scores)
+
+
+def _check_teacher_ids(batch: dict, v: int) -> None:
+    cached = batch["topk_ids"][batch["mask"]]  # [n_valid, k]
+    if cached.size and int(cached.max()) >= v:
+        raise ConfigError(f"the cache holds teacher id {int(cached.max())} but the model has only {v} outputs; "
+                          "the student's vocabulary must cover the teacher's")
+
+
+def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
+    _check_teacher_ids(batch, logits.shape[-1])
+    k = batch["topk_ids"].shape[-1]
+    mask = torch.from_numpy(batch["mask"]).reshape(-1).to(logits.device)  # [N]
+    topk_ids = torch.from_numpy(batch["topk_ids"]).reshape(-1, k).to(logits.device)  # [N, k]
+    topk_logprobs = torch.from_numpy(batch["topk_logprobs"]).reshape(-1, k).to(logits.device)
+    tail_logprob = torch.from_numpy(batch["tail_logprob"]).reshape(-1).to(logits.device)
+    scores.kl.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
+    scores.top1.add(*metrics.top1_agreement(logits, topk_ids, mask))
+
+
+# ----------------------------------------------------------------------------- entry point
+def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size=16, device="cpu",
+                   max_rows=None) -> dict:
+    """Metrics of the model in ``model_dir`` on ``data`` and/or against the teacher ``cache``.
+
+    model_dir: a Hugging Face model dir or a kdpipe module dir. data: text path (causal LM / text
+    classifier) or ``.npz`` (module). cache: a teacher cache dir. seq_len: row length for text data
+    without a cache (default 256, capped at the model's context). Returns a flat JSON-ready dict
+    (see the module doc for the keys).
+    """
+    if data is None and cache is None:
+        raise ConfigError("nothing to evaluate on: pass --data, --cache, or both")
+    if batch_size < 1 or (max_rows is not None and max_rows < 1):
+        raise ConfigError("--batch-size and --max-rows must be at least 1")
+    model = load_model(model_dir, device=resolve_device(device))
+    scores = _Scores(model.task)
+    if cache is None:
+        rows = _data_rows(model, data, seq_len)
+        n = min(len(rows.inputs), max_rows or len(rows.inputs))
+        for batch in _data_batches(rows, n, batch_size):
+            _score_batch(model, batch, scores)
+    else:
+        with open_cache(cache) as c:
+            _check_cache_fits(model, c, data, seq_len)
+            rows = None if data is None else _data_rows(model, data, c.schema.input_len)
+            n = min(len(c), max_rows or len(c))
+            if n == 0:
+                raise CacheFormatError(f"cache {cache} holds no rows; re-run cache-teacher")
+            for batch in _cache_batches(c, rows, n, batch_size):
+                _score_batch(model, batch, scores)
+    header = {"model": str(model_dir), "task": model.task, "evaluated_on": "data" if cache is None else "cache"}
+    return {**header, **scores.result(with_teacher=cache is not None, text=model.kind == "hf")}

@@ -1,0 +1,155 @@
+"""Evaluation metrics as pure torch functions, plus accumulators that sum them over batches.
+
+Every per-batch function returns sums and counts (not means) where a metric averages over items,
+so :class:`Mean`, :class:`ConfusionMatrix` and :class:`CalibrationBins` can add batches together and
+an evaluation streams over a dataset with bounded memory. ``N`` is the number of items (token
+positions or examples), ``V`` the student's vocabulary (or class count), ``k`` the cached top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdpipe.pipeline.losses import sparse_kd_loss
+
+
+# ----------------------------------------------------------------------------- per-batch functions
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood (nats, fp32) over positions where ``mask`` is True, and their count.
+
+    logits: [N, V] raw logits; targets: [N] int64 ids; mask: [N] bool.
+    """
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+    return torch.where(mask, nll, 0.0).sum(), int(mask.sum())
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of ``pred [N] == target [N]``; NaN when N = 0."""
+    return float((pred == target).float().mean()) if len(pred) else math.nan
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, C]`` int64 counts, row = true class, column = predicted class. pred, target: [N] int64."""
+    flat = target.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def f1_from_confusion(confusion: torch.Tensor) -> float:
+    """Macro F1 from a ``[C, C]`` confusion matrix (rows true, columns predicted).
+
+    Averages over the classes that occur as a target or a prediction (as scikit-learn does when no
+    label list is given); a class never predicted, or never right, has F1 = 0. NaN when empty.
+    """
+    c = confusion.double()
+    tp = c.diag()
+    support, predicted = c.sum(1), c.sum(0)
+    seen = (support + predicted) > 0
+    if not seen.any():
+        return math.nan
+    f1 = 2 * tp / (support + predicted).clamp_min(1)  # = 2PR / (P + R)
+    return float(f1[seen].mean())
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 (see :func:`f1_from_confusion`). pred, target: [N] int64."""
+    return f1_from_confusion(confusion_matrix(pred, target, num_classes))
+
+
+def expected_calibration_error(probs_max: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    """ECE: ``sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|`` over equal-width bins.
+
+    probs_max: [N] probability of the predicted class; correct: [N] bool. Bin ``b`` holds
+    confidences in ``(b / bins, (b + 1) / bins]`` (confidence 0 goes to the first bin). NaN when N = 0.
+    """
+    calibration = CalibrationBins(bins)
+    calibration.add(probs_max, correct)
+    return calibration.value
+
+
+def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
+                         mask) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) at T = 1 on the (k+1)-bin view, and the number of positions.
+
+    student_logits: [N, V]; topk_ids: [N, k] int64; teacher_topk_logprobs: [N, k] ``log p(i)``;
+    teacher_tail_logprob: [N] ``log(1 - sum_topk p)`` (``-inf`` when empty); mask: [N] bool.
+    Lumping the tail into one bin can only lose divergence, so this is a lower bound of the full-vocabulary
+    KL, exact at k = V. Computed by :func:`kdpipe.pipeline.losses.sparse_kd_loss` (forward KL, T = 1).
+    """
+    count = int(mask.sum())
+    mean = sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
+                          temperature=1.0, kind="forward-kl", mask=mask)
+    return mean.detach() * count, count
+
+
+def top1_agreement(student_logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """Positions where the student's argmax is the teacher's best id ``topk_ids[:, 0]``, and the count.
+
+    student_logits: [N, V]; topk_ids: [N, k] int64, best first; mask: [N] bool.
+    """
+    agree = (student_logits.argmax(-1) == topk_ids[:, 0]) & mask
+    return int(agree.sum()), int(mask.sum())
+
+
+# ----------------------------------------------------------------------------- accumulators
+class Mean:
+    """A running ``total / count``; ``value`` is NaN before anything was counted."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, total, count: int) -> None:
+        self.total += float(total)
+        self.count += int(count)
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+class ConfusionMatrix:
+    """A ``[C, C]`` confusion matrix summed over batches (rows true, columns predicted)."""
+
+    def __init__(self, num_classes: int):
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.counts += confusion_matrix(pred.cpu(), target.cpu(), len(self.counts))
+
+    @property
+    def accuracy(self) -> float:
+        n = int(self.counts.sum())
+        return float(self.counts.diag().sum()) / n if n else math.nan
+
+    @property
+    def macro_f1(self) -> float:
+        return f1_from_confusion(self.counts)
+
+
+class CalibrationBins:
+    """Per-bin count, summed confidence and summed correctness; ``value`` is the ECE so far."""
+
+    def __init__(self, bins: int = 15):
+        if bins < 1:
+            raise ValueError(f"bins={bins} is invalid: pass at least 1 bin (15 is usual)")
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.confidence = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, probs_max: torch.Tensor, correct: torch.Tensor) -> None:
+        """probs_max: [N] in [0, 1]; correct: [N] bool."""
+        p = probs_max.detach().double().cpu()
+        b = (torch.ceil(p * self.bins).long() - 1).clamp(0, self.bins - 1)  # (b/M, (b+1)/M] -> b
+        self.count += torch.bincount(b, minlength=self.bins).double()
+        self.confidence += torch.bincount(b, weights=p, minlength=self.bins)
+        self.correct += torch.bincount(b, weights=correct.detach().double().cpu(), minlength=self.bins)
+
+    @property
+    def value(self) -> float:
+        n = float(self.count.sum())
+        if n == 0:
+            return math.nan
+        return float((self.correct - self.confidence).abs().sum() / n)  # sum_b |B_b|/N |acc_b - conf_b|

@@ -1,0 +1,98 @@
+"""Students: a Hugging Face config (random init), a pretrained HF model dir (continued training), or
+a ``package.module:factory`` module (classification). Saved models load back with ``from_pretrained``
+(HF) or :func:`load_saved_module` (module dirs hold ``kdpipe_module.json`` + ``model.safetensors``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.fileio import atomic_path, atomic_write_json
+from kdpipe.pipeline.modules import build_module, load_module
+from kdpipe.pipeline.teachers import is_module_spec
+
+MODULE_META = "kdpipe_module.json"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+@dataclasses.dataclass
+class Student:
+    kind: str  # "hf" or "module"
+    model: torch.nn.Module
+    vocab_size: int  # size of the logits' last axis
+    spec: str
+    tokenizer: object | None = None
+    pretrained: bool = False
+
+
+def load_student(spec: str, *, task: str, seed: int, tokenizer_path: str | None = None) -> Student:
+    """Build the student named by ``spec`` (initialised under ``seed`` when not pretrained)."""
+    torch.manual_seed(seed)
+    if is_module_spec(spec) or (Path(spec) / MODULE_META).is_file():
+        model = load_saved_module(spec) if (Path(spec) / MODULE_META).is_file() else build_module(spec)
+        probe_classes = getattr(model, "num_classes", None)
+        return Student("module", model, probe_classes or 0, spec)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"student {spec} does not exist; pass an HF config.json, a model directory or module:factory")
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    config_path = path if path.is_file() else path / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"student {spec} has no config.json; pass an HF config file or model directory")
+    try:
+        config = AutoConfig.from_pretrained(str(config_path))
+        pretrained = path.is_dir() and any((path / w).is_file() for w in _WEIGHT_FILES)
+        model = auto.from_pretrained(str(path)) if pretrained else auto.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot build student from {spec}: {str(exc).splitlines()[0]}") from None
+    vocab = config.num_labels if task == "classification" else model.get_output_embeddings().weight.shape[0]
+    tokenizer = _load_tokenizer(tokenizer_path or (str(path) if path.is_dir() else None))
+    return Student("hf", model, int(vocab), spec, tokenizer, pretrained)
+
+
+def _load_tokenizer(path: str | None):
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_saved_module(model_dir: str | Path) -> torch.nn.Module:
+    meta = json.loads((Path(model_dir) / MODULE_META).read_text())
+    return load_module(meta["factory"], Path(model_dir) / "model.safetensors")
+
+
+def save_student(student: Student, out_dir: Path) -> None:
+    """Final model: ``save_pretrained`` (+ tokenizer) for HF, safetensors + factory for modules."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if student.kind == "hf":
+        student.model.save_pretrained(out_dir, safe_serialization=True)
+        if student.tokenizer is not None:
+            student.tokenizer.save_pretrained(out_dir)
+        return
+    save_state_dict(student.model, out_dir / "model.safetensors")
+    atomic_write_json(out_dir / MODULE_META, {"factory": student.spec})
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """Weights as safetensors, atomically; tied tensors are stored once."""
+    from safetensors.torch import save_model
+
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
+
+
+def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path))

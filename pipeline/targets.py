@@ -1,0 +1,84 @@
+"""From a batch of cache rows to the flat tensors the losses take, with the causal shift done once.
+
+Causal LM: student logits at position ``t`` and the teacher's cached distribution at ``t`` both
+predict token ``t + 1``; KD counts every valid position (``mask[t]``), including the last one of a
+row, whose teacher target is the next row's first token. Hard-label CE at ``t`` uses target
+``input_ids[t + 1]`` and counts ``t`` only when ``mask[t]`` and ``mask[t + 1]``; the last position of
+a row has no label. Classification: one position, label = the row's label.
+
+Padded vocabulary: a teacher whose logits have more rows than its tokenizer has tokens (Qwen: 151,936
+logits for 151,665 tokens) may put a padded id in the top-k. A student sized to the tokenizer cannot
+score such ids: their teacher mass is moved into the tail bucket and they drop out of the top-k
+(``fold_padded_vocab``); a student smaller than the tokenizer's real vocabulary is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kdpipe.pipeline.errors import ConfigError
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class Targets:
+    topk_ids: torch.Tensor  # [N, k] int64
+    topk_logprobs: torch.Tensor  # [N, k] log p_T
+    tail_logprob: torch.Tensor  # [N] log tail mass at T
+    kd_mask: torch.Tensor  # [N] bool
+    labels: torch.Tensor  # [N] int64, IGNORE where there is none
+    ce_mask: torch.Tensor  # [N] bool
+
+
+def teacher_targets(batch: dict, *, temperature_index: int, temperature: float, task: str) -> Targets:
+    """Flatten a collated batch (``[B, P, ...]``) into per-position targets at one temperature."""
+    k = batch["topk_ids"].shape[-1]
+    logsumexp = batch["logsumexp"][..., temperature_index]  # [B, P]
+    logprobs = batch["topk_logits"] / temperature - logsumexp[..., None]  # [B, P, k]
+    mask = batch["mask"]  # [B, P]
+    if task == "causal-lm":
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = ids[:, 1:]
+        ce_mask = torch.zeros_like(mask)
+        ce_mask[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    else:
+        labels = batch["label"][:, None]
+        ce_mask = mask
+    return Targets(
+        batch["topk_ids"].reshape(-1, k), logprobs.reshape(-1, k),
+        batch["tail_logprob"][..., temperature_index].reshape(-1), mask.reshape(-1),
+        labels.reshape(-1), ce_mask.reshape(-1),
+    )
+
+
+def check_student_vocab(student_vocab: int, *, teacher_vocab: int, tokenizer_vocab: int | None, task: str) -> None:
+    """A student must score every real token (or class) of the teacher."""
+    needed = tokenizer_vocab if (task == "causal-lm" and tokenizer_vocab) else teacher_vocab
+    if student_vocab < needed:
+        what = "tokens in the cache's tokenizer" if task == "causal-lm" else "teacher classes"
+        raise ConfigError(
+            f"the student's vocabulary ({student_vocab}) does not cover the {needed} {what}; "
+            "give the student a vocab_size (or num_labels) of at least that"
+        )
+
+
+def fold_padded_vocab(student_logits: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, Targets]:
+    """Move teacher mass on ids the student does not have into the tail (see module doc).
+
+    The student's logits get ``-inf`` columns up to the largest cached id, so those ids have
+    probability 0 on both sides and contribute nothing to any divergence.
+    """
+    vocab = student_logits.shape[-1]
+    outside = targets.topk_ids >= vocab  # [N, k]
+    if not bool(outside.any()):
+        return student_logits, targets
+    folded = torch.where(outside, targets.topk_logprobs, torch.full_like(targets.topk_logprobs, float("-inf")))
+    tail = torch.logaddexp(targets.tail_logprob, torch.logsumexp(folded, dim=-1))
+    logprobs = targets.topk_logprobs.masked_fill(outside, float("-inf"))
+    pad = int(targets.topk_ids.max()) + 1 - vocab
+    logits = torch.cat([student_logits, student_logits.new_full((student_logits.shape[0], pad), float("-inf"))], dim=-1)
+    return logits, dataclasses.replace(targets, topk_logprobs=logprobs, tail_logprob=tail)

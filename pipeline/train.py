@@ -1,0 +1,208 @@
+"""Stage two: train a student from a teacher cache, never loading the teacher.
+
+:class:`Trainer` reads top to bottom: ``setup`` (cache, splits, student, optimizer, resume),
+``fit`` (the loop: schedule, accumulate, clip, step, log, evaluate, checkpoint), ``finish`` (final
+model and run manifest). Outputs in ``out``: ``run.json`` (run manifest), ``metrics.jsonl``,
+``checkpoint/`` (for ``--resume``) and ``model/`` (the trained student).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline.cache import TeacherCache
+from kdpipe.pipeline.data import rows_from_arrays
+from kdpipe.pipeline.dataset import CacheDataset, split_rows
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.losses import distillation_loss, sparse_kd_loss
+from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
+from kdpipe.pipeline.students import load_student, save_student
+from kdpipe.pipeline.targets import check_student_vocab, fold_padded_vocab, teacher_targets
+from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
+from kdpipe.pipeline.train_config import TrainConfig
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: bool = False):
+        self.config, self.resume = config, resume
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches consumed in the current epoch
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        c = self.config
+        self.cache = TeacherCache(c.cache, verify_hashes=True)
+        self.task = self.cache.schema.task
+        self.phases = parse_schedule(c.schedule)
+        for t in {c.temperature, *(p.temperature for p in self.phases if p.temperature is not None)}:
+            self.cache.schema.temperature_index(t)  # each temperature used must have been captured
+        inputs = rows_from_arrays(c.data).inputs if c.data else None
+        train_rows, self.eval_rows = split_rows(len(self.cache), c.eval_fraction)
+        self.eval_rows = self.eval_rows[: c.eval_rows]
+        self.train_set = CacheDataset(c.cache, rows=train_rows, seed=c.seed, shuffle_buffer=c.shuffle_buffer, inputs=inputs)
+        self.eval_set = CacheDataset(c.cache, rows=self.eval_rows, shuffle=False, inputs=inputs, verify_hashes=False)
+        if len(self.train_set) == 0:
+            raise ConfigError(f"cache {c.cache} has no training rows; lower --eval-fraction or capture more data")
+        micro_per_epoch = math.ceil(len(self.train_set) / c.batch_size)
+        self.total_steps = c.steps or max(1, math.ceil(c.epochs * micro_per_epoch / c.grad_accum))
+        self.student = load_student(c.student, task=self.task, seed=c.seed, tokenizer_path=c.tokenizer or _teacher_tokenizer(self.cache))
+        self._check_student()
+        self.model = self.student.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.identity = ckpt.run_identity(self.cache, c)
+        if self.resume:
+            self._resume()
+        else:
+            ckpt.start_run_dir(self.out, self.identity)
+
+    def _check_student(self) -> None:
+        m = self.cache.manifest
+        tokenizer_fp = m.get("tokenizer")
+        if self.student.vocab_size:
+            check_student_vocab(
+                self.student.vocab_size, teacher_vocab=m["capture"]["teacher_vocab_size"],
+                tokenizer_vocab=tokenizer_fp["vocab_size"] if tokenizer_fp else None, task=self.task,
+            )
+        if tokenizer_fp and self.student.tokenizer is not None:
+            if tokenizer_fingerprint(self.student.tokenizer)["sha256"] != tokenizer_fp["sha256"]:
+                raise ConfigError(
+                    "the student's tokenizer differs from the one the cache was made with "
+                    "(fingerprints differ); train with the teacher's tokenizer (--tokenizer DIR)"
+                )
+
+    def _resume(self) -> None:
+        state = ckpt.load_checkpoint(self.out, self.identity, self.model, self.optimizer)
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        ckpt.truncate_metrics(self.out, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def batches(self):
+        """Micro-batches forever, epoch after epoch; skips what a resumed run already consumed."""
+        c = self.config
+        while True:
+            self.train_set.set_epoch(self.epoch)
+            loader = DataLoader(self.train_set, batch_size=c.batch_size, num_workers=c.num_workers)
+            for n, batch in enumerate(loader):
+                if n < self.batches_in_epoch:
+                    continue  # replayed deterministically, not trained on again
+                self.batches_in_epoch = n + 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def fit(self, on_step: Callable[[dict], None] | None = None) -> dict:
+        c = self.config
+        batches = self.batches()
+        self.model.train()
+        metrics: dict = {}
+        started, tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            temperature, alpha = phase_at(self.step, self.phases, temperature=c.temperature, alpha=c.alpha)
+            lr = c.lr * warmup_cosine(self.step, total=self.total_steps, warmup=c.warmup, min_ratio=c.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+            for _ in range(c.grad_accum):
+                batch = next(batches)
+                parts = self.loss(batch, temperature=temperature, alpha=alpha)
+                (parts["loss"] / c.grad_accum).backward()
+                for key in sums:
+                    sums[key] += float(parts[key]) / c.grad_accum
+                tokens += int(batch["mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip) if c.clip > 0 else None
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            metrics = {"step": self.step, "split": "train", **sums, "lr": lr, "temperature": temperature,
+                       "alpha": alpha, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            if self.step % c.log_every == 0 or self.step == self.total_steps:
+                ckpt.append_metrics(self.out, metrics)
+            if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
+                ckpt.append_metrics(self.out, {"step": self.step, "split": "eval", **self.evaluate()})
+            if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
+                ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.step, self.epoch, self.batches_in_epoch)
+            if on_step:
+                on_step(metrics)
+        return metrics
+
+    def student_logits(self, batch: dict) -> torch.Tensor:
+        """Student logits ``[B, P, V]`` for a batch of cache rows."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            if self.student.kind == "hf":
+                ids = batch["input_ids"].to(self.device)
+                mask = batch["mask"].to(self.device)
+                out = self.model(input_ids=ids, attention_mask=mask.long() if self.task == "causal-lm" else None).logits
+            else:
+                out = self.model(batch["inputs"].to(self.device))
+        return out if out.ndim == 3 else out[:, None, :]
+
+    def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
+        j = self.cache.schema.temperature_index(temperature)
+        targets = teacher_targets(_to(batch, self.device), temperature_index=j, temperature=temperature, task=self.task)
+        logits = self.student_logits(batch)
+        logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
+        return distillation_loss(
+            logits, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
+            alpha=alpha, temperature=temperature, kind=self.config.loss,
+            kd_mask=targets.kd_mask, ce_mask=targets.ce_mask,
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """On held-out cache rows: KL(teacher || student) at T=1 (sparse, a lower bound), CE, top-1 agreement."""
+        if len(self.eval_set) == 0:
+            return {}
+        self.model.eval()
+        kl_sum = ce_sum = agree = positions = ce_count = 0.0
+        j = self.cache.schema.temperature_index(1.0) if 1.0 in self.cache.temperatures else 0
+        temperature = self.cache.temperatures[j]
+        for batch in DataLoader(self.eval_set, batch_size=self.config.batch_size):
+            targets = teacher_targets(_to(batch, self.device), temperature_index=j, temperature=temperature, task=self.task)
+            logits = self.student_logits(batch)
+            logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
+            n = int(targets.kd_mask.sum())
+            kl_sum += float(sparse_kd_loss(logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
+                                           temperature=temperature, mask=targets.kd_mask)) * n / temperature**2
+            agree += float(((logits.argmax(-1) == targets.topk_ids[:, 0]) & targets.kd_mask).sum())
+            positions += n
+            nll = torch.nn.functional.cross_entropy(logits, targets.labels.clamp(min=0), reduction="none")
+            ce_sum += float(nll[targets.ce_mask].sum())
+            ce_count += float(targets.ce_mask.sum())
+        self.model.train()
+        ce = ce_sum / max(ce_count, 1)
+        return {"kl_to_teacher": kl_sum / max(positions, 1), "top1_agreement": agree / max(positions, 1),
+                "ce": ce, "perplexity": math.exp(min(ce, 50)), "temperature": temperature}
+
+    # ------------------------------------------------------------------ finish
+    def finish(self, metrics: dict) -> dict:
+        save_student(self.student, self.out / "model")
+        return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=metrics,
+                                       eval_metrics=ckpt.last_eval(self.out), total_steps=self.total_steps)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _teacher_tokenizer(cache: TeacherCache) -> str | None:
+    """The teacher's tokenizer (only the tokenizer) when its path from the manifest is reachable."""
+    teacher = cache.manifest["teacher"]
+    path = teacher.get("path")
+    return path if teacher.get("kind") == "hf" and path and Path(path).is_dir() else None

@@ -1,0 +1,101 @@
+"""Training settings: one dataclass, filled from defaults, then a TOML file, then command-line flags.
+
+Unknown keys and wrong types are errors. Keys may be written with ``-`` or ``_``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.losses import KINDS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    cache: str = ""
+    student: str = ""
+    out: str = ""
+    loss: str = "forward-kl"
+    alpha: float = 0.5
+    temperature: float = 1.0
+    schedule: str | None = None  # e.g. "0:T=4,alpha=0.9;600:T=1,alpha=0.5"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    data: str | None = None  # the capture's .npz for module caches
+    tokenizer: str | None = None
+    eval_fraction: float = 0.05
+    eval_every: int = 100
+    eval_rows: int = 256
+    checkpoint_every: int = 100
+    shuffle_buffer: int = 1024
+    num_workers: int = 0
+    log_every: int = 10
+
+    def validate(self) -> None:
+        for name in ("cache", "student", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required (or set {name} in the config file)")
+        if self.loss not in KINDS:
+            raise ConfigError(f"unknown --loss {self.loss!r}; use one of {', '.join(KINDS)}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha {self.alpha} must be between 0 and 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature {self.temperature} must be > 0")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("give exactly one of --steps or --epochs")
+        if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
+            raise ConfigError("--steps/--epochs must be positive")
+        if self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("--batch-size and --grad-accum must be positive")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+
+
+def _check_type(key: str, value, annotation):
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, str, bool) and type(value) is kind:
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def merge_config(file: str | None, overrides: dict) -> TrainConfig:
+    """Defaults <- TOML file <- flags (flags that are None are not given)."""
+    values: dict = {}
+    hints = typing.get_type_hints(TrainConfig)
+    if file:
+        try:
+            raw = tomllib.loads(Path(file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+        raw = raw.get("train", raw)
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in hints:
+                raise ConfigError(f"unknown config key {key!r} in {file}; valid keys: {', '.join(sorted(hints))}")
+            values[name] = _check_type(key, value, hints[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig(**values)
+    config.validate()
+    return config

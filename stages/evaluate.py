@@ -1,0 +1,62 @@
+"""``kdpipe evaluate --model DIR``: a student's (or teacher's) metrics on data and against a cache;
+``kdpipe plot RUN...``: training curves of train-student runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from kdpipe.pipeline.evaluate import evaluate_model
+from kdpipe.pipeline.plots import DEFAULT_KEYS, plot_training_curves
+from kdpipe.stages.cli import user_errors
+
+
+@click.command("evaluate")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="train-student output dir, or any HF model dir (e.g. the teacher).")
+@click.option("--data", default=None, type=click.Path(), help="Held-out .txt file/folder, .jsonl, .parquet, or .npz (module models); with --cache, the data the cache was made from.")
+@click.option("--cache", default=None, type=click.Path(), help="Teacher cache: adds kl_to_teacher and top1_agreement on its rows.")
+@click.option("--seq-len", default=None, type=int, help="Tokens per row for text --data without --cache [default: 256, capped at the model's context].")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--max-rows", default=None, type=int, help="Evaluate only the first N rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@user_errors
+def evaluate(model_dir, data, cache, seq_len, batch_size, device, max_rows, as_json):
+    """Evaluate MODEL on held-out DATA (ce/perplexity or accuracy/macro-F1/ECE) and/or against a teacher CACHE."""
+    result = evaluate_model(model_dir, data=data, cache=cache, seq_len=seq_len, batch_size=batch_size,
+                            device=device, max_rows=max_rows)
+    if as_json:
+        click.echo(json.dumps({k: _json_number(v) for k, v in result.items()}, indent=2))
+        return
+    width = max(map(len, result)) + 2
+    for key, value in result.items():
+        click.echo(f"{key + ':':{width}} {_format(value)}")
+
+
+@click.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--key", "keys", multiple=True, default=DEFAULT_KEYS, show_default=True, help="Metric to plot; repeat for several.")
+@user_errors
+def plot(runs, out, keys):
+    """Plot train and eval curves of RUNS (train-student --out dirs or their metrics.jsonl files)."""
+    files = {}
+    for run in runs:
+        path = Path(run)
+        label = path.name if path.is_dir() else path.parent.name or path.stem
+        files[label if label not in files else run] = path / "metrics.jsonl" if path.is_dir() else path
+    click.echo(f"wrote {plot_training_curves(files, out, keys=keys)}")
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _json_number(value):
+    """NaN (a metric with nothing to count) or inf becomes null: strict JSON has neither."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,0 +1,52 @@
+"""``kdpipe train-student``: train a student from a teacher cache (the teacher is never loaded)."""
+
+from __future__ import annotations
+
+import click
+from tqdm import tqdm
+
+from kdpipe.pipeline.train import Trainer
+from kdpipe.pipeline.train_config import merge_config
+from kdpipe.stages.cli import user_errors
+
+
+@click.command("train-student")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML file of settings; flags override it.")
+@click.option("--cache", default=None, help="Teacher cache directory (from cache-teacher).")
+@click.option("--student", default=None, help="HF config.json / model dir, or package.module:factory.")
+@click.option("--out", default=None, help="Run directory (model/, checkpoint/, metrics.jsonl, run.json).")
+@click.option("--loss", default=None, help="forward-kl (default), reverse-kl, js, tvd, skew-kl.")
+@click.option("--alpha", default=None, type=float, help="Weight of the KD term (default 0.5); 1 - alpha weighs hard-label CE.")
+@click.option("--temperature", default=None, type=float, help="Distillation temperature; must be captured in the cache (default 1).")
+@click.option("--schedule", default=None, help='Phases, e.g. "0:T=4,alpha=0.9;600:T=1,alpha=0.5".')
+@click.option("--steps", default=None, type=int, help="Optimizer steps (or use --epochs).")
+@click.option("--epochs", default=None, type=float, help="Passes over the training rows.")
+@click.option("--batch-size", default=None, type=int, help="Rows per micro-batch (default 8).")
+@click.option("--grad-accum", default=None, type=int, help="Micro-batches per optimizer step (default 1).")
+@click.option("--lr", default=None, type=float, help="Peak learning rate (default 1e-3).")
+@click.option("--warmup", default=None, type=int, help="Linear warmup steps before cosine decay (default 0).")
+@click.option("--seed", default=None, type=int)
+@click.option("--device", default=None, help="auto (default), cpu, cuda.")
+@click.option("--data", default=None, help="The capture's .npz (module/classification caches).")
+@click.option("--tokenizer", default=None, help="Tokenizer dir (default: the student's, else the teacher's from the manifest).")
+@click.option("--eval-fraction", default=None, type=float, help="Held-out fraction of cache rows (default 0.05).")
+@click.option("--eval-every", default=None, type=int, help="Evaluate every N steps (default 100).")
+@click.option("--checkpoint-every", default=None, type=int, help="Checkpoint every N steps (default 100).")
+@click.option("--num-workers", default=None, type=int, help="DataLoader worker processes (default 0).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@user_errors
+def train_student(config_file, resume, **flags):
+    """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE."""
+    config = merge_config(config_file, flags)
+    trainer = Trainer(config, resume=resume)
+    trainer.setup()
+    with tqdm(total=trainer.total_steps, initial=trainer.step, desc="train-student", unit="step", dynamic_ncols=True) as bar:
+        def on_step(m):
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", T=m["temperature"])
+
+        metrics = trainer.fit(on_step=on_step)
+    manifest = trainer.finish(metrics)
+    final = manifest.get("final_eval_metrics") or {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
+    click.echo(f"wrote {config.out}/model after {trainer.step} steps" + (f"; held-out: {summary}" if summary else ""))
