@@ -121,7 +121,7 @@ class Trainer:
                 parts = self.loss(batch, temperature=temperature, alpha=alpha)
                 (parts["loss"] / c.grad_accum).backward()
                 for key in sums:
-                    sums[key] += float(parts[key]) / c.grad_accum
+                    sums[key] += float(parts[key].detach()) / c.grad_accum
                 tokens += int(batch["mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip) if c.clip > 0 else None
             self.optimizer.step()
