@@ -46,18 +46,24 @@ def sparse_view_of_logits(
     return SparseView(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(SparseView)))
 
 
+def _scaled_logsumexp(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.logsumexp(z if temperature == 1.0 else z / temperature, dim=1)
+
+
 def _sparse_view_chunk(logits, top_k, temperatures, *, offset) -> SparseView:
+    # The top-k set needs no fp32 and no temperature: take it on the teacher's own dtype.
+    top_values, topk_ids = torch.topk(logits, top_k, dim=1, sorted=True)  # [n, k]
+    top_values = top_values.float()
     z = logits.float()  # [n, V] fp32 working copy (a new tensor unless already fp32)
     if z is logits:
         z = z.clone()
-    finite = torch.isfinite(z).all(dim=1)
+    z -= top_values[:, :1]  # shift so the max is 0
+    lse = torch.stack([_scaled_logsumexp(z, t) for t in temperatures], dim=1)  # [n, nT]
+    # NaN anywhere in a row reaches its logsumexp; +inf reaches its max.
+    finite = torch.isfinite(top_values[:, 0]) & torch.isfinite(lse).all(dim=1)
     if not bool(finite.all()):
         bad = int(torch.nonzero(~finite)[0, 0]) + offset
         raise FloatingPointError(f"teacher logits are NaN or infinite at position {bad}")
-    top_values, topk_ids = torch.topk(z, top_k, dim=1, sorted=True)  # [n, k]
-    z -= top_values[:, :1]  # shift so the max is 0
-    topk_logits = top_values - top_values[:, :1]
-    lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)  # [n, nT]
     z.scatter_(1, topk_ids, float("-inf"))  # keep only the tail
-    tail = torch.stack([torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)
-    return SparseView(topk_ids, topk_logits, lse, tail - lse)
+    tail = torch.stack([_scaled_logsumexp(z, t) for t in temperatures], dim=1)
+    return SparseView(topk_ids, top_values - top_values[:, :1], lse, tail - lse)

@@ -1,0 +1,44 @@
+"""Manifest validation: versions, shard paths that escape the cache."""
+
+import json
+
+import pytest
+
+from kdpipe.pipeline.errors import CacheFormatError
+from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path, shard_name
+
+
+def test_shard_names_are_zero_padded_and_per_rank():
+    assert shard_name(rank=3, index=12, suffix=".parquet") == "shards/r00003-s000012.parquet"
+
+
+@pytest.mark.parametrize("name", ["../evil.zarr.zip", "/etc/passwd", "shards/../../x", "shards/a/b", "other/x", "shards\\..\\x"])
+def test_escaping_shard_paths_are_refused(tmp_path, name):
+    with pytest.raises(CacheFormatError, match="outside the cache"):
+        resolve_shard_path(tmp_path, name)
+
+
+def write_manifest(root, **fields):
+    manifest = {"format": "kdpipe-cache", "format_version": 1, "schema": {
+        "task": "causal-lm", "positions": 4, "top_k": 2, "temperatures": [1.0], "id_dtype": "uint16",
+        "value_dtype": "float16", "input_len": 4, "has_label": False},
+        "shards": [], "capture": {"format": "zarr"}, "totals": {"rows": 0}}
+    manifest.update(fields)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    write_manifest(tmp_path, format_version=99)
+    with pytest.raises(CacheFormatError, match="format version 99"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_with_escaping_shard_is_refused_before_opening(tmp_path):
+    write_manifest(tmp_path, shards=[{"name": "../../etc/passwd", "rows": 1}])
+    with pytest.raises(CacheFormatError, match="outside the cache"):
+        load_manifest(tmp_path)
+
+
+def test_missing_manifest_says_capture_unfinished(tmp_path):
+    with pytest.raises(CacheFormatError, match="has not finished"):
+        load_manifest(tmp_path)
