@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device run: install kdpipe over the image's torch, run the GPU tests, then both benchmarks.
+# Usage (on the lent GPU machine, from the repo root): bash benchmarks/gpu_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "kdpipe install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+OUT=${OUT:-/tmp/out}
+python3 -m pytest -q -m gpu tests/test_gpu.py -x -p no:cacheprovider 2>&1 | tail -5
+python3 benchmarks/capture.py --synthetic qwen-1.5b --device cuda --seq-len 1024 --batch-size 16 \
+  --limit-rows 256 --top-k 64 --temperature 1 --temperature 2 --temperature 4 --repeats 3 2>/dev/null | tee "$OUT/capture_h100.json"
+python3 benchmarks/train.py --teacher data/teacher --data data/shakespeare/train --device cuda \
+  --rows 512 --seq-len 128 --batch-size 32 --steps 20 --repeats 3 2>/dev/null | tee "$OUT/train_gpu.json"
