@@ -32,6 +32,9 @@ STUDENT = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_si
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="data/teacher")
+    p.add_argument("--synthetic", default=None, help="random-init teacher shape from benchmarks/capture.py")
+    p.add_argument("--student-hidden", type=int, default=128)
+    p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--data", default="data/shakespeare/train")
     p.add_argument("--cache", default=None)
     p.add_argument("--rows", type=int, default=256)
@@ -47,6 +50,10 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or str(Path(tmp) / "cache")
+        if args.synthetic:
+            from capture import synthetic_teacher
+
+            args.teacher = synthetic_teacher(args.synthetic, Path(tmp) / "teacher", args.device)
         if args.cache is None:
             plan = plan_capture(CaptureSettings(teacher=args.teacher, data=args.data, out=cache, top_k=args.top_k,
                                                 temperatures=(1.0, args.temperature), seq_len=args.seq_len,
@@ -61,7 +68,9 @@ def main():
             teacher = load_teacher(CaptureSettings(teacher=m["capture"]["teacher"], data=m["capture"]["data"], out=tmp,
                                                    device=args.device), load_weights=True)
         student_json = Path(tmp) / "student.json"
-        student_json.write_text(json.dumps({**STUDENT, "vocab_size": teacher.vocab_size}))
+        student_json.write_text(json.dumps({**STUDENT, "vocab_size": teacher.vocab_size, "hidden_size": args.student_hidden,
+                                            "intermediate_size": args.student_hidden * 8 // 3,
+                                            "num_hidden_layers": args.student_layers}))
         trainer = Trainer(TrainConfig(cache=cache, student=str(student_json), out=str(Path(tmp) / "run"), steps=1,
                                       batch_size=args.batch_size, device=args.device, eval_fraction=0.0,
                                       num_workers=args.num_workers))

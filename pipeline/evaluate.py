@@ -7,7 +7,8 @@
 * with a cache -- ``kl_to_teacher`` (KL(teacher || student) at T = 1 on the cache's top-k + tail view,
   a lower bound of the full KL, exact at k = V) and ``top1_agreement`` (student argmax == teacher's
   best id), over the cache's valid positions;
-* ``rows``, ``rows_per_s`` and, for text models, ``tokens_per_s`` (student forward passes only).
+* ``rows``, ``rows_per_s`` and, for text models, ``tokens_per_s`` (attended input tokens per second of
+  student forward pass; the first batch is a warm-up and is not timed unless it is the only one).
 
 Without a cache the rows are ``data`` packed exactly as ``cache-teacher`` packs them. With a cache
 the rows are the cache's rows: a text student is fed the cache's ``input_ids``; when ``data`` is
@@ -97,7 +98,8 @@ def _load_hf_dir(root: Path, device: torch.device) -> EvalModel:
         model = auto.from_pretrained(root, dtype=torch.float32, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"cannot load model {root}: {first} (it needs config.json, weights and tokenizer files)") from None
+        raise ConfigError(f"cannot load model {root}: {first} "
+                          "(it needs config.json, weights and tokenizer files)") from None
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     num_outputs = config.num_labels if task == "classification" else model.get_output_embeddings().weight.shape[0]
     return EvalModel("hf", task, model.to(device).eval(), device, tokenizer, max_positions, int(num_outputs))
@@ -107,7 +109,8 @@ def _load_module_dir(root: Path, device: torch.device) -> EvalModel:
     try:
         spec = json.loads((root / MODULE_CONFIG).read_text())["factory"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ConfigError(f"{root / MODULE_CONFIG} must be JSON like {{\"factory\": \"package.module:factory\"}}") from None
+        raise ConfigError(f"{root / MODULE_CONFIG} must be JSON like "
+                          '{"factory": "package.module:factory"}') from None
     module_name, _, factory = spec.rpartition(":")
     if module_name.endswith(".py") and (root / module_name).is_file():  # a file next to the weights
         spec = f"{(root / module_name).resolve()}:{factory}"
@@ -125,7 +128,8 @@ def _data_rows(model: EvalModel, data: str | Path, seq_len: int | None) -> datal
     if Path(data).suffix == ".npz":
         raise DataError(f"--data {data} holds arrays, but --model is a text model; pass .txt, .jsonl or .parquet")
     if model.max_positions is not None and seq_len is not None and seq_len > model.max_positions:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {model.max_positions} tokens; use --seq-len {model.max_positions} or less")
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {model.max_positions} tokens; "
+                          f"use --seq-len {model.max_positions} or less")
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN)
     make_rows = datalib.pack_causal_lm if model.task == "causal-lm" else datalib.rows_for_classification
     return make_rows(datalib.read_documents(data), model.tokenizer, seq_len=seq_len)
@@ -154,17 +158,20 @@ def _cache_batches(cache: TeacherCache, rows: datalib.Rows | None, n: int, batch
 
 
 def _cache_item(cache: TeacherCache, i: int, rows: datalib.Rows | None) -> dict:
+    """Cache row ``i`` at T = 1 with its model input, checked against the row's ``input_hash``."""
     row = cache.read(i, temperature=1.0)
+    sample, made_from = int(row["sample_index"]), cache.manifest["data"]["path"]
     if rows is None:
         x, attention = row["input_ids"], row["mask"].astype(np.int64)  # causal LM: mask == attention
     else:
-        s = int(row["sample_index"])
-        if s >= len(rows.inputs):
-            raise DataError(f"cache row {i} is sample {s} but --data has {len(rows.inputs)} rows; pass the data the cache was made from ({cache.manifest['data']['path']})")
-        x = rows.inputs[s]
-        attention = None if rows.attention_mask is None else rows.attention_mask[s]
+        if sample >= len(rows.inputs):
+            raise DataError(f"cache row {i} is sample {sample} but --data has {len(rows.inputs)} rows; "
+                            f"pass the data the cache was made from ({made_from})")
+        x = rows.inputs[sample]
+        attention = None if rows.attention_mask is None else rows.attention_mask[sample]
     if datalib.input_hash(x) != int(row["input_hash"]):
-        raise DataError(f"cache row {i} (sample {int(row['sample_index'])}): the input's hash differs from the cache's input_hash; pass the data the cache was made from ({cache.manifest['data']['path']})")
+        raise DataError(f"cache row {i} (sample {sample}): the input's hash differs from the cache's input_hash; "
+                        f"pass the data the cache was made from ({made_from})")
     with np.errstate(divide="ignore"):
         tail_logprob = np.log(row["tail_mass"])  # -inf where the tail is empty (k = V)
     return {"inputs": x, "attention": attention, "mask": row["mask"], "labels": row.get("label"),
@@ -172,18 +179,24 @@ def _cache_item(cache: TeacherCache, i: int, rows: datalib.Rows | None) -> dict:
 
 
 def _check_cache_fits(model: EvalModel, cache: TeacherCache, data, seq_len) -> None:
+    """Refuse a cache of another task, seq_len or tokenizer, or one whose inputs need ``data``."""
     schema, manifest = cache.schema, cache.manifest
     if schema.task != model.task:
-        raise ConfigError(f"cache {cache.root} is for a {schema.task} teacher but --model is a {model.task} model; evaluate against a cache of the same task")
+        raise ConfigError(f"cache {cache.root} is for a {schema.task} teacher but --model is a {model.task} model; "
+                          "evaluate against a cache of the same task")
     if seq_len is not None and schema.input_len is not None and seq_len != schema.input_len:
-        raise ConfigError(f"--seq-len {seq_len} differs from the cache's seq_len {schema.input_len}; drop --seq-len when evaluating against a cache")
+        raise ConfigError(f"--seq-len {seq_len} differs from the cache's seq_len {schema.input_len}; "
+                          "drop --seq-len when evaluating against a cache")
     if data is None and (schema.input_len is None or schema.task == "classification"):
-        raise ConfigError(f"cache {cache.root} holds classification rows, whose inputs are read from the data it was made from: pass --data {manifest['data']['path']}")
+        raise ConfigError(f"cache {cache.root} holds classification rows, whose inputs are read from the data "
+                          f"it was made from: pass --data {manifest['data']['path']}")
     cached, mine = manifest.get("tokenizer"), model.tokenizer
     if (cached is None) != (mine is None):
-        raise ConfigError(f"cache {cache.root} and --model disagree on having a tokenizer (a text model against an array cache or the reverse); use a cache of the same kind of model")
-    if mine is not None and tokenizer_fingerprint(mine)["sha256"] != cached["sha256"]:
-        raise ConfigError(f"the model's tokenizer differs from the cache's (sha256 {cached['sha256'][:12]}...); the student must use the teacher's tokenizer")
+        raise ConfigError(f"cache {cache.root} and --model disagree on having a tokenizer (a text model against "
+                          "an array cache or the reverse); use a cache made by the same kind of model")
+    if mine is not None and (sha := tokenizer_fingerprint(mine)["sha256"]) != cached["sha256"]:
+        raise ConfigError(f"the model's tokenizer (sha256 {sha[:12]}) differs from the cache's "
+                          f"({cached['sha256'][:12]}); the student must use the teacher's tokenizer")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -195,8 +208,8 @@ class _Scores:
         self.nll, self.kl, self.top1 = metrics.Mean(), metrics.Mean(), metrics.Mean()
         self.calibration = metrics.CalibrationBins()
         self.confusion: metrics.ConfusionMatrix | None = None
-        self.rows = self.fed_tokens = 0
-        self.forward_s = 0.0
+        self.rows = 0
+        self.timings: list[tuple[float, int, int]] = []  # per batch: forward seconds, rows, fed tokens
 
     def result(self, *, with_teacher: bool, text: bool) -> dict:
         out: dict = {"rows": self.rows}
@@ -208,9 +221,10 @@ class _Scores:
             out.update(accuracy=self.confusion.accuracy, macro_f1=self.confusion.macro_f1, ece=self.calibration.value)
         if with_teacher:
             out.update(positions=self.kl.count, kl_to_teacher=self.kl.value, top1_agreement=self.top1.value)
-        out["rows_per_s"] = self.rows / self.forward_s if self.forward_s else math.nan
+        seconds, rows, tokens = (sum(t) for t in zip(*self.timings[1:] or self.timings))  # first batch: warm-up
+        out["rows_per_s"] = rows / seconds if seconds else math.nan
         if text:
-            out["tokens_per_s"] = self.fed_tokens / self.forward_s if self.forward_s else math.nan
+            out["tokens_per_s"] = tokens / seconds if seconds else math.nan
         return out
 
     def calibration_accuracy(self) -> float:
@@ -231,9 +245,9 @@ def _forward(model: EvalModel, batch: dict, scores: _Scores) -> torch.Tensor:
     logits = model.logits(inputs, attention)  # [B, P, V]
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    scores.forward_s += time.perf_counter() - started
+    fed_tokens = int(attention.sum()) if attention is not None else 0  # text models only
+    scores.timings.append((time.perf_counter() - started, len(inputs), fed_tokens))
     scores.rows += len(inputs)
-    scores.fed_tokens += int(attention.sum()) if attention is not None else 0  # text models only
     return logits.reshape(-1, logits.shape[-1]).float()
 
 

@@ -89,6 +89,14 @@ def software_versions() -> dict:
     return versions
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``checksum`` entry."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def load_manifest(root: str | os.PathLike) -> dict:
     """Read and validate ``root/manifest.json``; raises :class:`CacheFormatError` naming the fix."""
     root = Path(root)
@@ -111,6 +119,11 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise CacheFormatError(
             f"{path} has cache format version {version!r}, but this kdpipe reads version "
             f"{FORMAT_VERSION}; use the kdpipe version that wrote it or re-create the cache"
+        )
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise CacheFormatError(
+            f"{path} does not match its checksum: it was edited or damaged after the capture; "
+            "restore it or re-create the cache"
         )
     for key in ("schema", "shards", "capture", "totals"):
         if key not in manifest:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_write_json, sha256_file
-from kdpipe.pipeline.manifest import MANIFEST_NAME, resolve_shard_path, utc_now
+from kdpipe.pipeline.manifest import MANIFEST_NAME, manifest_checksum, resolve_shard_path, utc_now
 
 PROGRESS_DIR = "_progress"
 
@@ -113,5 +113,6 @@ def finalize(out: Path, *, plan, header: dict) -> dict | None:
         "started_at": min(r["started_at"] for r in records),
         "finished_at": utc_now(),
     }
+    manifest["checksum"] = manifest_checksum(manifest)
     atomic_write_json(Path(out) / MANIFEST_NAME, manifest)
     return manifest

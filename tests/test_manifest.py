@@ -24,6 +24,9 @@ def write_manifest(root, **fields):
         "value_dtype": "float16", "input_len": 4, "has_label": False},
         "shards": [], "capture": {"format": "zarr"}, "totals": {"rows": 0}}
     manifest.update(fields)
+    from kdpipe.pipeline.manifest import manifest_checksum
+
+    manifest["checksum"] = manifest_checksum(manifest)
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -41,4 +44,13 @@ def test_manifest_with_escaping_shard_is_refused_before_opening(tmp_path):
 
 def test_missing_manifest_says_capture_unfinished(tmp_path):
     with pytest.raises(CacheFormatError, match="has not finished"):
+        load_manifest(tmp_path)
+
+
+def test_hand_edited_manifest_is_refused(tmp_path):
+    write_manifest(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["totals"]["rows"] = 5
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheFormatError, match="edited or damaged"):
         load_manifest(tmp_path)
