@@ -51,10 +51,17 @@ class Trainer:
         for t in {c.temperature, *(p.temperature for p in self.phases if p.temperature is not None)}:
             self.cache.schema.temperature_index(t)  # each temperature used must have been captured
         inputs = rows_from_arrays(c.data).inputs if c.data else None
-        train_rows, self.eval_rows = split_rows(len(self.cache), c.eval_fraction)
-        self.eval_rows = self.eval_rows[: c.eval_rows]
+        if c.eval_cache:
+            train_rows, eval_source = None, c.eval_cache
+            eval_rows = np.arange(len(TeacherCache(c.eval_cache)))[: c.eval_rows]
+        else:
+            train_rows, eval_rows = split_rows(len(self.cache), c.eval_fraction)
+            eval_source, eval_rows = c.cache, eval_rows[: c.eval_rows]
         self.train_set = CacheDataset(c.cache, rows=train_rows, seed=c.seed, shuffle_buffer=c.shuffle_buffer, inputs=inputs)
-        self.eval_set = CacheDataset(c.cache, rows=self.eval_rows, shuffle=False, inputs=inputs, verify_hashes=False)
+        eval_inputs = rows_from_arrays(c.eval_data).inputs if c.eval_data else (None if c.eval_cache else inputs)
+        self.eval_set = CacheDataset(eval_source, rows=eval_rows, shuffle=False, inputs=eval_inputs)
+        if self.eval_set.cache.schema != self.cache.schema:
+            raise ConfigError(f"--eval-cache {c.eval_cache} was captured with other settings than --cache; capture both alike")
         if len(self.train_set) == 0:
             raise ConfigError(f"cache {c.cache} has no training rows; lower --eval-fraction or capture more data")
         micro_per_epoch = math.ceil(len(self.train_set) / c.batch_size)

@@ -37,6 +37,8 @@ class TrainConfig:
     device: str = "auto"
     data: str | None = None  # the capture's .npz for module caches
     tokenizer: str | None = None
+    eval_cache: str | None = None  # a cache of held-out data (default: a fraction of --cache)
+    eval_data: str | None = None  # the .npz that --eval-cache was captured from (module caches)
     eval_fraction: float = 0.05
     eval_every: int = 100
     eval_rows: int = 256

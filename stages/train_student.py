@@ -29,6 +29,8 @@ from kdpipe.stages.cli import user_errors
 @click.option("--device", default=None, help="auto (default), cpu, cuda.")
 @click.option("--data", default=None, help="The capture's .npz (module/classification caches).")
 @click.option("--tokenizer", default=None, help="Tokenizer dir (default: the student's, else the teacher's from the manifest).")
+@click.option("--eval-cache", default=None, help="Cache of held-out data to evaluate on (default: a fraction of --cache).")
+@click.option("--eval-data", default=None, help="The .npz that --eval-cache was captured from (module caches).")
 @click.option("--eval-fraction", default=None, type=float, help="Held-out fraction of cache rows (default 0.05).")
 @click.option("--eval-every", default=None, type=int, help="Evaluate every N steps (default 100).")
 @click.option("--checkpoint-every", default=None, type=int, help="Checkpoint every N steps (default 100).")
