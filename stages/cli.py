@@ -55,11 +55,15 @@ def _register():
     except ImportError:  # pragma: no cover - stage two not installed yet
         pass
     try:
-        from kdpipe.stages.evaluate import evaluate
+        from kdpipe.stages.evaluate import evaluate, plot
 
         main.add_command(evaluate)
+        main.add_command(plot)
     except ImportError:  # pragma: no cover
         pass
+    from kdpipe.stages.demo import demo
+
+    main.add_command(demo)
 
 
 _register()
