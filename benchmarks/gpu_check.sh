@@ -11,6 +11,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 OUT=${OUT:-/tmp/out}
 python3 -m pytest -q -m gpu tests/test_gpu.py -x -p no:cacheprovider 2>&1 | tail -5
 python3 benchmarks/capture.py --synthetic qwen-1.5b --device cuda --seq-len 1024 --batch-size 16 \
-  --limit-rows 256 --top-k 64 --temperature 1 --temperature 2 --temperature 4 --repeats 3 2>/dev/null | tee "$OUT/capture_h100.json"
+  --limit-rows 128 --top-k 64 --temperature 1 --temperature 2 --temperature 4 --repeats 2 2>/dev/null | tee "$OUT/capture_h100.json"
 python3 benchmarks/train.py --synthetic qwen-1.5b --device cuda --student-hidden 512 --student-layers 4 \
-  --rows 96 --seq-len 1024 --batch-size 8 --steps 8 --repeats 3 --temperature 2 2>/dev/null | tee "$OUT/train_gpu.json"
+  --rows 64 --seq-len 1024 --batch-size 8 --steps 6 --repeats 2 --temperature 2 2>/dev/null | tee "$OUT/train_gpu.json"
