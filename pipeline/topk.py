@@ -14,8 +14,9 @@ import dataclasses
 
 import torch
 
-# fp32 working memory per chunk of positions: [chunk, V] * 4 bytes stays under this.
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# fp32 working memory per chunk of positions: [chunk, V] * 4 bytes stays under this. GPUs get
+# bigger chunks: fewer, larger kernels (a 16k-token batch at V = 151,936 is 10 GB in fp32).
+DEFAULT_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 
 
 @dataclasses.dataclass
@@ -31,13 +32,14 @@ def sparse_view_of_logits(
     *,
     top_k: int,
     temperatures: tuple[float, ...],
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> SparseView:
     """Sparse view of ``logits [N, V]`` (any float dtype), never holding more than one fp32 chunk.
 
     Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite.
     """
     n, vocab = logits.shape
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
     chunk = max(1, chunk_bytes // (4 * vocab))
     parts = [
         _sparse_view_chunk(logits[start : start + chunk], top_k, temperatures, offset=start)
