@@ -37,7 +37,7 @@ from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.modules import load_module
 from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
 
-MODULE_CONFIG = "kdpipe_module.json"
+from kdpipe.pipeline.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
 MODULE_WEIGHTS = "model.safetensors"
 DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context
 
