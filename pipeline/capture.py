@@ -6,6 +6,13 @@ sparse view (:mod:`kdpipe.pipeline.topk`) and hands finished shards to a backgro
 so the teacher never waits for the disk. Rows are cut into shards of a fixed number of rows, so a
 shard's name and content depend only on the settings: a rerun skips shards already finished (their
 hashes are checked) and a rank writes only the shards ``s`` with ``s % world_size == rank``.
+
+Crash safety: every shard and every progress record lands atomically (``*.tmp``, fsync, rename), so
+a capture killed at any moment (SIGKILL included) leaves finished shards, stray ``*.tmp`` files and at
+most one shard renamed but not yet recorded. Restarting with the same command removes the stray files,
+keeps the recorded shards whose sha256 still matches and redoes the rest (see
+:mod:`kdpipe.pipeline.progress`). A failed write (disk full, read-only --out) stops the capture with a
+:class:`~kdpipe.pipeline.fileio.WriteError`; what was written before stays valid.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import progress as progresslib
 from kdpipe.pipeline.errors import ConfigError, TeacherError
+from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions, utc_now
 from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
@@ -115,6 +123,8 @@ def _validate(settings: CaptureSettings) -> None:
         raise ConfigError(f"--limit-rows {settings.limit_rows} must be positive")
     if not 0 <= settings.rank < settings.world_size:
         raise ConfigError(f"rank {settings.rank} is outside world size {settings.world_size}")
+    if Path(settings.out).exists() and not Path(settings.out).is_dir():
+        raise ConfigError(f"--out {settings.out} is a file; give a directory (a new one, or one holding this capture)")
     get_format(settings.format)
 
 
@@ -167,6 +177,13 @@ def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> Cap
                  "rows": len(rows.inputs), "limit_rows": settings.limit_rows},
     }
     return CapturePlan(settings, teacher, rows, schema, rows_per_shard, fingerprints)
+
+
+def with_teacher_weights(plan: CapturePlan) -> CapturePlan:
+    """The same plan with the teacher's weights loaded (a plan from ``load_weights=False`` has none)."""
+    if plan.teacher.model is not None:
+        return plan
+    return dataclasses.replace(plan, teacher=load_teacher(plan.settings, load_weights=True))
 
 
 def _take(rows: datalib.Rows, n: int) -> datalib.Rows:
@@ -226,17 +243,24 @@ def _columns(plan: CapturePlan, index, mask, view) -> dict[str, np.ndarray]:
     return columns
 
 
-def run_capture(plan: CapturePlan, *, on_rows: Callable[[int, int], None] | None = None) -> dict:
+def run_capture(
+    plan: CapturePlan, *, on_rows: Callable[[int, int], None] | None = None,
+    on_start: Callable[[progresslib.RankProgress], None] | None = None,
+) -> dict | None:
     """Capture every shard of this rank not already finished; return the manifest once all ranks are done.
 
-    ``on_rows(rows, tokens)`` is called after every batch (for progress bars). Returns the manifest
-    dict when the cache is complete, or None when other ranks still have shards to write.
+    ``on_start(progress)`` is called once the rank's record is loaded and checked (``progress.record``
+    holds the finished shards kept, ``progress.redo`` the recorded ones found damaged or missing);
+    ``on_rows(rows, tokens)`` after every batch (for progress bars). Returns the manifest dict when
+    the cache is complete, or None when other ranks still have shards to write.
     """
     settings = plan.settings
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
     log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size)
     log.start(plan)
+    if on_start:
+        on_start(log)
     fmt = get_format(settings.format)
     writer = _ShardWriter(fmt, plan, log)
     try:
@@ -302,12 +326,11 @@ class _ShardWriter:
                 self._error = exc
 
     def _write(self, shard: int, columns: dict) -> None:
-        from kdpipe.pipeline.fileio import sha256_file
-
         plan, settings = self._plan, self._plan.settings
         name = shard_name(rank=settings.rank, index=shard, suffix=self._fmt.suffix)
         path = Path(settings.out) / name
-        self._fmt.write(path, columns, schema=plan.schema, chunk_rows=CHUNK_ROWS)
+        with write_errors(f"shard {name}", settings.out):
+            self._fmt.write(path, columns, schema=plan.schema, chunk_rows=CHUNK_ROWS)
         self._log.shard_done({
             "name": name, "index": shard, "rank": settings.rank,
             "rows": len(columns["sample_index"]), "tokens": int(columns["mask"].sum()),

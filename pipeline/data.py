@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -166,18 +167,42 @@ def rows_from_arrays(path: str | Path) -> Rows:
     path = Path(path)
     if path.suffix != ".npz":
         raise DataError(f"a module teacher reads .npz arrays with 'x' and 'y'; got {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"x", "y"} - set(npz.files)
-        if missing:
-            raise DataError(f"{path} lacks arrays {sorted(missing)}; save it with np.savez(path, x=..., y=...)")
-        x, y = npz["x"], npz["y"]
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check --data")
+    x, y = _load_npz(path)
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu" or x.ndim == 0 or y.ndim != 1:
+        raise DataError(
+            f"{path}: x must be a numeric array [N, ...] and y integer labels [N] "
+            f"(got x {x.dtype} {list(x.shape)}, y {y.dtype} {list(y.shape)})"
+        )
     if len(x) == 0:
         raise DataError(f"{path} holds no samples")
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}; they must match")
+    if y.min() < 0:
+        raise DataError(f"{path}: y holds the negative label {int(y.min())}; labels must be class ids 0..C-1")
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     packing = {"scheme": "one-sample-per-row", "uint8_scaled": True}
     return Rows(x, np.ones((len(x), 1), dtype=bool), y.astype(np.int64), None, packing)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` of an ``.npz``, never unpickling anything (object arrays are refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise DataError(f"{path} lacks arrays {sorted(missing)}; save it with np.savez(path, x=..., y=...)")
+            return npz["x"], npz["y"]
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DataError(
+                f"{path} holds a Python object array (or pickled data), which kdpipe refuses to load "
+                "(loading it would run pickle); save x and y as numeric arrays with np.savez"
+            ) from None
+        raise DataError(f"cannot read {path} ({exc}); save it with np.savez(path, x=..., y=...)") from None
+    except (OSError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); save it with np.savez(path, x=..., y=...)") from None
 
 
 def input_hash(row: np.ndarray) -> int:

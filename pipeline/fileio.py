@@ -7,12 +7,61 @@ name, so a crash leaves either the old file, the new file, or a stray ``*.tmp`` 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
 
+from kdpipe.pipeline.errors import KdpipeError
+
 _HASH_BLOCK = 1 << 20
+
+
+class WriteError(KdpipeError):
+    """A file could not be written (disk full, read-only or unwritable folder, ...)."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``[Errno 28] No space left on device``: the error without the file name (callers name it)."""
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def fix_for_os_error(exc: OSError) -> str:
+    """What the user can do about a failed write, by errno."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make it writable (or choose another --out)"
+    return "fix that"
+
+
+@contextlib.contextmanager
+def write_errors(what: str, out: str | os.PathLike):
+    """Turn an ``OSError`` raised while writing ``what`` into --out into a one-line :class:`WriteError`.
+
+    Files land atomically (:func:`atomic_path`), so a failed write leaves what was already written
+    intact and the same command resumes once the cause is fixed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write {what} to --out {out}: {describe_os_error(exc)}; "
+            f"{fix_for_os_error(exc)} and re-run the same command to resume"
+        ) from exc
+
+
+def remove_stale_tmp(folder: Path, pattern: str) -> list[Path]:
+    """Delete ``folder/pattern`` temporary files left by a killed writer; return what was removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(pattern)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def sha256_file(path: str | os.PathLike) -> str:

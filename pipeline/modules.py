@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 
@@ -59,16 +60,31 @@ def load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     path = Path(weights)
     if not path.is_file():
         raise TeacherError(f"weights file {path} does not exist; check --weights")
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise TeacherError(f"weights {path} must be a .safetensors file (or a .pt state dict)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        if path.suffix in (".pt", ".pth", ".bin"):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TeacherError(f"cannot read weights {path} ({type(exc).__name__}: {exc})") from None
-    raise TeacherError(f"weights {path} must be a .safetensors file (or a .pt state dict)")
+            state = load_file(str(path))
+        else:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TeacherError(
+            f"weights {path} hold pickled Python objects besides tensors, which kdpipe refuses to load "
+            "(torch.load weights_only=True); save model.state_dict() with safetensors or torch.save"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TeacherError(f"cannot read weights {path} ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise TeacherError(
+            f"weights {path} hold a {type(state).__name__} that is not a state dict of tensors; "
+            "save model.state_dict()"
+        )
+    return state
 
 
 def load_module(spec: str, weights: str | Path | None) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -42,8 +43,9 @@ class Teacher:
         if self.task == "classification":
             if out.ndim != 2 or out.shape[1] != self.vocab_size:
                 raise TeacherError(
-                    f"teacher output has shape {tuple(out.shape)}, expected [batch, classes]; "
-                    "a classification teacher must return logits of shape [B, C]"
+                    f"teacher output has shape {tuple(out.shape)}, expected [batch, classes] = "
+                    f"[{out.shape[0]}, {self.vocab_size}]; a classification teacher must return logits "
+                    f"[B, C] with C = the number of classes in --data (largest label + 1 = {self.vocab_size})"
                 )
             out = out[:, None, :]
         return out
@@ -105,6 +107,8 @@ def load_hf_teacher(
             f"teacher {path} is not a Hugging Face model directory (no config.json); "
             "point --teacher at a directory saved with save_pretrained, or use module:factory"
         )
+    if not local.exists():
+        check_hub_teacher(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -139,6 +143,52 @@ def load_hf_teacher(
         fingerprint=fingerprint, tokenizer=tokenizer,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), model=model, device=device,
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` (or a legacy bare ``name``): no leading ``/``, ``.`` or ``~``, no ``..``."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and len(name) <= 96
+
+
+def check_hub_teacher(name: str, *, timeout: float = 10.0) -> None:
+    """Fail fast, naming the fix, when a teacher that is not a local path cannot come from the hub.
+
+    Without this, an unreachable hub costs about half a minute of retries before a vague error.
+    A model already in the local Hugging Face cache needs no network; otherwise one request, no
+    retries, asks the hub whether the model exists.
+    """
+    if not looks_like_hub_id(name):
+        raise TeacherError(
+            f"teacher {name} does not exist; give a local model directory, a hub id (org/name) "
+            "or package.module:factory"
+        )
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise TeacherError(
+            f"teacher {name!r} does not exist locally and is not in the Hugging Face cache "
+            "(HF_HUB_OFFLINE is set); check the path, or download the model first"
+        )
+    try:
+        huggingface_hub.model_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise TeacherError(
+            f"teacher {name!r} does not exist locally and the Hugging Face hub has no model of that name "
+            "(or it is private: log in with `hf auth login`); check --teacher"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - no network, proxy, timeout, server error
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TeacherError(
+            f"teacher {name!r} does not exist locally and the Hugging Face hub cannot be reached to fetch it "
+            f"({first}); check the path, or download the model and give its directory"
+        ) from None
 
 
 def load_module_teacher(

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
+from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture, with_teacher_weights
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR
-from kdpipe.pipeline.progress import PROGRESS_DIR, capture_identity, check_same_identity
+from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest
+from kdpipe.pipeline.progress import PROGRESS_DIR, capture_identity, check_same_identity, manifest_identity
 from kdpipe.stages.cli import user_errors
 
 
@@ -20,7 +21,7 @@ from kdpipe.stages.cli import user_errors
 @click.option("--teacher", required=True, help="HF model directory or hub id, or package.module:factory / file.py:factory.")
 @click.option("--weights", default=None, help="safetensors weights for a module:factory teacher.")
 @click.option("--data", required=True, help=".txt file or folder, .jsonl, .parquet (text), or .npz (x, y) for module teachers.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create (or resume).")
+@click.option("--out", required=True, help="Cache directory to create (or resume).")
 @click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept per position.")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per packed row.")
@@ -40,22 +41,25 @@ from kdpipe.stages.cli import user_errors
 @click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights.")
 @user_errors
 def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
-    """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass."""
+    """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
+
+    Killed or failed (disk full), the same command resumes: finished shards are checked and kept.
+    """
     settings = CaptureSettings(format=storage, temperatures=tuple(temperatures), **options)
     plan = plan_capture(settings, load_weights=False)
     if dry_run:
         _print_plan(plan)
         return
     out = Path(settings.out)
-    if overwrite:
-        _clear_cache(out)
-    elif (out / MANIFEST_NAME).is_file():
-        _check_finished(out, plan)
+    if not overwrite and (out / MANIFEST_NAME).is_file():
+        check_same_identity(manifest_identity(load_manifest(out), plan), capture_identity(plan), out)
         click.echo(f"{out} already holds this finished capture; nothing to do (kdpipe verify {out} checks it)")
         return
-    elif out.exists() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
+    if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
         raise ConfigError(f"--out {out} exists and is not a kdpipe cache; choose an empty or new directory")
-    plan = plan_capture(settings, load_weights=True)
+    plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
+    if overwrite:
+        _clear_cache(out)
     my_rows = sum(len(plan.shard_rows(s)) for s in plan.my_shards())
     started = time.perf_counter()
     with tqdm(total=my_rows, unit="row", desc="cache-teacher", dynamic_ncols=True) as bar:
@@ -67,7 +71,7 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
             bar.update(rows)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
 
-        manifest = run_capture(plan, on_rows=on_rows)
+        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, plan, bar))
     if manifest is None:
         click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
         return
@@ -76,6 +80,18 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
         f"wrote {out}: {t['rows']} rows, {t['tokens']} tokens, {t['shards']} shards, "
         f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token)"
     )
+
+
+def _report_resume(log, plan, bar) -> None:
+    kept = len(log.record["shards"])
+    if kept or log.redo or log.stale_tmp:
+        bar.write(
+            f"resuming {log.out}: {kept} of {len(plan.my_shards())} shards already finished"
+            + (f"; redoing {len(log.redo)} damaged or missing ({', '.join(log.redo[:3])}"
+               f"{', ...' if len(log.redo) > 3 else ''})" if log.redo else "")
+            + (f"; removed {len(log.stale_tmp)} stray temporary files" if log.stale_tmp else ""),
+            file=sys.stderr,
+        )
 
 
 def _print_plan(plan) -> None:
@@ -89,15 +105,8 @@ def _print_plan(plan) -> None:
                f"({plan.estimated_bytes() / max(plan.num_tokens, 1):.1f} B/token) in {s.format}")
 
 
-def _check_finished(out: Path, plan) -> None:
-    import json
-
-    record = json.loads((out / PROGRESS_DIR / f"r{plan.settings.rank:05d}.json").read_text())
-    check_same_identity(record["identity"], capture_identity(plan), out)
-
-
 def _clear_cache(out: Path) -> None:
     """Remove what kdpipe wrote (manifest, shards, progress), nothing else."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in (SHARD_DIR, PROGRESS_DIR):
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: the cache is unfinished from here on
+    for name in (PROGRESS_DIR, SHARD_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
