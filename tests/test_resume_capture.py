@@ -1,0 +1,273 @@
+"""Crash and resume of ``kdpipe cache-teacher``: SIGKILL at random moments, disk full, reruns.
+
+Every test ends by comparing the resumed cache with an uninterrupted one, field by field and row by
+row, and their manifests up to timestamps and checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdpipe import open_cache
+from kdpipe.pipeline import fileio
+from kdpipe.pipeline.storage import zarr_shard
+from kdpipe.stages.cli import main
+
+KDPIPE = [sys.executable, "-c", "from kdpipe.stages.cli import main; main()"]
+# 3 rows of seq-len 32 per shard: many small shards, so a kill lands mid-shard, mid-write or between.
+SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.005",
+            "--temperature", "1", "--temperature", "2"]
+# Manifest entries allowed to differ: times, the checksum over them, and the software versions (the
+# checkout's git commit moves when someone commits while this runs).
+TIMESTAMPS = {"started_at", "finished_at", "checksum", "software"}
+
+
+def capture_args(teacher, data, out, *extra) -> list[str]:
+    return ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *SETTINGS, *extra]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_same_cache(actual: Path, expected: Path) -> None:
+    """Every field of every row equal (values and dtypes); manifests equal but for timestamps."""
+    a, b = open_cache(actual), open_cache(expected)
+    assert len(a) == len(b) > 0
+    for i in range(len(b)):
+        row_a, row_b = a.read_raw(i), b.read_raw(i)
+        assert row_a.keys() == row_b.keys()
+        for field, value in row_b.items():
+            assert row_a[field].dtype == value.dtype, (i, field)
+            np.testing.assert_array_equal(row_a[field], value, err_msg=f"row {i} field {field}")
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMESTAMPS}  # noqa: E731
+    assert strip(a.manifest) == strip(b.manifest)
+    assert not list(actual.rglob("*.tmp")), "stray temporary files left behind"
+
+
+def shard_hashes(cache: Path) -> list[str]:
+    return [s["sha256"] for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+
+
+@pytest.fixture(scope="module")
+def small_args(tiny_lm_dir, text_dir):
+    return lambda out, *extra: capture_args(tiny_lm_dir, text_dir, out, "--limit-rows", "36", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(small_args, tmp_path_factory) -> Path:
+    """An uninterrupted capture of 36 rows in 12 shards."""
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 0, result.output
+    assert len(open_cache(out).shards) == 12
+    return out
+
+
+# ---------------------------------------------------------------------------- SIGKILL at random moments
+def _progress_shards(out: Path) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return len(json.loads((out / "_progress" / "r00000.json").read_text())["shards"])
+    return 0
+
+
+def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early: bool) -> bool:
+    """Start the capture; SIGKILL it ``delay_after_start`` s after its progress bar appears (or after
+    its start, when ``early``). True when it was killed, False when it finished first."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(KDPIPE + args, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not early and "cache-teacher:" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, "capture did not start"
+            time.sleep(0.02)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=delay_after_start)
+        if proc.poll() is not None:
+            assert proc.returncode == 0, log.read_text()[-2000:]
+            return False
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
+    args = lambda out: capture_args(tiny_lm_dir, text_dir, out, "--limit-rows", "180")  # noqa: E731
+    started = time.perf_counter()
+    ref = run_cli(*args(tmp_path / "ref"))
+    assert ref.exit_code == 0, ref.output
+    capture_seconds = time.perf_counter() - started
+    total = len(open_cache(tmp_path / "ref").shards)  # 60 shards
+    out, rng, kills, attempts = tmp_path / "killed", random.Random(20240607), [], 0
+    # One kill during start-up (imports, planning), then kills spread over the remaining capture.
+    if _run_and_kill(args(out), rng.uniform(0.3, 2.0), tmp_path / "log", early=True):
+        kills.append(("start-up", _progress_shards(out)))
+    while len(kills) < 5 and attempts < 15:
+        attempts += 1
+        remaining = 1 - _progress_shards(out) / total
+        delay = rng.uniform(0.05, 0.6) * capture_seconds * max(remaining, 0.1)
+        if not _run_and_kill(args(out), delay, tmp_path / "log", early=False):
+            break
+        kills.append((f"{delay:.2f}s", _progress_shards(out)))
+    print("kills (delay after start, shards recorded):", kills)
+    assert len(kills) >= 5, kills
+    assert not (out / "manifest.json").exists()
+    done = subprocess.run(KDPIPE + args(out), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr
+    assert_same_cache(out, tmp_path / "ref")
+
+
+# ---------------------------------------------------------------------------- states a kill can leave
+def test_restart_removes_stray_tmp_and_redoes_unrecorded_damaged_and_missing_shards(
+    reference, small_args, tmp_path
+):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    (out / "manifest.json").unlink()  # killed before the manifest was written
+    record_path = out / "_progress" / "r00000.json"
+    record = json.loads(record_path.read_text())
+    record["complete"] = False
+    del record["shards"]["2"]  # renamed, but killed before it was recorded
+    record_path.write_text(json.dumps(record))
+    damaged = out / record["shards"]["3"]["name"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (out / record["shards"]["4"]["name"]).unlink()
+    stray = [out / "shards" / "r00000-s000005.zarr.zip.4242.tmp", out / "_progress" / "r00000.json.4242.tmp",
+             out / "manifest.json.4242.tmp"]
+    for path in stray:
+        path.write_bytes(b"half a file")
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "redoing 2 damaged or missing" in result.output
+    assert "removed 3 stray temporary files" in result.output
+    assert_same_cache(out, reference)
+
+
+def test_same_settings_give_identical_shard_bytes(reference, small_args, tmp_path):
+    result = run_cli(*small_args(tmp_path / "again"))
+    assert result.exit_code == 0, result.output
+    assert shard_hashes(tmp_path / "again") == shard_hashes(reference)
+
+
+def test_rerun_of_finished_capture_is_a_no_op(reference, small_args, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 0, result.output
+    assert "already holds this finished capture; nothing to do" in result.output
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
+def test_other_settings_are_refused_naming_the_setting_or_replaced_with_overwrite(
+    reference, small_args, tmp_path, finished
+):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    if not finished:
+        (out / "manifest.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = run_cli(*small_args(out, "--top-k", "4"))
+    assert changed.exit_code == 2
+    assert "capture.top_k (was 8, now 4)" in changed.output and "--overwrite" in changed.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    replaced = run_cli(*small_args(out, "--top-k", "4", "--overwrite"))
+    assert replaced.exit_code == 0, replaced.output
+    cache = open_cache(out, verify_hashes=True)
+    assert cache.manifest["capture"]["top_k"] == 4 and cache.read_raw(0)["topk_ids"].shape == (32, 4)
+    assert run_cli("verify", out).exit_code == 0
+
+
+# ---------------------------------------------------------------------------- disk full, unwritable --out
+def _failing_atomic_path(fail_on, error: int, calls: list):
+    """``atomic_path`` that writes the temporary file, then fails like a full disk on call ``fail_on``."""
+    real = fileio.atomic_path
+
+    @contextlib.contextmanager
+    def atomic_path(path):
+        with real(path) as tmp:
+            yield tmp
+            calls.append(Path(path).name)
+            if fail_on(Path(path), len(calls)):
+                raise OSError(error, os.strerror(error))
+
+    return atomic_path
+
+
+def _assert_intact_and_resumable(out: Path, reference: Path, small_args) -> None:
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+    record = json.loads((out / "_progress" / "r00000.json").read_text())
+    assert record["shards"], "the shards finished before the failure are recorded"
+    for entry in record["shards"].values():  # nothing already written is damaged
+        assert fileio.sha256_file(out / entry["name"]) == entry["sha256"]
+    resumed = run_cli(*small_args(out))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_cache(out, reference)
+
+
+def test_disk_full_while_writing_a_shard_stops_cleanly_and_resumes(reference, small_args, tmp_path, monkeypatch):
+    calls: list = []
+    fail = _failing_atomic_path(lambda path, n: n == 5, errno.ENOSPC, calls)
+    monkeypatch.setattr(zarr_shard, "atomic_path", fail)
+    out = tmp_path / "cache"
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        f"error: cannot write shard shards/r00000-s000004.zarr.zip to --out {out}: [Errno 28] "
+        "No space left on device; free space and re-run the same command to resume"
+    ) in result.output
+    monkeypatch.undo()
+    _assert_intact_and_resumable(out, reference, small_args)
+
+
+def test_disk_full_while_recording_progress_stops_cleanly_and_resumes(reference, small_args, tmp_path, monkeypatch):
+    calls: list = []
+    fail = _failing_atomic_path(lambda path, n: path.name == "r00000.json" and n > 6, errno.ENOSPC, calls)
+    monkeypatch.setattr(fileio, "atomic_path", fail)
+    out = tmp_path / "cache"
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"error: cannot write progress record _progress/r00000.json to --out {out}: [Errno 28]" in result.output
+    monkeypatch.undo()
+    _assert_intact_and_resumable(out, reference, small_args)
+
+
+def test_read_only_out_is_one_clear_error(small_args, tmp_path, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "cache"
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"error: cannot write the cache folder to --out {out}: [Errno 30] Read-only file system; "
+            "make it writable (or choose another --out) and re-run the same command to resume") in result.output
+
+
+def test_out_that_is_a_file_is_refused(small_args, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    result = run_cli(*small_args(out))
+    assert result.exit_code == 2 and f"error: --out {out} is a file" in result.output
+    assert out.read_text() == "keep me"
