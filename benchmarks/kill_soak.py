@@ -8,9 +8,11 @@ A cycle starts the capture into an empty --out and kills it at a random moment, 
 same command and kills it again, until a run finishes by itself; the finished cache is compared with
 the uninterrupted reference, every field of every row and the manifest up to its timestamps. Cycles
 repeat until N kills were made. About one kill in six lands in start-up (imports, planning); the rest
-land uniformly over what remains of the capture. After each kill the state left on disk is recorded
-(stray ``*.tmp`` files, shards renamed but not yet recorded, shards recorded), so the summary shows
-which crash states the restarts had to handle.
+land uniformly over what remains of the capture, and a third of those wait for the next file write
+after that moment (a ``*.tmp`` appears: a shard, or the progress record just after a shard was
+renamed) and kill inside it. After each kill the state left on disk is recorded (stray ``*.tmp``
+files, shards renamed but not yet recorded, shards recorded), so the summary shows which crash
+states the restarts had to handle.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -68,10 +71,13 @@ def command(args, out: Path) -> list[str]:
                      "--limit-rows", str(args.rows), "--format", args.format, *SETTINGS]
 
 
-def run(cmd: list[str], log: Path, *, kill_after: float | None, wait_for_bar: bool) -> tuple[str, float]:
-    """Run ``cmd``; SIGKILL it ``kill_after`` s after start (or after its progress bar appears).
+def run(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, wait_for_bar: bool,
+        at_next_write: bool = False) -> tuple[str, float, float]:
+    """Run ``cmd``; SIGKILL it ``kill_after`` s after its start (or after its progress bar appears);
+    with ``at_next_write``, then wait until a ``*.tmp`` file appears (a shard or the progress record
+    being written) and kill at once.
 
-    Returns ("killed" | "finished", seconds from start until its progress bar appeared).
+    Returns ("killed" | "finished", seconds until the progress bar appeared, seconds after it).
     """
     started = time.monotonic()
     with open(log, "w") as err:
@@ -85,17 +91,27 @@ def run(cmd: list[str], log: Path, *, kill_after: float | None, wait_for_bar: bo
         if kill_after is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=kill_after)
+        while at_next_write and proc.poll() is None and not _writing(out):
+            time.sleep(0.0005)
         if proc.poll() is None and kill_after is not None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return "killed", bar_at or 0.0
+            return "killed", bar_at or 0.0, 0.0
         proc.wait()
         if proc.returncode != 0:
             raise SystemExit(f"capture failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
-        return "finished", bar_at or 0.0
+        return "finished", bar_at or 0.0, time.monotonic() - started - (bar_at or 0.0)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _writing(out: Path) -> bool:
+    for folder in (out / "shards", out / "_progress"):
+        with contextlib.suppress(FileNotFoundError):
+            if any(name.endswith(".tmp") for name in os.listdir(folder)):
+                return True
+    return False
 
 
 def disk_state(out: Path) -> dict:
@@ -129,6 +145,13 @@ def differences(actual: Path, expected: Path) -> list[str]:
     return problems
 
 
+def check_cycle(out: Path, reference: Path, number: int) -> bool:
+    problems = differences(out, reference)
+    print(f"cycle {number}: finished after resume; "
+          + ("identical to the reference" if not problems else "DIFFERENT: " + "; ".join(problems[:5])))
+    return not problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kills", nargs="?", type=int, default=30, help="number of SIGKILLs (default 30)")
@@ -144,49 +167,46 @@ def main() -> None:
     try:
         if args.teacher is None:
             args.teacher = tiny_teacher(work / "teacher")
-        started = time.monotonic()
-        _, startup = run(command(args, work / "reference"), work / "log", kill_after=None, wait_for_bar=True)
-        capture_seconds = time.monotonic() - started - startup
+        _, startup, capture_seconds = run(command(args, work / "reference"), work / "log", work / "reference",
+                                          kill_after=None, wait_for_bar=True)
         total = json.loads((work / "reference" / "manifest.json").read_text())["totals"]["shards"]
         print(f"reference: {total} shards, start-up {startup:.1f}s, capture {capture_seconds:.1f}s")
-        kills, cycles, bad_cycles, states = [], 0, 0, {"tmp": 0, "unrecorded": 0}
+        kills, cycles, states = [], [], {"tmp": 0, "unrecorded": 0}
         out = work / "killed"
         while len(kills) < args.kills:
             remaining = 1 - disk_state(out)["recorded"] / total if out.exists() else 1.0
-            if rng.random() < 1 / 6:
+            draw = rng.random()
+            if draw < 1 / 6:
                 phase, delay = "start-up", rng.uniform(0, startup)
-            else:
-                phase, delay = "capture", rng.uniform(0, capture_seconds * max(remaining, 0.05))
-            outcome, _ = run(command(args, out), work / "log", kill_after=delay, wait_for_bar=phase == "capture")
+            else:  # a third of these wait for the next file write after the delay and kill inside it
+                phase = "mid-write" if draw < 1 / 6 + 5 / 18 else "capture"
+                delay = rng.uniform(0, 0.8 * capture_seconds * max(remaining, 0.05))
+            outcome, _, took = run(command(args, out), work / "log", out, kill_after=delay,
+                                   wait_for_bar=phase != "start-up", at_next_write=phase == "mid-write")
             if outcome == "killed":
                 state = disk_state(out)
                 kills.append((phase, delay, state))
                 states["tmp"] += state["tmp"] > 0
                 states["unrecorded"] += state["unrecorded"] > 0
-                print(f"kill {len(kills):3d}: {phase:8s} +{delay:5.2f}s  recorded {state['recorded']:3d}/{total}  "
+                print(f"kill {len(kills):3d}: {phase:9s} +{delay:5.2f}s  recorded {state['recorded']:3d}/{total}  "
                       f"stray tmp {state['tmp']}  renamed-unrecorded {state['unrecorded']}")
                 continue
-            problems = differences(out, work / "reference")
-            cycles += 1
-            bad_cycles += bool(problems)
-            print(f"cycle {cycles}: finished after resume; " + ("identical to the reference" if not problems
-                  else "DIFFERENT: " + "; ".join(problems[:5])))
+            if remaining > 0.5:  # a long run that outlived its kill: the machine is faster than measured
+                capture_seconds = min(capture_seconds, took / remaining)
+            cycles.append(check_cycle(out, work / "reference", len(cycles) + 1))
             shutil.rmtree(out)
         if out.exists():  # finish the last cycle
-            run(command(args, out), work / "log", kill_after=None, wait_for_bar=False)
-            problems = differences(out, work / "reference")
-            cycles += 1
-            bad_cycles += bool(problems)
-            print(f"cycle {cycles}: finished after resume; " + ("identical to the reference" if not problems
-                  else "DIFFERENT: " + "; ".join(problems[:5])))
-        by_phase = {p: sum(k[0] == p for k in kills) for p in ("start-up", "capture")}
+            run(command(args, out), work / "log", out, kill_after=None, wait_for_bar=False)
+            cycles.append(check_cycle(out, work / "reference", len(cycles) + 1))
+        by_phase = {p: sum(k[0] == p for k in kills) for p in ("start-up", "capture", "mid-write")}
         print(
-            f"\nsummary: {len(kills)} kills ({by_phase['start-up']} in start-up, {by_phase['capture']} during capture) "
-            f"over {cycles} cycles; {states['tmp']} kills left stray *.tmp files, {states['unrecorded']} left a "
-            f"shard renamed but not recorded; {cycles - bad_cycles}/{cycles} resumed caches identical to the "
+            f"\nsummary: {len(kills)} kills ({by_phase['start-up']} in start-up, {by_phase['capture']} at random "
+            f"during capture, {by_phase['mid-write']} inside a file write) "
+            f"over {len(cycles)} cycles; {states['tmp']} kills left stray *.tmp files, {states['unrecorded']} left "
+            f"a shard renamed but not recorded; {sum(cycles)}/{len(cycles)} resumed caches identical to the "
             f"uninterrupted one ({time.monotonic() - began:.0f}s)"
         )
-        if bad_cycles:
+        if not all(cycles):
             raise SystemExit(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
