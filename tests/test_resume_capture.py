@@ -85,9 +85,20 @@ def _progress_shards(out: Path) -> int:
     return 0
 
 
-def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early: bool) -> bool:
+def _writing(out: Path) -> bool:
+    """A shard or the progress record is being written (its temporary file exists)."""
+    for folder in (out / "shards", out / "_progress"):
+        with contextlib.suppress(FileNotFoundError):
+            if any(name.endswith(".tmp") for name in os.listdir(folder)):
+                return True
+    return False
+
+
+def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early: bool,
+                  at_next_write: bool = False) -> bool:
     """Start the capture; SIGKILL it ``delay_after_start`` s after its progress bar appears (or after
-    its start, when ``early``). True when it was killed, False when it finished first."""
+    its start, when ``early``; or, with ``at_next_write``, inside the first file write after that).
+    True when it was killed, False when it finished first."""
     with open(log, "w") as err:
         proc = subprocess.Popen(KDPIPE + args, stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -97,6 +108,9 @@ def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early
             time.sleep(0.02)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=delay_after_start)
+        out = Path(args[args.index("--out") + 1])
+        while at_next_write and proc.poll() is None and not _writing(out):
+            time.sleep(0.0005)
         if proc.poll() is not None:
             assert proc.returncode == 0, log.read_text()[-2000:]
             return False
@@ -116,14 +130,15 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_lm_dir,
     capture_seconds = time.perf_counter() - started
     total = len(open_cache(tmp_path / "ref").shards)  # 60 shards
     out, rng, kills, attempts = tmp_path / "killed", random.Random(20240607), [], 0
-    # One kill during start-up (imports, planning), then kills spread over the remaining capture.
+    # One kill during start-up (imports, planning), then kills spread over the remaining capture, one
+    # of them inside a file write (a shard's or the progress record's *.tmp exists).
     if _run_and_kill(args(out), rng.uniform(0.3, 2.0), tmp_path / "log", early=True):
         kills.append(("start-up", _progress_shards(out)))
     while len(kills) < 5 and attempts < 15:
         attempts += 1
         remaining = 1 - _progress_shards(out) / total
         delay = rng.uniform(0.05, 0.6) * capture_seconds * max(remaining, 0.1)
-        if not _run_and_kill(args(out), delay, tmp_path / "log", early=False):
+        if not _run_and_kill(args(out), delay, tmp_path / "log", early=False, at_next_write=len(kills) == 2):
             break
         kills.append((f"{delay:.2f}s", _progress_shards(out)))
     print("kills (delay after start, shards recorded):", kills)
