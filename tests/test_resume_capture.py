@@ -94,21 +94,23 @@ def _writing(out: Path) -> bool:
     return False
 
 
-def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early: bool,
-                  at_next_write: bool = False) -> bool:
-    """Start the capture; SIGKILL it ``delay_after_start`` s after its progress bar appears (or after
-    its start, when ``early``; or, with ``at_next_write``, inside the first file write after that).
-    True when it was killed, False when it finished first."""
+def _run_and_kill(args: list[str], log: Path, *, after_seconds: float = 0.0, after_shards: int | None = None,
+                  jitter: float = 0.0, at_next_write: bool = False) -> bool:
+    """Start the capture and SIGKILL it: ``after_seconds`` after its start, or (``after_shards``) once
+    its progress bar is up and that many shards are recorded, plus ``jitter`` seconds, then
+    (``at_next_write``) inside the next file write. True when it was killed, False when it finished."""
+    out = Path(args[args.index("--out") + 1])
     with open(log, "w") as err:
         proc = subprocess.Popen(KDPIPE + args, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while not early and "cache-teacher:" not in log.read_text() and proc.poll() is None:
-            assert time.monotonic() < deadline, "capture did not start"
-            time.sleep(0.02)
+        deadline = time.monotonic() + 90
+        while after_shards is not None and proc.poll() is None and (
+            "cache-teacher:" not in log.read_text() or _progress_shards(out) < after_shards  # bar, then shards
+        ):
+            assert time.monotonic() < deadline, "capture made no progress"
+            time.sleep(0.005)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=delay_after_start)
-        out = Path(args[args.index("--out") + 1])
+            proc.wait(timeout=after_seconds + jitter)
         while at_next_write and proc.poll() is None and not _writing(out):
             time.sleep(0.0005)
         if proc.poll() is not None:
@@ -123,28 +125,25 @@ def _run_and_kill(args: list[str], delay_after_start: float, log: Path, *, early
 
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
-    args = lambda out: capture_args(tiny_lm_dir, text_dir, out, "--limit-rows", "180")  # noqa: E731
-    started = time.perf_counter()
-    ref = run_cli(*args(tmp_path / "ref"))
+    args = capture_args(tiny_lm_dir, text_dir, tmp_path / "killed", "--limit-rows", "180")
+    ref = run_cli(*capture_args(tiny_lm_dir, text_dir, tmp_path / "ref", "--limit-rows", "180"))
     assert ref.exit_code == 0, ref.output
-    capture_seconds = time.perf_counter() - started
-    total = len(open_cache(tmp_path / "ref").shards)  # 60 shards
-    out, rng, kills, attempts = tmp_path / "killed", random.Random(20240607), [], 0
-    # One kill during start-up (imports, planning), then kills spread over the remaining capture, one
-    # of them inside a file write (a shard's or the progress record's *.tmp exists).
-    if _run_and_kill(args(out), rng.uniform(0.3, 2.0), tmp_path / "log", early=True):
-        kills.append(("start-up", _progress_shards(out)))
-    while len(kills) < 5 and attempts < 15:
-        attempts += 1
-        remaining = 1 - _progress_shards(out) / total
-        delay = rng.uniform(0.05, 0.6) * capture_seconds * max(remaining, 0.1)
-        if not _run_and_kill(args(out), delay, tmp_path / "log", early=False, at_next_write=len(kills) == 2):
-            break
-        kills.append((f"{delay:.2f}s", _progress_shards(out)))
-    print("kills (delay after start, shards recorded):", kills)
-    assert len(kills) >= 5, kills
+    total, out = len(open_cache(tmp_path / "ref").shards), tmp_path / "killed"  # 60 shards
+    rng = random.Random(20240607)
+    # Kill points: one during start-up (imports, planning), then one at a random shard count in each
+    # quarter of the capture, a random fraction of a shard later; the third kills inside a file write
+    # (a shard's or the progress record's *.tmp exists).
+    killed = [_run_and_kill(args, tmp_path / "log", after_seconds=rng.uniform(0.3, 2.0))]
+    states = [_progress_shards(out)]
+    targets = [rng.randint(max(2, q * total // 4), (q + 1) * total // 4 - 3) for q in range(4)]
+    for n, target in enumerate(targets):
+        killed.append(_run_and_kill(args, tmp_path / "log", after_shards=target, jitter=rng.uniform(0, 0.1),
+                                    at_next_write=n == 2))
+        states.append(_progress_shards(out))
+    print("kills killed/recorded shards:", list(zip(killed, states)))
+    assert all(killed) and states == sorted(states) and states[-1] < total, list(zip(killed, states))
     assert not (out / "manifest.json").exists()
-    done = subprocess.run(KDPIPE + args(out), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(KDPIPE + args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stderr
     assert_same_cache(out, tmp_path / "ref")
