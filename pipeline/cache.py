@@ -77,6 +77,18 @@ class TeacherCache:
             self._readers[index] = reader
         return self._readers[index]
 
+    def check_files(self) -> None:
+        """Cheap check that every shard exists at its recorded size (no hashing)."""
+        for index, entry in enumerate(self.shards):
+            path = self.shard_path(index)
+            if not path.is_file():
+                raise IntegrityError(f"shard {entry['name']} is missing from {self.root}; re-run cache-teacher to redo it")
+            if path.stat().st_size != entry["bytes"]:
+                raise IntegrityError(
+                    f"shard {entry['name']} has {path.stat().st_size} bytes, manifest says {entry['bytes']}; "
+                    "delete it and re-run cache-teacher to redo it"
+                )
+
     def locate(self, i: int) -> tuple[int, int]:
         """(shard index, row within shard) of global row ``i``."""
         if not 0 <= i < len(self):

@@ -12,7 +12,7 @@ a capture killed at any moment (SIGKILL included) leaves finished shards, stray 
 most one shard renamed but not yet recorded. Restarting with the same command removes the stray files,
 keeps the recorded shards whose sha256 still matches and redoes the rest (see
 :mod:`kdpipe.pipeline.progress`). A failed write (disk full, read-only --out) stops the capture with a
-:class:`~kdpipe.pipeline.fileio.WriteError`; what was written before stays valid.
+:class:`~kdpipe.pipeline.errors.WriteError`; what was written before stays valid.
 """
 
 from __future__ import annotations

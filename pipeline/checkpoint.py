@@ -39,9 +39,12 @@ def run_identity(cache, config) -> dict:
 
 
 def start_run_dir(out: Path, identity: dict) -> None:
-    if (out / RUN_MANIFEST).is_file():
+    """Create the run dir; a dir whose earlier run stopped before its first checkpoint starts over."""
+    has_checkpoint = (out / CHECKPOINT).is_dir() or (out / f"{CHECKPOINT}.old").is_dir()
+    if (out / RUN_MANIFEST).is_file() and (has_checkpoint or (out / "model").is_dir()):
         raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_MANIFEST, {"status": "running", "started_at": utc_now(), **identity,
                                            "software": software_versions()})
 

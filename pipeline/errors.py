@@ -27,3 +27,7 @@ class CacheFormatError(KdpipeError):
 
 class IntegrityError(KdpipeError):
     """A shard's bytes, hash, row count or schema disagree with the manifest."""
+
+
+class WriteError(KdpipeError):
+    """A file could not be written (disk full, read-only or unwritable folder, ...)."""

@@ -13,13 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import WriteError
 
 _HASH_BLOCK = 1 << 20
-
-
-class WriteError(KdpipeError):
-    """A file could not be written (disk full, read-only or unwritable folder, ...)."""
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -52,18 +52,22 @@ def load_student(spec: str, *, task: str, seed: int, tokenizer_path: str | None 
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot build student from {spec}: {str(exc).splitlines()[0]}") from None
     vocab = config.num_labels if task == "classification" else model.get_output_embeddings().weight.shape[0]
-    tokenizer = _load_tokenizer(tokenizer_path or (str(path) if path.is_dir() else None))
+    tokenizer = load_tokenizer(tokenizer_path, required=True) if tokenizer_path else \
+        load_tokenizer(str(path) if path.is_dir() else None, required=False)
     return Student("hf", model, int(vocab), spec, tokenizer, pretrained)
 
 
-def _load_tokenizer(path: str | None):
+def load_tokenizer(path: str | None, *, required: bool):
+    """The tokenizer in ``path``; None when there is none and it was not asked for explicitly."""
     if path is None:
         return None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as exc:
+        if required:
+            raise ConfigError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}; pass a directory with tokenizer files") from None
         return None
 
 

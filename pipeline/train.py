@@ -27,7 +27,7 @@ from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.losses import distillation_loss, sparse_kd_loss
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
-from kdpipe.pipeline.students import load_student, save_student
+from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
 from kdpipe.pipeline.targets import check_student_vocab, fold_padded_vocab, teacher_targets
 from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
 from kdpipe.pipeline.train_config import TrainConfig
@@ -46,6 +46,7 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self.cache = TeacherCache(c.cache, verify_hashes=True)
+        self.cache.check_files()  # every shard present at its size; hashes are checked as shards are read
         self.task = self.cache.schema.task
         self.phases = parse_schedule(c.schedule)
         for t in {c.temperature, *(p.temperature for p in self.phases if p.temperature is not None)}:
@@ -66,7 +67,9 @@ class Trainer:
             raise ConfigError(f"cache {c.cache} has no training rows; lower --eval-fraction or capture more data")
         micro_per_epoch = math.ceil(len(self.train_set) / c.batch_size)
         self.total_steps = c.steps or max(1, math.ceil(c.epochs * micro_per_epoch / c.grad_accum))
-        self.student = load_student(c.student, task=self.task, seed=c.seed, tokenizer_path=c.tokenizer or _teacher_tokenizer(self.cache))
+        self.student = load_student(c.student, task=self.task, seed=c.seed, tokenizer_path=c.tokenizer)
+        if self.student.kind == "hf" and self.student.tokenizer is None:
+            self.student.tokenizer = load_tokenizer(_teacher_tokenizer(self.cache), required=False)
         self._check_student()
         self.model = self.student.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)

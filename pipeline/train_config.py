@@ -76,7 +76,7 @@ def _check_type(key: str, value, annotation):
             return float(value)
         if kind in (int, str, bool) and type(value) is kind:
             return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    names = " or ".join(k.__name__ for k in allowed if k is not type(None))
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
 

@@ -141,3 +141,23 @@ def test_config_file_keys_types_and_flag_overrides(tmp_path):
     wrong.write_text('cache = "c"\nstudent = "s"\nout = "o"\nsteps = "ten"\n')
     with pytest.raises(ConfigError, match="'steps' must be int"):
         merge_config(str(wrong), {})
+
+
+def test_missing_shard_is_refused_before_anything_is_written(lm_cache, student_config, tmp_path):
+    import shutil
+
+    broken = tmp_path / "cache"
+    shutil.copytree(lm_cache, broken)
+    shard = sorted((broken / "shards").iterdir())[1]
+    shard.rename(tmp_path / shard.name)
+    with pytest.raises(IntegrityError, match=f"{shard.name} is missing"):
+        Trainer(make_config(broken, student_config, tmp_path / "run")).setup()
+    assert not (tmp_path / "run" / "run.json").exists()
+    (tmp_path / shard.name).rename(shard)
+    train(make_config(broken, student_config, tmp_path / "run"))
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_explicit_tokenizer_must_load(lm_cache, student_config, tmp_path):
+    with pytest.raises(ConfigError, match="cannot load the tokenizer"):
+        Trainer(make_config(lm_cache, student_config, tmp_path / "t", tokenizer=str(tmp_path))).setup()
