@@ -47,7 +47,7 @@ TASKS = {
         teacher=str(DATA / "teacher"), weights=None,
         train_data=str(DATA / "shakespeare" / "train"), heldout_data=str(DATA / "shakespeare" / "heldout"),
         student=str(DATA / "students" / "lm-student.json"), top_k=32, temperatures=(1.0, 2.0), seq_len=128,
-        train=dict(steps=400, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_rows=64),
+        train=dict(steps=300, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_rows=48),
         kd=dict(alpha=0.9, temperature=1.0),
     ),
     "classification": DemoTask(
