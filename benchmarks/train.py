@@ -80,7 +80,7 @@ def main():
 
 
 def benchmark(trainer, teacher, args) -> dict:
-    device, model, opt = trainer.device, trainer.model, trainer.optimizer
+    device, opt = trainer.device, trainer.optimizer
     batches = [b for _, b in zip(range(args.steps), trainer.batches())]
     T = args.temperature
 

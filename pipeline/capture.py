@@ -32,7 +32,7 @@ from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import progress as progresslib
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
-from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions, utc_now
+from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.teachers import (
@@ -177,6 +177,20 @@ def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> Cap
                  "rows": len(rows.inputs), "limit_rows": settings.limit_rows},
     }
     return CapturePlan(settings, teacher, rows, schema, rows_per_shard, fingerprints)
+
+
+def finished_capture(plan: CapturePlan) -> dict | None:
+    """The manifest of the finished capture in ``--out`` when it has these settings; None when there
+    is none; raises naming the differing setting when there is one with other settings."""
+    from kdpipe.pipeline.manifest import MANIFEST_NAME, load_manifest
+    from kdpipe.pipeline.progress import capture_identity, check_same_identity, manifest_identity
+
+    out = Path(plan.settings.out)
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    manifest = load_manifest(out)
+    check_same_identity(manifest_identity(manifest, plan), capture_identity(plan), out)
+    return manifest
 
 
 def with_teacher_weights(plan: CapturePlan) -> CapturePlan:

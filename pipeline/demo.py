@@ -10,18 +10,15 @@ real MNIST digits (``data/mnist``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
+from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
 from kdpipe.pipeline.evaluate import evaluate_model
 from kdpipe.pipeline.fileio import atomic_write_json
-from kdpipe.pipeline.manifest import MANIFEST_NAME
 from kdpipe.pipeline.plots import plot_training_curves
-from kdpipe.pipeline.progress import PROGRESS_DIR, capture_identity, check_same_identity
 from kdpipe.pipeline.train import Trainer
 from kdpipe.pipeline.train_config import TrainConfig
 
@@ -62,13 +59,8 @@ TASKS = {
 
 def capture_or_reuse(settings: CaptureSettings) -> dict:
     """Run a capture, or reuse the finished one in ``settings.out`` when its settings match."""
-    out = Path(settings.out)
-    if (out / MANIFEST_NAME).is_file():
-        plan = plan_capture(settings, load_weights=False)
-        record = json.loads((out / PROGRESS_DIR / "r00000.json").read_text())
-        check_same_identity(record["identity"], capture_identity(plan), out)
-        return json.loads((out / MANIFEST_NAME).read_text())
-    return run_capture(plan_capture(settings))
+    plan = plan_capture(settings, load_weights=False)
+    return finished_capture(plan) or run_capture(with_teacher_weights(plan))
 
 
 def run_demo(out: str | Path, *, task: str = "causal-lm", device: str = "auto", steps: int | None = None,

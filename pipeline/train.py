@@ -9,8 +9,6 @@ model and run manifest). Outputs in ``out``: ``run.json`` (run manifest), ``metr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import time
 from pathlib import Path

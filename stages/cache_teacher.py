@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture, with_teacher_weights
+from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest
-from kdpipe.pipeline.progress import PROGRESS_DIR, capture_identity, check_same_identity, manifest_identity
+from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR
+from kdpipe.pipeline.progress import PROGRESS_DIR
 from kdpipe.stages.cli import user_errors
 
 
@@ -51,8 +51,7 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
         _print_plan(plan)
         return
     out = Path(settings.out)
-    if not overwrite and (out / MANIFEST_NAME).is_file():
-        check_same_identity(manifest_identity(load_manifest(out), plan), capture_identity(plan), out)
+    if not overwrite and finished_capture(plan) is not None:
         click.echo(f"{out} already holds this finished capture; nothing to do (kdpipe verify {out} checks it)")
         return
     if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
