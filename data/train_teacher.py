@@ -1,12 +1,12 @@
 """Train the demo teacher: a small Llama causal LM on data/shakespeare/train.
 
 Usage:
-    python data/train_teacher.py                 # the data/teacher/ recipe, on CPU (2 threads)
-    python data/train_teacher.py --device cuda   # same recipe on a GPU (how data/teacher/ was made)
+    python data/train_teacher.py                 # CPU, 2 threads: ~10-12 min when idle
+    python data/train_teacher.py --device cuda   # same recipe on a GPU (the shipped weights)
 
 Everything is seeded and the number of steps is fixed (not time-based), so a re-run
-on the same torch build gives the same weights. Prints the held-out cross-entropy
-next to a unigram baseline so the quality of the teacher is visible at a glance.
+on the same device and torch build should give the same weights. Prints the held-out
+cross-entropy next to a unigram baseline, so the teacher's quality is visible at a glance.
 """
 
 import argparse

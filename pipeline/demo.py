@@ -44,15 +44,15 @@ TASKS = {
         teacher=str(DATA / "teacher"), weights=None,
         train_data=str(DATA / "shakespeare" / "train"), heldout_data=str(DATA / "shakespeare" / "heldout"),
         student=str(DATA / "students" / "lm-student.json"), top_k=32, temperatures=(1.0, 2.0), seq_len=128,
-        train=dict(steps=300, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_rows=48),
+        train=dict(steps=800, batch_size=16, lr=3e-3, warmup=20, eval_every=100, eval_rows=48),
         kd=dict(alpha=0.9, temperature=1.0),
     ),
     "classification": DemoTask(
         teacher=f"{DATA / 'mnist_models.py'}:resnet_teacher", weights=str(DATA / "mnist" / "teacher.safetensors"),
         train_data=str(DATA / "mnist" / "train.npz"), heldout_data=str(DATA / "mnist" / "heldout.npz"),
         student=f"{DATA / 'mnist_models.py'}:cnn_student", top_k=10, temperatures=(1.0, 4.0), seq_len=1,
-        train=dict(steps=300, batch_size=64, lr=3e-3, warmup=10, eval_every=50, eval_rows=1000),
-        kd=dict(alpha=0.9, temperature=4.0),
+        train=dict(steps=600, batch_size=64, lr=1e-2, clip=0.0, warmup=10, eval_every=100, eval_rows=1000),
+        kd=dict(alpha=0.7, temperature=4.0),
     ),
 }
 
