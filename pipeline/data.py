@@ -93,16 +93,24 @@ def read_documents(path: str | Path) -> list[Document]:
     return docs
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
-    for n, line in enumerate(_decode(path, path.read_bytes()).splitlines(), start=1):
+def jsonl_records(path: Path, text: str):
+    """``(line number, object)`` for each non-blank line of a JSON Lines text; bad lines are errors."""
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{path}:{n} is not valid JSON; each line must be one JSON object") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n} is not a JSON object; each line must be one {{...}} object")
+        yield n, record
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for n, record in jsonl_records(path, _decode(path, path.read_bytes())):
+        if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{n} has no string 'text' field; each line needs {{\"text\": ...}}")
         docs.append(Document(record["text"], _label(record.get("label"), f"{path}:{n}")))
     return docs

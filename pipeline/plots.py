@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
+from kdpipe.pipeline.data import jsonl_records
 from kdpipe.pipeline.errors import DataError
 from kdpipe.pipeline.fileio import atomic_path
 
@@ -20,14 +20,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"metrics file {path} does not exist; pass a train-student --out dir or its metrics.jsonl")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{n} is not valid JSON; each line must be one JSON object") from None
-        if not isinstance(record, dict) or "step" not in record:
+    for n, record in jsonl_records(path, path.read_text()):
+        if "step" not in record:
             raise DataError(f"{path}:{n} has no 'step'; each line needs at least step, split and metric values")
         records.append(record)
     return records
