@@ -249,7 +249,7 @@ def _columns(plan: CapturePlan, index, mask, view) -> dict[str, np.ndarray]:
         columns["input_ids"] = rows.inputs[index].astype(fields["input_ids"][1])
     columns["mask"] = mask
     columns["topk_ids"] = _scatter(view.topk_ids, mask, fields["topk_ids"][1])
-    columns["topk_logits"] = _scatter(topk_logits.to(torch.float32) if schema.value_dtype != "bfloat16" else topk_logits, mask, fields["topk_logits"][1])
+    columns["topk_logits"] = _scatter(topk_logits, mask, fields["topk_logits"][1])  # fp32 view, or bf16 bits
     columns["logsumexp"] = _scatter(view.logsumexp, mask, np.float32)
     columns["tail_logprob"] = _scatter(view.tail_logprob, mask, np.float32)
     if schema.has_label:

@@ -70,18 +70,20 @@ def expected_calibration_error(probs_max: torch.Tensor, correct: torch.Tensor, b
 
 
 def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-                         mask) -> tuple[torch.Tensor, int]:
+                         mask, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """Summed KL(teacher || student) at T = 1 on the (k+1)-bin view, and the number of positions.
 
     student_logits: [N, V]; topk_ids: [N, k] int64; teacher_topk_logprobs: [N, k] ``log p(i)``;
     teacher_tail_logprob: [N] ``log(1 - sum_topk p)`` (``-inf`` when empty); mask: [N] bool.
     Lumping the tail into one bin can only lose divergence, so this is a lower bound of the full-vocabulary
-    KL, exact at k = V. Computed by :func:`kdpipe.pipeline.losses.sparse_kd_loss` (forward KL, T = 1).
+    KL, exact at k = V. Computed by :func:`kdpipe.pipeline.losses.sparse_kd_loss` (forward KL); at
+    another ``temperature`` the teacher log-probs must be at that T and the student is tempered alike
+    (the result is the plain KL, without the loss's T^2 factor).
     """
     count = int(mask.sum())
     mean = sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-                          temperature=1.0, kind="forward-kl", mask=mask)
-    return mean.detach() * count, count
+                          temperature=temperature, kind="forward-kl", mask=mask)
+    return mean.detach() * count / temperature**2, count
 
 
 def top1_agreement(student_logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:

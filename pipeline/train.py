@@ -23,7 +23,8 @@ from kdpipe.pipeline.cache import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.losses import distillation_loss, sparse_kd_loss
+from kdpipe.pipeline import metrics
+from kdpipe.pipeline.losses import distillation_loss
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
 from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
 from kdpipe.pipeline.targets import check_student_vocab, fold_padded_vocab, teacher_targets
@@ -163,7 +164,8 @@ class Trainer:
 
     def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
         j = self.cache.schema.temperature_index(temperature)
-        targets = teacher_targets(_to(batch, self.device), temperature_index=j, temperature=temperature, task=self.task)
+        batch = _to(batch, self.device)  # once: targets and the student read the same tensors
+        targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task)
         logits = self.student_logits(batch)
         logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
         return distillation_loss(
@@ -178,25 +180,21 @@ class Trainer:
         if len(self.eval_set) == 0:
             return {}
         self.model.eval()
-        kl_sum = ce_sum = agree = positions = ce_count = 0.0
+        kl, agree, ce = metrics.Mean(), metrics.Mean(), metrics.Mean()
         j = self.cache.schema.temperature_index(1.0) if 1.0 in self.cache.temperatures else 0
         temperature = self.cache.temperatures[j]
         for batch in DataLoader(self.eval_set, batch_size=self.config.batch_size):
-            targets = teacher_targets(_to(batch, self.device), temperature_index=j, temperature=temperature, task=self.task)
+            batch = _to(batch, self.device)
+            targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task)
             logits = self.student_logits(batch)
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
-            n = int(targets.kd_mask.sum())
-            kl_sum += float(sparse_kd_loss(logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-                                           temperature=temperature, mask=targets.kd_mask)) * n / temperature**2
-            agree += float(((logits.argmax(-1) == targets.topk_ids[:, 0]) & targets.kd_mask).sum())
-            positions += n
-            nll = torch.nn.functional.cross_entropy(logits, targets.labels.clamp(min=0), reduction="none")
-            ce_sum += float(nll[targets.ce_mask].sum())
-            ce_count += float(targets.ce_mask.sum())
+            kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,
+                                                 targets.tail_logprob, targets.kd_mask, temperature=temperature))
+            agree.add(*metrics.top1_agreement(logits, targets.topk_ids, targets.kd_mask))
+            ce.add(*metrics.token_cross_entropy(logits, targets.labels.clamp(min=0), targets.ce_mask))
         self.model.train()
-        ce = ce_sum / max(ce_count, 1)
-        return {"kl_to_teacher": kl_sum / max(positions, 1), "top1_agreement": agree / max(positions, 1),
-                "ce": ce, "perplexity": math.exp(min(ce, 50)), "temperature": temperature}
+        return {"kl_to_teacher": kl.value, "top1_agreement": agree.value, "ce": ce.value,
+                "perplexity": math.exp(min(ce.value, 50)), "temperature": temperature}
 
     # ------------------------------------------------------------------ finish
     def finish(self, metrics: dict) -> dict:
