@@ -15,7 +15,8 @@ the rows are the cache's rows: a text student is fed the cache's ``input_ids``; 
 given too (required for classification caches, which store no attention mask or no input at all)
 the inputs are ``data``'s rows at each cache row's ``sample_index``, checked by ``input_hash``.
 Causal LM position ``t`` predicts token ``t + 1``: it is scored against the teacher where the
-cache's mask is True, and against ``input_ids[t + 1]`` where ``mask[t]`` and ``mask[t + 1]`` are.
+cache's mask is True, and against ``input_ids[t + 1]`` where ``mask[t]`` and ``mask[t + 1]`` are
+(text), or where ``mask[t]`` is (chat data, whose mask marks the positions predicting a target token).
 """
 
 from __future__ import annotations
@@ -121,18 +122,49 @@ def _load_module_dir(root: Path, device: torch.device) -> EvalModel:
 
 
 # ----------------------------------------------------------------------------- rows and batches
-def _data_rows(model: EvalModel, data: str | Path, seq_len: int | None) -> datalib.Rows:
-    """``data`` as model inputs, packed exactly as cache-teacher packs them."""
+def _data_rows(model: EvalModel, data: str | Path, seq_len: int | None, capture: dict | None = None) -> "_DataRows":
+    """``data`` as model inputs, packed exactly as cache-teacher packs them (with the packing
+    settings of the capture ``capture`` when evaluating against a cache)."""
+    from kdpipe.pipeline.data.stream import BlockStream, collect
+
+    source = datalib.resolve_source(data)
     if model.kind == "module":
-        return datalib.rows_from_arrays(data)
-    if Path(data).suffix == ".npz":
-        raise DataError(f"--data {data} holds arrays, but --model is a text model; pass .txt, .jsonl or .parquet")
+        rows = datalib.rows_from_arrays(data)
+        return _DataRows(rows, np.arange(len(rows), dtype=np.int64), "real-token")
+    if source.kind == "arrays":
+        raise DataError(f"--data {data} holds arrays, but --model is a text model; pass text data (.txt, .jsonl, .parquet, ...)")
     if model.max_positions is not None and seq_len is not None and seq_len > model.max_positions:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {model.max_positions} tokens; "
                           f"use --seq-len {model.max_positions} or less")
-    seq_len = seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN)
-    make_rows = datalib.pack_causal_lm if model.task == "causal-lm" else datalib.rows_for_classification
-    return make_rows(datalib.read_documents(data), model.tokenizer, seq_len=seq_len)
+    capture = capture or {}
+    fields = datalib.Fields(text=capture.get("text_field", "text"), messages=capture.get("messages_field", "messages"))
+    first = next(datalib.data_documents(source, fields), None)
+    if first is None:
+        raise DataError(f"data {data} holds no records; give it non-empty documents")
+    if first.is_chat:
+        from kdpipe.pipeline.data.chat import check_chat_template
+
+        check_chat_template(model.tokenizer, teacher=f"model {model_dir_name(model)}")
+    spec = datalib.PackingSpec(
+        model.task, seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN), model.tokenizer,
+        chat=first.is_chat, targets=capture.get("targets", "assistant"), packing=capture.get("packing", False),
+    )
+    rows, keys = collect(BlockStream(source, spec, fields))
+    return _DataRows(rows, keys, "next-token-target" if first.is_chat else "real-token")
+
+
+@dataclasses.dataclass
+class _DataRows:
+    rows: datalib.Rows
+    keys: np.ndarray  # [N] sample_index of each row, as a capture of the same data numbers them
+    mask_meaning: str
+
+    def position(self) -> dict[int, int]:
+        return {int(key): i for i, key in enumerate(self.keys)}
+
+
+def model_dir_name(model: EvalModel) -> str:
+    return getattr(model.module, "name_or_path", None) or "(given)"
 
 
 def _stack(items: list[dict]) -> dict:
@@ -140,8 +172,9 @@ def _stack(items: list[dict]) -> dict:
     return {k: None if items[0][k] is None else np.stack([item[k] for item in items]) for k in items[0]}
 
 
-def _data_batches(rows: datalib.Rows, n: int, batch_size: int) -> Iterator[dict]:
+def _data_batches(data: _DataRows, n: int, batch_size: int) -> Iterator[dict]:
     """Batches of ``inputs``, ``attention``, ``mask`` [B, P] and ``labels`` from in-memory rows."""
+    rows = data.rows
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         yield {
@@ -151,24 +184,29 @@ def _data_batches(rows: datalib.Rows, n: int, batch_size: int) -> Iterator[dict]
         }
 
 
-def _cache_batches(cache: TeacherCache, rows: datalib.Rows | None, n: int, batch_size: int) -> Iterator[dict]:
+def _cache_batches(cache: TeacherCache, data: _DataRows | None, n: int, batch_size: int) -> Iterator[dict]:
     """Batches of the cache's first ``n`` rows at T = 1, with their inputs (see module doc)."""
+    position = None if data is None else data.position()
     for start in range(0, n, batch_size):
-        yield _stack([_cache_item(cache, i, rows) for i in range(start, min(start + batch_size, n))])
+        yield _stack([_cache_item(cache, i, data, position) for i in range(start, min(start + batch_size, n))])
 
 
-def _cache_item(cache: TeacherCache, i: int, rows: datalib.Rows | None) -> dict:
+def _cache_item(cache: TeacherCache, i: int, data: _DataRows | None, position: dict | None) -> dict:
     """Cache row ``i`` at T = 1 with its model input, checked against the row's ``input_hash``."""
     row = cache.read(i, temperature=1.0)
     sample, made_from = int(row["sample_index"]), cache.manifest["data"]["path"]
-    if rows is None:
-        x, attention = row["input_ids"], row["mask"].astype(np.int64)  # causal LM: mask == attention
+    if data is None:
+        x = row["input_ids"]
+        if cache.schema.mask_meaning == "real-token":
+            attention = row["mask"].astype(np.int64)  # text: mask == attention
+        else:  # chat rows are padded on the right, which no real position of a causal model attends to
+            attention = np.ones_like(x)
     else:
-        if sample >= len(rows.inputs):
-            raise DataError(f"cache row {i} is sample {sample} but --data has {len(rows.inputs)} rows; "
+        if sample not in position:
+            raise DataError(f"cache row {i} is sample {sample}, which --data does not make ({len(data.keys)} rows); "
                             f"pass the data the cache was made from ({made_from})")
-        x = rows.inputs[sample]
-        attention = None if rows.attention_mask is None else rows.attention_mask[sample]
+        x = data.rows.inputs[position[sample]]
+        attention = None if data.rows.attention_mask is None else data.rows.attention_mask[position[sample]]
     if datalib.input_hash(x) != int(row["input_hash"]):
         raise DataError(f"cache row {i} (sample {sample}): the input's hash differs from the cache's input_hash; "
                         f"pass the data the cache was made from ({made_from})")
@@ -251,11 +289,11 @@ def _forward(model: EvalModel, batch: dict, scores: _Scores) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1]).float()
 
 
-def _hard_targets(model: EvalModel, batch: dict, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _hard_targets(model: EvalModel, batch: dict, v: int, mask_meaning: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets ``[B * P]`` and where they are valid ``[B * P]`` (see module doc)."""
     if model.task == "causal-lm":
         ids, mask = torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["mask"])  # [B, L]
-        valid = mask & mask.roll(-1, dims=1)
+        valid = mask.clone() if mask_meaning == "next-token-target" else mask & mask.roll(-1, dims=1)
         valid[:, -1] = False  # the last position's next token lies in the next row
         targets, valid = ids.roll(-1, dims=1).reshape(-1), valid.reshape(-1)
     else:
@@ -267,12 +305,12 @@ def _hard_targets(model: EvalModel, batch: dict, v: int) -> tuple[torch.Tensor, 
     return targets, valid
 
 
-def _score_batch(model: EvalModel, batch: dict, scores: _Scores) -> None:
+def _score_batch(model: EvalModel, batch: dict, scores: _Scores, mask_meaning: str) -> None:
     if "topk_ids" in batch and model.num_outputs is not None:
         _check_teacher_ids(batch, model.num_outputs)  # before the forward pass can fail on them
     logits = _forward(model, batch, scores)  # [N, V]
     v = logits.shape[-1]
-    targets, valid = (t.to(logits.device) for t in _hard_targets(model, batch, v))  # [N], [N]
+    targets, valid = (t.to(logits.device) for t in _hard_targets(model, batch, v, mask_meaning))  # [N], [N]
     scores.nll.add(*metrics.token_cross_entropy(logits, targets, valid))
     probs_max, pred = torch.softmax(logits, dim=-1).max(dim=-1)  # [N], [N]
     scores.calibration.add(probs_max[valid], (pred == targets)[valid])
@@ -319,17 +357,17 @@ def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size
     scores = _Scores(model.task)
     if cache is None:
         rows = _data_rows(model, data, seq_len)
-        n = min(len(rows.inputs), max_rows or len(rows.inputs))
+        n = min(len(rows.keys), max_rows or len(rows.keys))
         for batch in _data_batches(rows, n, batch_size):
-            _score_batch(model, batch, scores)
+            _score_batch(model, batch, scores, rows.mask_meaning)
     else:
         with open_cache(cache) as c:
             _check_cache_fits(model, c, data, seq_len)
-            rows = None if data is None else _data_rows(model, data, c.schema.input_len)
+            rows = None if data is None else _data_rows(model, data, c.schema.input_len, c.manifest["capture"])
             n = min(len(c), max_rows or len(c))
             if n == 0:
                 raise CacheFormatError(f"cache {cache} holds no rows; re-run cache-teacher")
             for batch in _cache_batches(c, rows, n, batch_size):
-                _score_batch(model, batch, scores)
+                _score_batch(model, batch, scores, c.schema.mask_meaning)
     header = {"model": str(model_dir), "task": model.task, "evaluated_on": "data" if cache is None else "cache"}
     return {**header, **scores.result(with_teacher=cache is not None, text=model.kind == "hf")}

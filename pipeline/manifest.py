@@ -22,9 +22,10 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 
 
-def shard_name(*, rank: int, index: int, suffix: str) -> str:
-    """Deterministic, zero-padded shard name; ranks never collide, so writers need no coordination."""
-    return f"{SHARD_DIR}/r{rank:05d}-s{index:06d}{suffix}"
+def shard_name(*, rank: int, block: int, part: int, suffix: str) -> str:
+    """Deterministic, zero-padded shard name: part ``part`` of data block ``block``, written by
+    ``rank``; ranks never collide, so writers need no coordination."""
+    return f"{SHARD_DIR}/r{rank:05d}-b{block:07d}-p{part:03d}{suffix}"
 
 
 def resolve_shard_path(root: Path, name: str) -> Path:

@@ -1,21 +1,25 @@
 """Per-rank completion records of a capture, and the final manifest.
 
-Each rank keeps ``_progress/r<rank>.json``: the identity of the capture (settings and fingerprints)
-and an entry per finished shard (name, rows, tokens, bytes, sha256). It is rewritten atomically after
-every shard, so a capture killed at any moment and restarted with the same command knows exactly which
-shards are finished. At restart :meth:`RankProgress.start` removes the rank's stray ``*.tmp`` files
-and keeps a recorded shard only when its file has the recorded size and sha256; everything else
-(a shard renamed but not yet recorded, a damaged or missing one) is redone. When every rank is
-complete the manifest is assembled from these records and written last.
+Each rank keeps ``_progress/r<rank>.json``: the identity of the capture (settings and fingerprints),
+an entry per finished shard (name, block, part, rows, tokens, bytes, sha256) and per finished data
+block (its number of shards, rows, tokens). It is rewritten atomically after every shard, so a
+capture killed at any moment and restarted with the same command knows exactly which shards are
+finished. At restart :meth:`RankProgress.start` removes the rank's stray ``*.tmp`` files and keeps a
+recorded shard only when its file has the recorded size and sha256; everything else (a shard renamed
+but not yet recorded, a damaged or missing one) is redone, and a block is skipped without reading its
+rows only when all its shards are kept. When the rank reaches the end of the data it records the
+number of blocks and the sha256 of every data file. When every rank is complete the manifest is
+assembled from these records and written last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
 
-from kdpipe.pipeline.errors import CacheFormatError, ConfigError
+from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import atomic_write_json, remove_stale_tmp, sha256_file, write_errors
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, utc_now
 
@@ -35,10 +39,23 @@ def capture_identity(plan) -> dict:
 def manifest_identity(manifest: dict, plan) -> dict:
     """The identity of the finished capture a manifest describes (same keys as :func:`capture_identity`)."""
     capture = manifest.get("capture", {})
-    return {
+    identity = {
         "capture": {key: capture.get(key) for key in plan.settings.content_settings()},
         **{section: manifest.get(section) for section in _IDENTITY_SECTIONS},
     }
+    data = manifest.get("data") or {}
+    identity["data"] = {key: data.get(key) for key in plan.fingerprints["data"]}
+    return identity
+
+
+def check_same_data(old: dict, new: dict, out: Path) -> None:
+    """Refuse data files whose content changed since shards were made from them."""
+    changed = sorted(name for name in old.keys() & new.keys() if old[name] != new[name])
+    if changed:
+        raise ConfigError(
+            f"{out} was captured from other content of data file {changed[0]} (its sha256 differs); "
+            "use a new --out, or pass --overwrite to capture the data as it is now"
+        )
 
 
 def first_difference(old, new, path: str = "") -> str | None:
@@ -85,13 +102,14 @@ class RankProgress:
             self.stale_tmp = self._remove_stale_tmp()
         record = self._load()
         if record is None:
-            self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "complete": False}
+            self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
         else:
             check_same_identity(record["identity"], identity, self.out)
-            mine = {str(s) for s in plan.my_shards()}
-            kept = {k: e for k, e in record["shards"].items() if k in mine and self._intact(e)}
-            self.redo = sorted(e["name"] for k, e in record["shards"].items() if k not in kept)
-            self.record = {**record, "shards": kept, "complete": False}
+            kept = {name: e for name, e in record["shards"].items() if self._intact(e)}
+            self.redo = sorted(name for name in record["shards"] if name not in kept)
+            whole = {b: info for b, info in record.get("blocks", {}).items()
+                     if sum(e["block"] == int(b) for e in kept.values()) == info["parts"]}
+            self.record = {**record, "shards": kept, "blocks": whole, "complete": False}
         self._save()
 
     def _remove_stale_tmp(self) -> list[Path]:
@@ -121,18 +139,29 @@ class RankProgress:
         path = resolve_shard_path(self.out, entry["name"])
         return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
 
-    def is_done(self, shard: int) -> bool:
-        return str(shard) in self.record["shards"]
+    def is_done(self, shard_name: str) -> bool:
+        return shard_name in self.record["shards"]
+
+    def block_done(self, block: int) -> bool:
+        """All shards of data block ``block`` are finished (its rows need not be made again)."""
+        return str(block) in self.record["blocks"]
 
     def shard_done(self, entry: dict) -> None:
         with self._lock:
-            self.record["shards"][str(entry["index"])] = entry
+            self.record["shards"][entry["name"]] = entry
             self._save()
 
-    def finish(self) -> None:
+    def block_done_with(self, block: int, info: dict) -> None:
         with self._lock:
-            self.record["complete"] = True
-            self.record["finished_at"] = utc_now()
+            self.record["blocks"][str(block)] = info
+            self._save()
+
+    def finish(self, *, num_blocks: int, data_sha256: dict) -> None:
+        """Record the end of the data (block count, data file hashes) and mark the rank complete."""
+        with self._lock:
+            check_same_data(self.record.get("data_sha256") or {}, data_sha256, self.out)
+            self.record |= {"complete": True, "finished_at": utc_now(), "num_blocks": num_blocks,
+                            "data_sha256": data_sha256}
             self._save()
 
     def _save(self) -> None:
@@ -151,16 +180,29 @@ def finalize(out: Path, *, plan, header: dict) -> dict | None:
         if not record.get("complete"):
             return None
         records.append(record)
-    shards = sorted((e for r in records for e in r["shards"].values()), key=lambda e: e["index"])
-    assert [e["index"] for e in shards] == list(range(plan.num_shards)), "a shard is missing"
+    num_blocks = _agreed(records, "num_blocks", "number of data blocks")
+    data_sha256 = _agreed(records, "data_sha256", "data file hashes")
+    blocks = {int(b): info for r in records for b, info in r["blocks"].items()}
+    shards = sorted((e for r in records for e in r["shards"].values()), key=lambda e: (e["block"], e["part"]))
+    assert sorted(blocks) == list(range(num_blocks)), "a data block is missing"
+    assert len(shards) == sum(info["parts"] for info in blocks.values()), "a shard is missing"
     rows = sum(e["rows"] for e in shards)
+    if rows == 0:
+        raise DataError(f"the data {plan.settings.data} makes no rows (it tokenises to zero tokens); give it non-empty documents")
     tokens = sum(e["tokens"] for e in shards)
     nbytes = sum(e["bytes"] for e in shards)
+    truncated = sum(info["truncated_rows"] for info in blocks.values())
+    data = {**header["data"], "blocks": num_blocks, "rows": rows, "truncated_rows": truncated,
+            "stream_tokens": sum(info["tokens"] for info in blocks.values())}
+    if data_sha256:
+        data |= {"sha256_by_file": data_sha256,
+                 "sha256": hashlib.sha256(json.dumps(data_sha256, sort_keys=True).encode()).hexdigest()}
     manifest = {
         **header,
-        "shards": shards,
+        "data": data,
+        "shards": [{**e, "index": i} for i, e in enumerate(shards)],
         "totals": {"rows": rows, "tokens": tokens, "bytes": nbytes, "shards": len(shards),
-                   "bytes_per_token": nbytes / max(tokens, 1)},
+                   "bytes_per_token": nbytes / max(tokens, 1), "truncated_rows": truncated},
         "started_at": min(r["started_at"] for r in records),
         "finished_at": utc_now(),
     }
@@ -168,3 +210,13 @@ def finalize(out: Path, *, plan, header: dict) -> dict | None:
     with write_errors(MANIFEST_NAME, out):
         atomic_write_json(Path(out) / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _agreed(records: list[dict], key: str, what: str):
+    values = [r.get(key) for r in records]
+    if any(v != values[0] for v in values):
+        raise CacheFormatError(
+            f"the ranks of this capture disagree on the {what} (the data changed while they ran?); "
+            "pass --overwrite to capture it again"
+        )
+    return values[0]

@@ -7,10 +7,10 @@ cached ids per position and ``nT`` captured temperatures, a row holds:
 ==================  =============  ==========  ================================================
 field               shape          dtype       meaning
 ==================  =============  ==========  ================================================
-``sample_index``    ``[]``         int64       global row number (alignment key)
+``sample_index``    ``[]``         int64       row key: ``block << 32 | row in block`` (alignment key)
 ``input_hash``      ``[]``         uint64      blake2b-64 of the row's model input (alignment key)
 ``input_ids``       ``[L]``        id dtype    the tokens fed to the teacher (text teachers only)
-``mask``            ``[P]``        bool        True where the position holds a real prediction
+``mask``            ``[P]``        bool        True where the position's prediction is a target
 ``topk_ids``        ``[P, k]``     id dtype    top-k vocabulary ids by raw logit, best first
 ``topk_logits``     ``[P, k]``     value dt.   raw logits minus the position's max logit (<= 0)
 ``logsumexp``       ``[P, nT]``    float32     ``log sum_v exp((z_v - max z) / T)`` per temperature
@@ -19,6 +19,12 @@ field               shape          dtype       meaning
 ==================  =============  ==========  ================================================
 
 Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]``.
+
+``mask_meaning`` says what ``mask`` marks: ``"real-token"`` (text and classification: every real
+token; the hard label at ``t`` also needs ``mask[t + 1]``) or ``"next-token-target"`` (chat data:
+position ``t`` counts when token ``t + 1`` is a target, e.g. an assistant token; its hard label is
+``input_ids[t + 1]``). It is written to the manifest only when it is not the default, so text caches
+keep the layout earlier versions wrote.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from kdpipe.pipeline.errors import CacheFormatError
 
 TASKS = ("causal-lm", "classification")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
+MASK_MEANINGS = ("real-token", "next-token-target")
 
 
 def narrowest_id_dtype(vocab_size: int) -> str:
@@ -57,6 +64,7 @@ class CacheSchema:
     value_dtype: str = "float16"
     input_len: int | None = None  # length of ``input_ids``; None when the teacher is not text
     has_label: bool = False
+    mask_meaning: str = "real-token"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -65,6 +73,8 @@ class CacheSchema:
             raise CacheFormatError(
                 f"unknown value dtype {self.value_dtype!r}; expected one of {VALUE_DTYPES}"
             )
+        if self.mask_meaning not in MASK_MEANINGS:
+            raise CacheFormatError(f"unknown mask meaning {self.mask_meaning!r}; expected one of {MASK_MEANINGS} (a newer kdpipe wrote this cache?)")
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Field name -> (per-row shape, numpy dtype), in storage order."""
@@ -99,6 +109,8 @@ class CacheSchema:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["temperatures"] = list(self.temperatures)
+        if self.mask_meaning == "real-token":
+            del d["mask_meaning"]
         return d
 
     @classmethod

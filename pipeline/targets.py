@@ -1,10 +1,13 @@
 """From a batch of cache rows to the flat tensors the losses take, with the causal shift done once.
 
 Causal LM: student logits at position ``t`` and the teacher's cached distribution at ``t`` both
-predict token ``t + 1``; KD counts every valid position (``mask[t]``), including the last one of a
-row, whose teacher target is the next row's first token. Hard-label CE at ``t`` uses target
-``input_ids[t + 1]`` and counts ``t`` only when ``mask[t]`` and ``mask[t + 1]``; the last position of
-a row has no label. Classification: one position, label = the row's label.
+predict token ``t + 1``; KD counts every position with ``mask[t]``. Hard-label CE at ``t`` uses target
+``input_ids[t + 1]``; the last position of a row has no label. What else CE needs depends on the
+cache's ``mask_meaning``: with ``"real-token"`` (text) ``mask`` marks real tokens, KD includes the last
+one of a row (whose teacher target is the next row's first token) and CE counts ``t`` only when
+``mask[t]`` and ``mask[t + 1]``; with ``"next-token-target"`` (chat) ``mask[t]`` already says that token
+``t + 1`` is a target, so KD and CE count the same positions. Classification: one position, label =
+the row's label.
 
 Padded vocabulary: a teacher whose logits have more rows than its tokenizer has tokens (Qwen: 151,936
 logits for 151,665 tokens) may put a padded id in the top-k. A student sized to the tokenizer cannot
@@ -33,7 +36,9 @@ class Targets:
     ce_mask: torch.Tensor  # [N] bool
 
 
-def teacher_targets(batch: dict, *, temperature_index: int, temperature: float, task: str) -> Targets:
+def teacher_targets(
+    batch: dict, *, temperature_index: int, temperature: float, task: str, mask_meaning: str = "real-token",
+) -> Targets:
     """Flatten a collated batch (``[B, P, ...]``) into per-position targets at one temperature."""
     k = batch["topk_ids"].shape[-1]
     logsumexp = batch["logsumexp"][..., temperature_index]  # [B, P]
@@ -44,7 +49,7 @@ def teacher_targets(batch: dict, *, temperature_index: int, temperature: float, 
         labels = torch.full_like(ids, IGNORE)
         labels[:, :-1] = ids[:, 1:]
         ce_mask = torch.zeros_like(mask)
-        ce_mask[:, :-1] = mask[:, :-1] & mask[:, 1:]
+        ce_mask[:, :-1] = mask[:, :-1] if mask_meaning == "next-token-target" else mask[:, :-1] & mask[:, 1:]
     else:
         labels = batch["label"][:, None]
         ce_mask = mask

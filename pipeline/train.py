@@ -156,16 +156,23 @@ class Trainer:
         with autocast:
             if self.student.kind == "hf":
                 ids = batch["input_ids"].to(self.device)
-                mask = batch["mask"].to(self.device)
-                out = self.model(input_ids=ids, attention_mask=mask.long() if self.task == "causal-lm" else None).logits
+                out = self.model(input_ids=ids, attention_mask=self._attention(batch)).logits
             else:
                 out = self.model(batch["inputs"].to(self.device))
         return out if out.ndim == 3 else out[:, None, :]
 
+    def _attention(self, batch: dict) -> torch.Tensor | None:
+        """A text cache's mask marks its real tokens; a chat cache's marks targets, and its rows are
+        padded on the right only, which a causal model's real positions never attend to."""
+        if self.task == "causal-lm" and self.cache.schema.mask_meaning == "real-token":
+            return batch["mask"].to(self.device).long()
+        return None
+
     def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
         j = self.cache.schema.temperature_index(temperature)
         batch = _to(batch, self.device)  # once: targets and the student read the same tensors
-        targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task)
+        targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
+                                  mask_meaning=self.cache.schema.mask_meaning)
         logits = self.student_logits(batch)
         logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
         return distillation_loss(
@@ -185,7 +192,8 @@ class Trainer:
         temperature = self.cache.temperatures[j]
         for batch in DataLoader(self.eval_set, batch_size=self.config.batch_size):
             batch = _to(batch, self.device)
-            targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task)
+            targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
+                                  mask_meaning=self.cache.schema.mask_meaning)
             logits = self.student_logits(batch)
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
             kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,

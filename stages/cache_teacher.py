@@ -20,7 +20,11 @@ from kdpipe.stages.cli import user_errors
 @click.command("cache-teacher")
 @click.option("--teacher", required=True, help="HF model directory or hub id, or package.module:factory / file.py:factory.")
 @click.option("--weights", default=None, help="safetensors weights for a module:factory teacher.")
-@click.option("--data", required=True, help=".txt file or folder, .jsonl, .parquet (text), or .npz (x, y) for module teachers.")
+@click.option("--data", required=True, help="A file, folder or glob of .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/.arrow; a datasets save_to_disk folder; hf:NAME[:SPLIT] (Hub dataset); or .npz (x, y) for module teachers.")
+@click.option("--text-field", default="text", show_default=True, help="Record field holding plain text.")
+@click.option("--messages-field", default="messages", show_default=True, help="Record field holding a chat conversation (a list of {role, content}); rendered with the teacher's chat template.")
+@click.option("--targets", type=click.Choice(["assistant", "all"]), default="assistant", show_default=True, help="Chat data: distil on the assistant's tokens only, or on every token.")
+@click.option("--packing", is_flag=True, help="Chat data: pack several whole conversations into a row (default: one per row).")
 @click.option("--out", required=True, help="Cache directory to create (or resume).")
 @click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept per position.")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
@@ -31,7 +35,9 @@ from kdpipe.stages.cli import user_errors
 @click.option("--dtype", default="auto", show_default=True, help="Teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
 @click.option("--value-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Storage dtype of the top-k logits.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows.")
+@click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows (stops reading there).")
+@click.option("--max-tokens", default=None, type=int, help="Capture only the first N tokens of the data (stops reading there).")
+@click.option("--num-workers", default=None, type=int, help="Tokenizer processes running ahead of the teacher [default: none for data under 4 MiB, else one per spare core, up to 8].")
 @click.option("--shard-size-mb", default=256.0, show_default=True, type=float, help="Uncompressed size cap of one shard.")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None, help="Override the task read from the model config.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
@@ -59,9 +65,8 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
     plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
     if overwrite:
         _clear_cache(out)
-    my_rows = sum(len(plan.shard_rows(s)) for s in plan.my_shards())
     started = time.perf_counter()
-    with tqdm(total=my_rows, unit="row", desc="cache-teacher", dynamic_ncols=True) as bar:
+    with tqdm(total=settings.limit_rows, unit="row", desc="cache-teacher", dynamic_ncols=True) as bar:
         tokens = 0
 
         def on_rows(rows, new_tokens):
@@ -70,22 +75,23 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
             bar.update(rows)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
 
-        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, plan, bar))
+        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, bar))
     if manifest is None:
         click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
         return
     t = manifest["totals"]
+    truncated = f", {t['truncated_rows']} rows truncated at --seq-len {settings.seq_len}" if t.get("truncated_rows") else ""
     click.echo(
         f"wrote {out}: {t['rows']} rows, {t['tokens']} tokens, {t['shards']} shards, "
-        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token)"
+        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token){truncated}"
     )
 
 
-def _report_resume(log, plan, bar) -> None:
-    kept = len(log.record["shards"])
+def _report_resume(log, bar) -> None:
+    kept, blocks = len(log.record["shards"]), len(log.record["blocks"])
     if kept or log.redo or log.stale_tmp:
         bar.write(
-            f"resuming {log.out}: {kept} of {len(plan.my_shards())} shards already finished"
+            f"resuming {log.out}: {kept} shards ({blocks} data blocks) already finished"
             + (f"; redoing {len(log.redo)} damaged or missing ({', '.join(log.redo[:3])}"
                f"{', ...' if len(log.redo) > 3 else ''})" if log.redo else "")
             + (f"; removed {len(log.stale_tmp)} stray temporary files" if log.stale_tmp else ""),
@@ -94,14 +100,18 @@ def _report_resume(log, plan, bar) -> None:
 
 
 def _print_plan(plan) -> None:
-    s = plan.settings
+    s, estimate = plan.settings, plan.estimate()
+    how = ("exact: the whole data was read" if estimate["exact"] else
+           f"extrapolated from the first {estimate['sample_bytes'] / 2**20:.1f} of {estimate['data_bytes'] / 2**20:.1f} MiB"
+           if estimate["data_bytes"] else "from the first block only: a Hub dataset's size is not known before reading it")
     click.echo(f"teacher:   {s.teacher} ({plan.teacher.task}, {plan.teacher.vocab_size} outputs)")
-    click.echo(f"data:      {s.data}")
-    click.echo(f"rows:      {plan.num_rows} (seq-len {s.seq_len})")
-    click.echo(f"tokens:    {plan.num_tokens}")
-    click.echo(f"shards:    {plan.num_shards} ({plan.rows_per_shard} rows each)")
-    click.echo(f"estimated: {plan.estimated_bytes() / 2**20:.1f} MiB "
-               f"({plan.estimated_bytes() / max(plan.num_tokens, 1):.1f} B/token) in {s.format}")
+    click.echo(f"data:      {s.data} ({plan.source.kind}, {len(plan.source.files)} files, "
+               f"{(plan.spec.scheme if plan.spec else 'arrays')})")
+    click.echo(f"rows:      {estimate['rows']} (seq-len {s.seq_len}; {how})")
+    click.echo(f"tokens:    {estimate['tokens']}")
+    click.echo(f"shards:    at most {plan.rows_per_shard} rows each")
+    click.echo(f"estimated: {estimate['bytes'] / 2**20:.1f} MiB "
+               f"({estimate['bytes'] / max(estimate['tokens'], 1):.1f} B/token) in {s.format}")
 
 
 def _clear_cache(out: Path) -> None:

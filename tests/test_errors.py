@@ -205,11 +205,11 @@ CASES = [
     ("empty-file", "--data is an empty .txt",
      lambda i, o: _lm(i, o, data=_file(i.root, "empty.txt", b"")), "holds no text", "finished"),
     ("empty-folder", "--data is an empty folder",
-     lambda i, o: _lm(i, o, data=_file(i.root, "empty_dir/.keep", b"").parent), "holds no .txt files", "finished"),
+     lambda i, o: _lm(i, o, data=_file(i.root, "empty_dir/.keep", b"").parent), "is empty", "finished"),
     ("jsonl-no-text", ".jsonl lines without a 'text' field",
-     lambda i, o: _lm(i, o, data=_file(i.root, "no_text.jsonl", b'{"content": "hi"}\n')), "no string 'text' field", "finished"),
+     lambda i, o: _lm(i, o, data=_file(i.root, "no_text.jsonl", b'{"content": "hi"}\n')), "has neither a 'text' nor a 'messages' field (it has: content)", "finished"),
     ("parquet-no-text", ".parquet without a 'text' column",
-     lambda i, o: _lm(i, o, data=_parquet_without_text(i.root)), "has no 'text' column", "finished"),
+     lambda i, o: _lm(i, o, data=_parquet_without_text(i.root)), "has neither a 'text' nor a 'messages' field (it has: body)", "finished"),
     ("not-utf8", "text that is not UTF-8 (Latin-1)",
      lambda i, o: _lm(i, o, data=_file(i.root, "latin1/a.txt", "Wherefore art thou, Désirée?".encode("latin-1")).parent),
      "is not valid UTF-8", "finished"),
@@ -251,10 +251,10 @@ CASES = [
      lambda i, o: ["inspect", _edited_cache(i, lambda m: m["totals"].update(rows=999), rehash=False)],
      "does not match its checksum", None),
     ("missing-shard-inspect", "a shard file deleted: kdpipe inspect",
-     lambda i, o: ["inspect", _cache_missing_a_shard(i)], "r00000-s000001.zarr.zip is missing", None),
+     lambda i, o: ["inspect", _cache_missing_a_shard(i)], "r00000-b0000000-p001.zarr.zip is missing", None),
     ("missing-shard-train", "a shard file deleted: kdpipe train-student",
      lambda i, o: _train(i, o, cache=_cache_missing_a_shard(i)) + ["--steps", 2],
-     "r00000-s000001.zarr.zip is missing", None),
+     "r00000-b0000000-p001.zarr.zip is missing", None),
     ("manifest-version-train", "manifest of an unknown format version: kdpipe train-student",
      lambda i, o: _train(i, o, cache=_edited_cache(i, lambda m: m.update(format_version=2), rehash=True)) + ["--steps", 2],
      "format version 2", None),
@@ -323,4 +323,4 @@ def _record(name: str, what: str, line: str, inputs: Inputs, out: Path) -> None:
 def test_verify_names_a_missing_shard(inputs):
     result = run_cli("verify", _cache_missing_a_shard(inputs))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "FAIL shard shards/r00000-s000001.zarr.zip: missing" in result.stderr
+    assert "FAIL shard shards/r00000-b0000000-p001.zarr.zip: missing" in result.stderr

@@ -80,7 +80,8 @@ def test_data_ce_equals_hugging_face_loss(tiny_lm_dir, text_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = evaluate_model(tiny_lm_dir, data=text_dir, seq_len=SEQ_LEN, max_rows=4, batch_size=3)
-    rows = datalib.pack_causal_lm(datalib.read_documents(text_dir), AutoTokenizer.from_pretrained(tiny_lm_dir), seq_len=SEQ_LEN)
+    spec = datalib.PackingSpec("causal-lm", SEQ_LEN, AutoTokenizer.from_pretrained(tiny_lm_dir))
+    rows = datalib.pack(spec, list(datalib.data_documents(datalib.resolve_source(text_dir), datalib.Fields()))).rows
     ids = torch.from_numpy(rows.inputs[:4])  # full rows: every position is real text
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     with torch.no_grad():

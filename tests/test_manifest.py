@@ -9,7 +9,7 @@ from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path, shard_na
 
 
 def test_shard_names_are_zero_padded_and_per_rank():
-    assert shard_name(rank=3, index=12, suffix=".parquet") == "shards/r00003-s000012.parquet"
+    assert shard_name(rank=3, block=12, part=1, suffix=".parquet") == "shards/r00003-b0000012-p001.parquet"
 
 
 @pytest.mark.parametrize("name", ["../evil.zarr.zip", "/etc/passwd", "shards/../../x", "shards/a/b", "other/x", "shards\\..\\x"])
