@@ -77,6 +77,11 @@ class CaptureSettings:
     targets: str = "assistant"  # chat data: which tokens are distillation targets
     packing: bool = False  # chat data: several conversations per row
     num_workers: int | None = None  # tokenizer processes; None = automatic
+    block_mb: float = BLOCK_CHARS / 2**20  # data block size, in millions of characters (2**20)
+
+    @property
+    def block_chars(self) -> int:
+        return max(1, int(self.block_mb * 2**20))
 
     def content_settings(self) -> dict:
         """The settings that decide the cache's content (compared when resuming)."""
@@ -86,7 +91,7 @@ class CaptureSettings:
             "limit_rows": self.limit_rows, "max_tokens": self.max_tokens,
             "shard_size_mb": self.shard_size_mb, "task": self.task, "world_size": self.world_size,
             "text_field": self.text_field, "messages_field": self.messages_field,
-            "targets": self.targets, "packing": self.packing, "block_chars": BLOCK_CHARS,
+            "targets": self.targets, "packing": self.packing, "block_chars": self.block_chars,
         }
 
     @property
@@ -110,8 +115,9 @@ class CapturePlan:
         workers = s.num_workers if num_workers is None else num_workers
         return BlockStream(
             self.source, self.spec, s.fields, rank=s.rank, world_size=s.world_size,
-            num_workers=auto_workers(self.source) if workers is None else workers, skip=skip,
-            limit_rows=s.limit_rows, max_tokens=s.max_tokens, rows_per_block=self.rows_per_shard,
+            num_workers=auto_workers(self.source, s.block_chars) if workers is None else workers, skip=skip,
+            limit_rows=s.limit_rows, max_tokens=s.max_tokens, block_chars=s.block_chars,
+            rows_per_block=self.rows_per_shard,
         )
 
     def estimate(self) -> dict:
@@ -135,10 +141,10 @@ class CapturePlan:
                 "sample_bytes": read, "data_bytes": total}
 
 
-def auto_workers(source: datalib.Source) -> int:
+def auto_workers(source: datalib.Source, block_chars: int = BLOCK_CHARS) -> int:
     """Tokenizer processes when none are asked for: none for data of one block (nothing to overlap
     with the teacher), else one per spare core, up to 8."""
-    if source.kind == "arrays" or (source.total_bytes is not None and source.total_bytes <= BLOCK_CHARS):
+    if source.kind == "arrays" or (source.total_bytes is not None and source.total_bytes <= block_chars):
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -156,6 +162,8 @@ def _validate(settings: CaptureSettings) -> None:
         value = getattr(settings, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive")
+    if not settings.block_mb > 0:
+        raise ConfigError(f"--block-mb {settings.block_mb} must be positive (the default is {BLOCK_CHARS / 2**20:g})")
     if settings.num_workers is not None and settings.num_workers < 0:
         raise ConfigError(f"--num-workers {settings.num_workers} must be 0 (tokenise in the main process) or more")
     if settings.targets not in TARGETS:

@@ -286,3 +286,28 @@ def test_out_that_is_a_file_is_refused(small_args, tmp_path):
     result = run_cli(*small_args(out))
     assert result.exit_code == 2 and f"error: --out {out} is a file" in result.output
     assert out.read_text() == "keep me"
+
+
+def test_sigkill_mid_stream_with_tokenizer_workers_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
+    """Blocks of ~2,000 characters tokenised by 2 worker processes ahead of the teacher: kills land
+    while workers hold blocks in flight; the resumed cache equals one made without workers."""
+    text = "".join(p.read_text() for p in sorted(text_dir.glob("*.txt")))
+    data = tmp_path / "docs.jsonl"  # 40 documents of 750 characters
+    data.write_text("".join(json.dumps({"text": text[i : i + 750]}) + "\n" for i in range(0, 30_000, 750)))
+    stream = ["--block-mb", "0.002", "--shard-size-mb", "0.02"]
+    ref = run_cli(*capture_args(tiny_lm_dir, data, tmp_path / "ref", *stream, "--num-workers", "0"))
+    assert ref.exit_code == 0, ref.output
+    reference = open_cache(tmp_path / "ref")
+    blocks = {s["block"] for s in reference.shards}
+    assert len(blocks) >= 10 and len(reference.shards) > len(blocks), "several blocks of several shards"
+    args = capture_args(tiny_lm_dir, data, tmp_path / "killed", *stream, "--num-workers", "2")
+    out, total, rng = tmp_path / "killed", len(reference.shards), random.Random(8)
+    states = []
+    for target in sorted(rng.sample(range(2, total - 2), 2)):
+        assert _run_and_kill(args, tmp_path / "log", after_shards=target, jitter=rng.uniform(0, 0.05))
+        states.append(_progress_shards(out))
+    assert states == sorted(states) and states[-1] < total, states
+    done = subprocess.run(KDPIPE + args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr
+    assert_same_cache(out, tmp_path / "ref")
