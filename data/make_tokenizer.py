@@ -19,6 +19,13 @@ VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"  # the one special token: document separator, eos, bos and pad
 
 
+# ChatML-style turns in plain text; each turn ends with the one end-of-text token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|endoftext|>"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def main() -> None:
     files = sorted((DATA / "shakespeare" / "train").glob("*.txt"))
     docs = [f.read_text(encoding="utf-8") for f in files]
@@ -51,6 +58,7 @@ def main() -> None:
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE  # for the chat demo (data/chat); no generation markers
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     n_chars = sum(len(d) for d in docs)
