@@ -144,3 +144,24 @@ def test_rerun_of_finished_capture_is_a_no_op(tiny_lm_dir, text_dir, tmp_path):
     changed = run_cli("cache-teacher", "--teacher", tiny_lm_dir, "--data", text_dir, "--out", out,
                       "--top-k", 4, "--seq-len", 32, "--limit-rows", 8)
     assert changed.exit_code == 2 and "capture.top_k (was 8, now 4)" in changed.output
+
+
+def test_ranks_split_the_data_blocks_and_make_the_same_rows_as_one_process(tiny_lm_dir, text_dir, tmp_path):
+    text = "".join(p.read_text() for p in sorted(text_dir.glob("*.txt")))
+    data = tmp_path / "docs.jsonl"  # 40 documents of 750 characters: 14 blocks of ~2,000 characters
+    data.write_text("".join(json.dumps({"text": text[i : i + 750]}) + "\n" for i in range(0, 30_000, 750)))
+    small = ("--top-k", 8, "--seq-len", 32, "--block-mb", 0.002, "--num-workers", 0)
+    single = open_cache(capture(tiny_lm_dir, data, tmp_path / "one", *small))
+    out = tmp_path / "ranks"
+    first = run_cli("cache-teacher", "--teacher", tiny_lm_dir, "--data", data, "--out", out, *small,
+                    "--temperature", 1, "--temperature", 2, "--temperature", 4, "--rank", 1, "--world-size", 3)
+    assert first.exit_code == 0 and "manifest is written when every rank is done" in first.output
+    for rank in (0, 2):
+        capture(tiny_lm_dir, data, out, *small, "--rank", rank, "--world-size", 3)
+    split = open_cache(out)
+    assert {(s["block"] % 3, s["rank"]) for s in split.shards} == {(r, r) for r in range(3)}
+    assert len(split) == len(single) and len({s["block"] for s in split.shards}) >= 10
+    for i in range(len(single)):
+        a, b = split.read_raw(i), single.read_raw(i)
+        for field in b:
+            np.testing.assert_array_equal(a[field], b[field], err_msg=f"row {i} {field}")
