@@ -103,6 +103,8 @@ class RankProgress:
         record = self._load()
         if record is None:
             self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
+        elif not record["shards"] and record["identity"] != identity:  # nothing finished, nothing to lose
+            self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
         else:
             check_same_identity(record["identity"], identity, self.out)
             kept = {name: e for name, e in record["shards"].items() if self._intact(e)}

@@ -36,7 +36,7 @@ from kdpipe.stages.cli import user_errors
 @click.option("--value-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Storage dtype of the top-k logits.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows (stops reading there).")
-@click.option("--max-tokens", default=None, type=int, help="Capture only the first N tokens of the data (stops reading there).")
+@click.option("--max-tokens", default=None, type=int, help="Capture only the first N tokens of the data (stops reading there; chat data keeps whole conversations, so it may end up to one conversation past N).")
 @click.option("--num-workers", default=None, type=int, help="Tokenizer processes running ahead of the teacher [default: none for data of one block, else one per spare core, up to 8].")
 @click.option("--block-mb", default=4.0, show_default=True, type=float, help="Data block size in millions of characters: the unit of tokenizer work, of a rank's share and of resuming; use smaller blocks when ranks outnumber the blocks of a small corpus.")
 @click.option("--shard-size-mb", default=256.0, show_default=True, type=float, help="Uncompressed size cap of one shard.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -56,6 +57,7 @@ def broken():
     raise RuntimeError("CUDA driver not found")
 '''
 NAN_ROW = 13
+CHAT_TEACHER = Path(__file__).resolve().parents[1] / "data" / "teacher"  # has a chat template
 STUDENT = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 32,
     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -118,6 +120,37 @@ def _parquet_without_text(root: Path) -> Path:
 
     path = root / "no_text.parquet"
     pq.write_table(pa.table({"body": ["Hello there.", "General Kenobi."]}), path)
+    return path
+
+
+def _jsonl(root: Path, name: str, records: list) -> Path:
+    return _file(root, name, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def _chat(inputs: Inputs, out: Path, name: str, messages) -> list:
+    """Capture args for one conversation ``messages`` with a teacher that has a chat template."""
+    data = _jsonl(inputs.root, name, [{"messages": messages}])
+    return _lm(inputs, out, data=data, teacher=CHAT_TEACHER)
+
+
+def _truncated_gzip(root: Path) -> Path:
+    records = "".join(json.dumps({"text": f"line {i} of a corpus"}) + "\n" for i in range(200))
+    whole = gzip.compress(records.encode())
+    return _file(root, "truncated.jsonl.gz", whole[: len(whole) // 2])
+
+
+def _folder_with_csv(root: Path) -> Path:
+    _file(root, "mixed/a.txt", b"Hello there.")
+    return _file(root, "mixed/b.csv", b"text\nGeneral Kenobi.\n").parent
+
+
+def _dataset_dict(root: Path) -> Path:
+    import datasets
+
+    path = root / "dataset_dict"
+    if not path.is_dir():
+        split = datasets.Dataset.from_dict({"text": ["Hello there.", "General Kenobi."]})
+        datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(path))
     return path
 
 
@@ -213,6 +246,39 @@ CASES = [
     ("not-utf8", "text that is not UTF-8 (Latin-1)",
      lambda i, o: _lm(i, o, data=_file(i.root, "latin1/a.txt", "Wherefore art thou, Désirée?".encode("latin-1")).parent),
      "is not valid UTF-8", "finished"),
+    ("unknown-text-field", "--text-field body on records without a 'body' field",
+     lambda i, o: _lm(i, o, data=_jsonl(i.root, "has_text.jsonl", [{"text": "hi"}]), extra=["--text-field", "body"]),
+     "has neither a 'body' nor a 'messages' field (it has: text)", "finished"),
+    ("messages-not-a-list", "'messages' is a string, not a list",
+     lambda i, o: _chat(i, o, "messages_string.jsonl", "Hello there."), "'messages' must be a non-empty list", "new"),
+    ("message-without-content", "a message with a role and no content",
+     lambda i, o: _chat(i, o, "no_content.jsonl", [{"role": "user"}]), "message 0 has no string 'content'", "new"),
+    ("unknown-role", "a message with role 'narrator'",
+     lambda i, o: _chat(i, o, "narrator.jsonl", [{"role": "narrator", "content": "Once upon a time"}, {"role": "assistant", "content": "yes"}]),
+     "unknown role 'narrator'", "new"),
+    ("no-assistant-turn", "a conversation with no assistant turn",
+     lambda i, o: _chat(i, o, "no_assistant.jsonl", [{"role": "user", "content": "Hello?"}]), "has no assistant turn", "new"),
+    ("chat-without-template", "chat data, teacher tokenizer without a chat template",
+     lambda i, o: _lm(i, o, data=_jsonl(i.root, "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])),
+     "has no chat template", "finished"),
+    ("truncated-gzip", "a .jsonl.gz cut off halfway",
+     lambda i, o: _lm(i, o, data=_truncated_gzip(i.root)), "check that it is a complete gzip file", "new"),
+    ("garbage-zstd", "a .jsonl.zst that is not zstd data",
+     lambda i, o: _lm(i, o, data=_file(i.root, "garbage.jsonl.zst", b"not zstd at all\n" * 8)),
+     "check that it is a complete zstd file", "finished"),
+    ("glob-matches-nothing", "--data glob that matches no file",
+     lambda i, o: _lm(i, o, data=f"{i.root}/nothing_here_*.jsonl"), "matches no files", "finished"),
+    ("folder-with-csv", "--data folder holding a .csv next to a .txt",
+     lambda i, o: _lm(i, o, data=_folder_with_csv(i.root)),
+     "cannot read as text data (b.csv)", "finished"),
+    ("dataset-dict", "--data a DatasetDict save_to_disk folder",
+     lambda i, o: _lm(i, o, data=_dataset_dict(i.root)), "holds a DatasetDict with splits ['test', 'train']", "finished"),
+    ("hf-unknown-dataset", "--data hf:ORG/NAME not cached, hub offline (HF_HUB_OFFLINE=1)",
+     lambda i, o: _lm(i, o, data="hf:nonexistent-org-kdpipe/xyz"), "cannot load dataset 'nonexistent-org-kdpipe/xyz'", "finished"),
+    ("max-tokens-0", "--max-tokens 0",
+     lambda i, o: _lm(i, o, extra=["--max-tokens", 0]), "--max-tokens 0 must be positive", "finished"),
+    ("num-workers-negative", "--num-workers -1",
+     lambda i, o: _lm(i, o, extra=["--num-workers", -1]), "--num-workers -1 must be 0", "finished"),
     ("top-k-0", "--top-k 0",
      lambda i, o: _lm(i, o, extra=["--top-k", 0]), "--top-k 0 must be at least 1", "finished"),
     ("top-k-above-vocab", "--top-k larger than the vocabulary (300)",
@@ -284,13 +350,26 @@ def _snapshot(folder: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _hub_offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 for this test, also for huggingface_hub and datasets imported before it."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_error_and_changes_nothing(case, inputs, tmp_path):
+def test_bad_input_is_one_clear_error_and_changes_nothing(case, inputs, tmp_path, monkeypatch):
     name, what, make_args, words, out_kind = case
     out = tmp_path / "out"
     if out_kind == "finished":
         shutil.copytree(inputs.cache, out)
     args = make_args(inputs, out)
+    if any(str(a).startswith("hf:") for a in args):  # hub datasets: never the network in tests
+        _hub_offline(monkeypatch)
     if "--out" in args:
         out = Path(args[args.index("--out") + 1])
     before = _snapshot(out) if out.exists() else {}

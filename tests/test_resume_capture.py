@@ -311,3 +311,18 @@ def test_sigkill_mid_stream_with_tokenizer_workers_then_resume_equals_uninterrup
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stderr
     assert_same_cache(out, tmp_path / "ref")
+
+
+def test_bad_record_found_while_streaming_then_fixed_data_reruns_the_same_command(tiny_lm_dir, tmp_path):
+    """A bad record deep in the data stops the capture; once fixed, the same command runs (nothing had
+    been finished, so nothing is lost by starting over)."""
+    data, out = tmp_path / "docs.jsonl", tmp_path / "cache"
+    good = json.dumps({"text": "To be, or not to be, that is the question."}) + "\n"
+    data.write_text(good * 3 + "{not json\n")
+    result = run_cli(*capture_args(tiny_lm_dir, data, out))
+    assert result.exit_code == 2 and f"error: {data}:4 is not valid JSON" in result.output
+    assert not (out / "manifest.json").exists()
+    data.write_text(good * 4)
+    result = run_cli(*capture_args(tiny_lm_dir, data, out))
+    assert result.exit_code == 0, result.output
+    assert open_cache(out).manifest["data"]["files"] == [{"path": "docs.jsonl", "bytes": len(good) * 4}]

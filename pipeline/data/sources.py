@@ -78,6 +78,8 @@ def resolve_source(spec: str) -> Source:
         name, _, split = spec[3:].partition(":")
         if not name:
             raise DataError(f"--data {spec} names no dataset; use hf:ORG/NAME or hf:ORG/NAME:SPLIT")
+        if not Path(name).exists():
+            check_hub_dataset(name)
         return Source("hub", spec, split=split or "train")
     if any(c in spec for c in "*?["):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -99,6 +101,33 @@ def resolve_source(spec: str) -> Source:
     if suffix is None:
         raise DataError(f"data file {path} has an unsupported type; use {', '.join(TEXT_SUFFIXES)} (text) or .npz (arrays)")
     return Source("arrays" if suffix == ARRAY_SUFFIX else "files", spec, (path,), root=path.parent)
+
+
+def check_hub_dataset(name: str, *, timeout: float = 10.0) -> None:
+    """Fail fast, naming the fix, when a Hub dataset can be neither found locally nor reached.
+
+    Without this, an unreachable Hub costs half a minute of retries before an error. With
+    ``HF_HUB_OFFLINE`` set, ``datasets`` itself answers from its cache (or fails at once).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.dataset_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise DataError(
+            f"dataset {name!r} does not exist locally and the Hugging Face Hub has no dataset of that name "
+            "(or it is private: log in with `hf auth login`); check --data hf:ORG/NAME"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - no network, proxy, timeout, server error
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"dataset {name!r} is not a local folder and the Hugging Face Hub cannot be reached ({first}); "
+            "download it and pass its folder, or set HF_HUB_OFFLINE=1 to use the datasets cache"
+        ) from None
 
 
 def _glob_base(spec: str) -> str:

@@ -68,7 +68,7 @@ class BlockStream:
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
-    skip: Callable[[int], bool] = lambda index: False  # blocks finished earlier (no tokenising)
+    skip: Callable[[int], bool] = lambda index: False  # blocks finished earlier: not tokenised (unless a limit needs their row count)
     limit_rows: int | None = None
     max_tokens: int | None = None
     block_chars: int = BLOCK_CHARS
