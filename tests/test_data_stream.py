@@ -17,7 +17,6 @@ from kdpipe import open_cache
 from kdpipe.pipeline.data import BlockStream, Fields, PackingSpec, resolve_source
 from kdpipe.pipeline.data import stream as streamlib
 from kdpipe.pipeline.data.chat import render_conversation
-from kdpipe.pipeline.data.stream import collect
 from kdpipe.stages.cli import main
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -1,6 +1,7 @@
 """Stage one's input: what ``--data`` names, read as a stream of documents, packed into row blocks.
 
-- :mod:`.sources`: files, folders, globs, ``datasets`` folders and Hub ids, read record by record;
+- :mod:`.sources`: files, folders, globs, ``datasets`` folders and Hub ids;
+- :mod:`.readers`: a source read record by record, its files hashed on the way;
 - :mod:`.documents`: a record as plain text or a chat conversation (``--text-field``, ``--messages-field``);
 - :mod:`.chat`: a conversation rendered with the teacher's chat template, with its assistant-token mask;
 - :mod:`.packing`: documents to fixed-size rows and the mask of positions that are targets;
@@ -11,7 +12,8 @@
 from kdpipe.pipeline.data.arrays import input_hash, rows_from_arrays
 from kdpipe.pipeline.data.documents import Document, Fields, documents
 from kdpipe.pipeline.data.packing import PackingSpec, Rows, pack
-from kdpipe.pipeline.data.sources import ReadState, Source, iter_records, jsonl_records, resolve_source
+from kdpipe.pipeline.data.readers import ReadState, iter_records, jsonl_records
+from kdpipe.pipeline.data.sources import Source, resolve_source
 from kdpipe.pipeline.data.stream import Block, BlockStream
 
 

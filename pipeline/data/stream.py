@@ -29,7 +29,8 @@ import numpy as np
 from kdpipe.pipeline.data.arrays import rows_from_arrays
 from kdpipe.pipeline.data.documents import Document, Fields, documents
 from kdpipe.pipeline.data.packing import PackedBlock, PackingSpec, Rows, pack
-from kdpipe.pipeline.data.sources import ReadState, Source, iter_records
+from kdpipe.pipeline.data.readers import ReadState, iter_records
+from kdpipe.pipeline.data.sources import Source
 
 BLOCK_CHARS = 4 * 2**20  # ~1M tokens of English text per block
 KEY_BITS = 32
