@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
+from kdpipe.pipeline.data.stream import collect
 from kdpipe.pipeline.topk import sparse_view_of_logits
 
 SYNTHETIC = {  # Qwen2-1.5B-shaped Llama: 1.78 B parameters with the 151,936-row lm-head
@@ -50,9 +51,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_loop(plan, work) -> float:
-    """Seconds to run ``work(batch_index)`` over every batch of the plan."""
-    rows, bs = plan.num_rows, plan.settings.batch_size
+def time_loop(plan, rows: int, work) -> float:
+    """Seconds to run ``work(batch_index)`` over every batch of the plan's ``rows`` rows."""
+    bs = plan.settings.batch_size
     sync(plan.teacher.device)
     start = time.perf_counter()
     for s in range(0, rows, bs):
@@ -87,7 +88,8 @@ def main():
         )
         plan = plan_capture(settings)
         t = plan.teacher
-        inputs = torch.from_numpy(plan.rows.inputs).to(t.device)
+        rows, _ = collect(plan.stream(num_workers=0))  # the rows the capture makes, in memory
+        inputs = torch.from_numpy(rows.inputs).to(t.device)
 
         def forward(index):
             return t.logits(inputs[index])
@@ -105,14 +107,14 @@ def main():
             manifest = run_capture(plan)
             return time.perf_counter() - start, manifest
 
-        time_loop(plan, forward)  # warm-up
+        time_loop(plan, len(rows), forward)  # warm-up
         results = {"forward": [], "sparse_view": [], "capture": []}
         for _ in range(args.repeats):  # interleaved, so drift hits all three alike
-            results["forward"].append(time_loop(plan, forward))
-            results["sparse_view"].append(time_loop(plan, sparse))
+            results["forward"].append(time_loop(plan, len(rows), forward))
+            results["sparse_view"].append(time_loop(plan, len(rows), sparse))
             seconds, manifest = capture()
             results["capture"].append(seconds)
-    tokens = plan.num_tokens
+    tokens = int(rows.mask.sum())
     medians = {k: statistics.median(v) for k, v in results.items()}
     report = {
         "device": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "cpu",
