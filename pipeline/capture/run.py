@@ -1,0 +1,214 @@
+"""Stage one: run a teacher over data once and store its sparse output distribution.
+
+:func:`plan_capture` loads the teacher (or only its config, for a dry run) and checks every setting;
+:func:`run_capture` streams the data as blocks of rows (:mod:`kdpipe.pipeline.data.stream`:
+tokenised by worker processes ahead of the teacher, memory bounded whatever the corpus size), runs
+the teacher batch by batch, turns logits into the sparse view (:mod:`kdpipe.pipeline.topk`) and hands
+finished shards to a background writer thread, so the teacher never waits for the disk. A block's
+rows are cut into shards of at most ``rows_per_shard`` rows named ``r<rank>-b<block>-p<part>``, so a
+shard's name and content depend only on the settings and the data: a rerun skips shards already
+finished (their hashes are checked) and rank ``r`` of ``W`` captures the blocks ``b % W == r``.
+
+Crash safety: every shard and every progress record lands atomically (``*.tmp``, fsync, rename), so
+a capture killed at any moment (SIGKILL included) leaves finished shards, stray ``*.tmp`` files and at
+most one shard renamed but not yet recorded. Restarting with the same command removes the stray files,
+keeps the recorded shards whose sha256 still matches and redoes the rest (see
+:mod:`kdpipe.pipeline.progress`). A failed write (disk full, read-only --out) stops the capture with a
+:class:`~kdpipe.pipeline.errors.WriteError`; what was written before stays valid.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kdpipe.pipeline import data as datalib
+from kdpipe.pipeline import progress as progresslib
+from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
+from kdpipe.pipeline.data.stream import Block
+from kdpipe.pipeline.errors import TeacherError
+from kdpipe.pipeline.fileio import sha256_file, write_errors
+from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
+from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.topk import sparse_view_of_logits
+
+
+def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Run the teacher on rows ``index`` of ``block`` and return their cache columns."""
+    teacher, schema, rows = plan.teacher, plan.schema, block.rows
+    inputs = torch.from_numpy(rows.inputs[index]).to(teacher.device)
+    if teacher.kind == "module":
+        inputs = inputs.to(next(teacher.model.parameters()).dtype)
+    attention = None
+    if rows.attention_mask is not None:
+        attention = torch.from_numpy(rows.attention_mask[index]).to(teacher.device)
+    logits = teacher.logits(inputs, attention)  # [B, P, V]
+    if logits.shape[1:] != (schema.positions, teacher.vocab_size):
+        raise TeacherError(f"teacher output has shape {tuple(logits.shape)}, expected [batch, {schema.positions}, {teacher.vocab_size}]")
+    mask = rows.mask[index]  # [B, P]
+    flat_mask = torch.from_numpy(mask.reshape(-1)).to(teacher.device)
+    try:
+        view = sparse_view_of_logits(logits.reshape(-1, teacher.vocab_size)[flat_mask], top_k=schema.top_k, temperatures=schema.temperatures)
+    except FloatingPointError as exc:
+        position = int(str(exc).rsplit(" ", 1)[-1])
+        row = int(block.sample_index[index[np.nonzero(mask.reshape(-1))[0][position] // schema.positions]])
+        raise TeacherError(f"teacher logits are NaN or infinite in row {row}; check the teacher's weights and --dtype (try --dtype float32)") from None
+    return _columns(plan, block, index, mask, view)
+
+
+def _scatter(values: torch.Tensor, mask: np.ndarray, dtype) -> np.ndarray:
+    """Put per-valid-position values back into a zero-filled ``[B, P, ...]`` array."""
+    out = np.zeros(mask.shape + tuple(values.shape[1:]), dtype=dtype)
+    out[mask] = values.cpu().numpy()
+    return out
+
+
+def _columns(plan: CapturePlan, block: Block, index, mask, view) -> dict[str, np.ndarray]:
+    schema, rows = plan.schema, block.rows
+    topk_logits = view.topk_logits
+    if schema.value_dtype == "bfloat16":
+        topk_logits = topk_logits.to(torch.bfloat16).view(torch.int16)
+    columns = {
+        "sample_index": block.sample_index[index],
+        "input_hash": np.array([datalib.input_hash(rows.inputs[i]) for i in index], dtype=np.uint64),
+    }
+    fields = schema.fields()
+    if "input_ids" in fields:
+        columns["input_ids"] = rows.inputs[index].astype(fields["input_ids"][1])
+    columns["mask"] = mask
+    columns["topk_ids"] = _scatter(view.topk_ids, mask, fields["topk_ids"][1])
+    columns["topk_logits"] = _scatter(topk_logits, mask, fields["topk_logits"][1])  # fp32 view, or bf16 bits
+    columns["logsumexp"] = _scatter(view.logsumexp, mask, np.float32)
+    columns["tail_logprob"] = _scatter(view.tail_logprob, mask, np.float32)
+    if schema.has_label:
+        columns["label"] = rows.labels[index]
+    return columns
+
+
+def run_capture(
+    plan: CapturePlan, *, on_rows: Callable[[int, int], None] | None = None,
+    on_start: Callable[[progresslib.RankProgress], None] | None = None,
+) -> dict | None:
+    """Capture every shard of this rank not already finished; return the manifest once all ranks are done.
+
+    ``on_start(progress)`` is called once the rank's record is loaded and checked (``progress.record``
+    holds the finished shards kept, ``progress.redo`` the recorded ones found damaged or missing);
+    ``on_rows(rows, tokens)`` after every batch (for progress bars). Returns the manifest dict when
+    the cache is complete, or None when other ranks still have shards to write.
+    """
+    settings = plan.settings
+    torch.manual_seed(settings.seed)
+    out = Path(settings.out)
+    log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size)
+    log.start(plan)
+    if on_start:
+        on_start(log)
+    stream = plan.stream(skip=log.block_done)
+    writer = _ShardWriter(get_format(settings.format), plan, log)
+    try:
+        for block in stream:
+            _capture_block(plan, block, log, writer, on_rows)
+    finally:
+        writer.close()
+    data_sha256 = stream.state.complete_hashes() if plan.source.files else {}
+    log.finish(num_blocks=stream.num_blocks, data_sha256=data_sha256)
+    return progresslib.finalize(out, plan=plan, header=manifest_header(plan))
+
+
+def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter", on_rows) -> None:
+    """Run the teacher over one block's rows, shard by shard, skipping shards already finished."""
+    settings, n = plan.settings, len(block.rows)
+    starts = range(0, n, plan.rows_per_shard)
+    for part, start in enumerate(starts):
+        name = shard_name(rank=settings.rank, block=block.index, part=part, suffix=writer.suffix)
+        if log.is_done(name):
+            continue
+        shard_rows = np.arange(start, min(start + plan.rows_per_shard, n))
+        parts = []
+        for first in range(0, len(shard_rows), settings.batch_size):
+            index = shard_rows[first : first + settings.batch_size]
+            parts.append(_batch_columns(plan, block, index))
+            if on_rows:
+                on_rows(len(index), int(block.rows.mask[index].sum()))
+            writer.check()
+        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        writer.put_shard(name, block.index, part, columns)
+    writer.put_block(block.index, {"parts": len(starts), "rows": n, "tokens": block.tokens,
+                                   "truncated_rows": block.truncated_rows})
+
+
+def manifest_header(plan: CapturePlan) -> dict:
+    s = plan.settings
+    device = plan.teacher.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "task": plan.schema.task,
+        **plan.fingerprints,
+        "capture": {**s.content_settings(), "teacher": s.teacher, "data": s.data,
+                    "batch_size": s.batch_size, "id_dtype": plan.schema.id_dtype,
+                    "teacher_vocab_size": plan.teacher.vocab_size,
+                    "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
+                    "value_space": "logits minus the position's max logit"},
+        "schema": plan.schema.to_dict(),
+        "software": software_versions(),
+        "device": device_name,
+    }
+
+
+class _ShardWriter:
+    """Writes finished shards on a background thread, in order, recording each shard and then each
+    completed block in the rank's progress record; errors surface on the next ``check``/``put``."""
+
+    def __init__(self, fmt, plan: CapturePlan, log):
+        self._fmt, self._plan, self._log = fmt, plan, log
+        self.suffix = fmt.suffix
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kdpipe-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                item()
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                self._error = exc
+
+    def _write(self, name: str, block: int, part: int, columns: dict) -> None:
+        settings = self._plan.settings
+        path = Path(settings.out) / name
+        with write_errors(f"shard {name}", settings.out):
+            self._fmt.write(path, columns, schema=self._plan.schema, chunk_rows=CHUNK_ROWS)
+        self._log.shard_done({
+            "name": name, "block": block, "part": part, "rank": settings.rank,
+            "rows": len(columns["sample_index"]), "tokens": int(columns["mask"].sum()),
+            "bytes": os.path.getsize(path), "sha256": sha256_file(path),
+        })
+
+    def check(self):
+        if self._error is not None:
+            raise self._error
+
+    def put_shard(self, name: str, block: int, part: int, columns: dict):
+        self.check()
+        self._queue.put(lambda: self._write(name, block, part, columns))
+
+    def put_block(self, block: int, info: dict):
+        """Record ``block`` as complete once its shards (queued before) are written."""
+        self.check()
+        self._queue.put(lambda: self._log.block_done_with(block, info))
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
