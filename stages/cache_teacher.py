@@ -67,16 +67,24 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
     if overwrite:
         _clear_cache(out)
     started = time.perf_counter()
-    with tqdm(total=settings.limit_rows, unit="row", desc="cache-teacher", dynamic_ncols=True) as bar:
-        tokens = 0
+    by_bytes = settings.limit_rows is None and settings.max_tokens is None and plan.source.total_bytes
+    total = plan.source.total_bytes if by_bytes else settings.limit_rows
+    with tqdm(total=total, unit="B" if by_bytes else "row", unit_scale=bool(by_bytes), desc="cache-teacher",
+              dynamic_ncols=True) as bar:
+        rows = tokens = 0
 
-        def on_rows(rows, new_tokens):
-            nonlocal tokens
-            tokens += new_tokens
-            bar.update(rows)
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+        def on_rows(new_rows, new_tokens):
+            nonlocal rows, tokens
+            rows, tokens = rows + new_rows, tokens + new_tokens
+            if not by_bytes:
+                bar.update(new_rows)
+            bar.set_postfix(rows=rows, tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
 
-        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, bar))
+        def on_data(bytes_read):  # data read so far: the bar's position when it counts bytes
+            if by_bytes:
+                bar.update(bytes_read - bar.n)
+
+        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, bar), on_data=on_data)
     if manifest is None:
         click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
         return

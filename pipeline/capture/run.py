@@ -94,12 +94,14 @@ def _columns(plan: CapturePlan, block: Block, index, mask, view) -> dict[str, np
 def run_capture(
     plan: CapturePlan, *, on_rows: Callable[[int, int], None] | None = None,
     on_start: Callable[[progresslib.RankProgress], None] | None = None,
+    on_data: Callable[[int], None] | None = None,
 ) -> dict | None:
     """Capture every shard of this rank not already finished; return the manifest once all ranks are done.
 
     ``on_start(progress)`` is called once the rank's record is loaded and checked (``progress.record``
     holds the finished shards kept, ``progress.redo`` the recorded ones found damaged or missing);
-    ``on_rows(rows, tokens)`` after every batch (for progress bars). Returns the manifest dict when
+    ``on_rows(rows, tokens)`` after every batch and ``on_data(bytes_read)`` after every data block
+    (for progress bars: ``plan.source.total_bytes`` is the total, when known). Returns the manifest dict when
     the cache is complete, or None when other ranks still have shards to write.
     """
     settings = plan.settings
@@ -114,6 +116,8 @@ def run_capture(
     try:
         for block in stream:
             _capture_block(plan, block, log, writer, on_rows)
+            if on_data:
+                on_data(block.bytes_read)
     finally:
         writer.close()
     data_sha256 = stream.state.complete_hashes() if plan.source.files else {}

@@ -43,6 +43,7 @@ class Block:
     sample_index: np.ndarray  # [N] int64 row keys (see module doc)
     tokens: int  # real tokens in the rows
     truncated_rows: int = 0
+    bytes_read: int = 0  # bytes of the data read up to the end of this block (for progress)
 
 
 def document_blocks(docs: Iterator[Document], block_chars: int) -> Iterator[tuple[int, list[Document]]]:
@@ -85,10 +86,10 @@ class BlockStream:
         try:
             for index, packed, mine in blocks:
                 last = index
-                packed = self._within_limits(packed, rows, tokens)
-                rows, tokens = rows + len(packed.rows), tokens + packed.tokens
+                result = self._within_limits(packed, rows, tokens)
+                rows, tokens = rows + len(result.rows), tokens + result.tokens
                 if mine:
-                    yield self._block(index, packed)
+                    yield dataclasses.replace(self._block(index, result), bytes_read=packed.bytes_read)
                 if (self.limit_rows is not None and rows >= self.limit_rows) or (self.max_tokens is not None and tokens >= self.max_tokens):
                     break
         finally:
@@ -129,7 +130,7 @@ class BlockStream:
             part = Rows(*(None if a is None else a[start : start + self.rows_per_block]
                           for a in (rows.inputs, rows.mask, rows.labels, rows.attention_mask)))
             yield index, _Packed(PackedBlock(part, len(part)), None), self._mine(index)
-        self.state.file_done(self.source.files[0])
+        self.state.file_done(self.source.files[0])  # (bytes_read stays 0: arrays are read at once)
 
     def _text_blocks(self) -> Iterator[tuple[int, "_Packed", bool]]:
         """Packed blocks in order, tokenised ``2 * num_workers`` blocks ahead by the worker pool."""
@@ -138,23 +139,24 @@ class BlockStream:
         cap_rows, cap_tokens = self.limit_rows, self.max_tokens
         with _Pool(self.spec, self.num_workers) as pool:
             for index, block_docs in document_blocks(docs, self.block_chars):
-                mine = self._mine(index)
+                mine, read = self._mine(index), self.state.bytes_done
                 if not self._limited and not (mine and not self.skip(index)):
-                    yield index, _Packed(_EMPTY, None), False
+                    yield index, _Packed(_EMPTY, None, read), False
                     continue
-                pending.append((index, block_docs, mine, pool.submit(block_docs, cap_rows, cap_tokens)))
+                pending.append((index, block_docs, mine, read, pool.submit(block_docs, cap_rows, cap_tokens)))
                 while len(pending) > pool.lookahead:
-                    index_, docs_, mine_, future = pending.popleft()
-                    yield index_, _Packed(future.result(), docs_), mine_
+                    index_, docs_, mine_, read_, future = pending.popleft()
+                    yield index_, _Packed(future.result(), docs_, read_), mine_
             while pending:
-                index_, docs_, mine_, future = pending.popleft()
-                yield index_, _Packed(future.result(), docs_), mine_
+                index_, docs_, mine_, read_, future = pending.popleft()
+                yield index_, _Packed(future.result(), docs_, read_), mine_
 
 
 @dataclasses.dataclass
 class _Packed:
     result: PackedBlock
     docs: list | None  # the block's documents (to re-pack at a limit); None for arrays
+    bytes_read: int = 0  # data bytes read when the block's last document was
 
 
 _EMPTY = PackedBlock(Rows(np.zeros((0, 0), np.int64), np.zeros((0, 0), bool), None, None), 0)
