@@ -148,13 +148,13 @@ class RssSampler(threading.Thread):
                 self.samples.append((time.perf_counter() - start, sum(rss.values()), rss.get(self.proc.pid, 0), len(rss)))
             time.sleep(self.interval)
 
-    def summary(self) -> dict:
+    def summary(self, points: int = 300) -> dict:
         total = max(self.samples, key=lambda s: s[1])
-        series, next_t = [], 0.0
-        for t, kb, root_kb, n in self.samples:  # about one point a second for the JSON
+        series, next_t, step = [], 0.0, max(1.0, self.samples[-1][0] / points)
+        for t, kb, root_kb, n in self.samples:  # at most about ``points`` points for the JSON
             if t >= next_t:
                 series.append([round(t, 1), round(kb / 1024, 1), round(root_kb / 1024, 1), n])
-                next_t = t + 1.0
+                next_t = t + step
         return {"peak_rss_mb": total[1] / 1024, "peak_at_s": total[0],
                 "peak_main_rss_mb": max(s[2] for s in self.samples) / 1024,
                 "max_processes": max(s[3] for s in self.samples), "samples": len(self.samples),
@@ -182,6 +182,9 @@ def run_capture(args, teacher: str, corpus: str, out: Path, log: Path) -> dict:
         proc.wait()
         wall = time.perf_counter() - start
         sampler.join()
+    with open(log.with_suffix(".rss.tsv"), "w") as f:  # every sample, for looking at the trend
+        f.write("seconds\ttotal_kib\tmain_kib\tprocesses\n")
+        f.writelines("\t".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in s) + "\n" for s in sampler.samples)
     if proc.returncode != 0:
         raise SystemExit(f"capture failed (exit {proc.returncode}): {shlex.join(command)}\n{log.read_text()[-3000:]}")
     totals = json.loads((out / "manifest.json").read_text())["totals"]
@@ -219,7 +222,7 @@ def git_state() -> dict:
 
 def print_table(report: dict) -> None:
     data, fwd = report["data_path"], report["teacher_forward"]
-    print(f"\ndata path alone: BlockStream over {report['corpora']['small']['bytes'] / 1e6:.0f} MB "
+    print(f"\ndata path alone: BlockStream over {report['corpora']['small']['bytes'] / 1e6:.1f} MB "
           f"({data['tokens']:,} tokens), median of {report['repeats']}")
     print(f"{'workers':>8} {'tokens/s':>12} {'first block s':>14} {'CPU s':>8} {'vs forward':>11}")
     for w, m in data["by_workers"].items():
@@ -228,7 +231,7 @@ def print_table(report: dict) -> None:
     print(f"\ncapture (--num-workers {report['capture_workers']}) {'MB':>6} {'tokens':>12} {'wall s':>8} "
           f"{'tokens/s':>10} {'peak RSS MiB':>13} {'main MiB':>9} {'procs':>6}")
     for name, c in report["captures"].items():
-        print(f"{name:<29} {report['corpora'][name]['bytes'] / 1e6:>6.0f} {c['tokens']:>12,} {c['wall_s']:>8.1f} "
+        print(f"{name:<29} {report['corpora'][name]['bytes'] / 1e6:>6.1f} {c['tokens']:>12,} {c['wall_s']:>8.1f} "
               f"{c['tokens_per_s']:>10,.0f} {c['peak_rss_mb']:>13.0f} {c['peak_main_rss_mb']:>9.0f} {c['max_processes']:>6}")
     ratio = report["peak_rss_ratio_large_to_small"]
     print(f"peak RSS large/small: {ratio:.3f} (must be <= {RSS_LIMIT_RATIO}: {'ok' if ratio <= RSS_LIMIT_RATIO else 'EXCEEDED'})")
@@ -266,10 +269,13 @@ def main():
         teacher = load_hf_teacher(teacher_dir, device=torch.device("cpu"), dtype=torch.float32)
         spec = PackingSpec("causal-lm", args.seq_len, teacher.tokenizer)
         small = corpora["small"]["path"]
-        runs = {w: [time_stream(small, spec, w) for _ in range(args.repeats)] for w in args.workers}
-        first_block = next(iter(BlockStream(resolve_source(small), spec)))
-        forward = time_forward(teacher, first_block.rows, batch_size=args.batch_size, batches=args.forward_batches)
-        del teacher, first_block
+        rows = next(iter(BlockStream(resolve_source(small), spec))).rows  # the small corpus's first block
+        runs, forwards = {w: [] for w in args.workers}, []
+        for _ in range(args.repeats):  # interleaved, so drift (other jobs on the machine) hits all alike
+            for w in args.workers:
+                runs[w].append(time_stream(small, spec, w))
+            forwards.append(time_forward(teacher, rows, batch_size=args.batch_size, batches=args.forward_batches))
+        del teacher, rows
 
         captures = {name: run_capture(args, teacher_dir, c["path"], work / f"cache-{name}", work / f"capture-{name}.log")
                     for name, c in corpora.items()}
@@ -288,7 +294,9 @@ def main():
                            for w, r in runs.items()},
             "runs": {str(w): r for w, r in runs.items()},
         },
-        "teacher_forward": forward,
+        "teacher_forward": {**{k: forwards[0][k] for k in ("batch", "batches", "warmup", "torch_threads")},
+                            "tokens_per_s": median(forwards, "tokens_per_s"), "median_s": median(forwards, "median_s"),
+                            "runs": forwards},
         "captures": captures,
         "peak_rss_ratio_large_to_small": captures["large"]["peak_rss_mb"] / captures["small"]["peak_rss_mb"],
         "peak_rss_limit_ratio": RSS_LIMIT_RATIO,

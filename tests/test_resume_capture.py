@@ -116,12 +116,41 @@ def _run_and_kill(args: list[str], log: Path, *, after_seconds: float = 0.0, aft
         if proc.poll() is not None:
             assert proc.returncode == 0, log.read_text()[-2000:]
             return False
+        children = _children(proc.pid)  # tokenizer workers, multiprocessing's resource tracker
+        KILLED_CHILDREN.append(len(children))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _assert_gone(children)
         return True
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+KILLED_CHILDREN: list[int] = []  # child processes found at each kill
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return []
+
+
+def _assert_gone(pids: list[int], timeout: float = 15.0) -> None:
+    """A killed capture leaves no process behind: its workers notice and exit."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+    assert not alive, f"processes left running after the capture was killed: {alive}"
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    return "Z"
 
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
@@ -306,6 +335,7 @@ def test_sigkill_mid_stream_with_tokenizer_workers_then_resume_equals_uninterrup
     for target in sorted(rng.sample(range(2, total - 2), 2)):
         assert _run_and_kill(args, tmp_path / "log", after_shards=target, jitter=rng.uniform(0, 0.05))
         states.append(_progress_shards(out))
+    assert min(KILLED_CHILDREN[-2:]) >= 2, "two tokenizer workers were running at each kill, and exited after it"
     assert states == sorted(states) and states[-1] < total, states
     done = subprocess.run(KDPIPE + args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

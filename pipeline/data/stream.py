@@ -22,6 +22,9 @@ import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
+import threading
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -167,10 +170,17 @@ _WORKER_SPEC: PackingSpec | None = None
 
 def _init_worker(spec: PackingSpec) -> None:
     global _WORKER_SPEC
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
     _WORKER_SPEC = spec
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker within a second of its capture's end: a capture killed with SIGKILL has no
+    time to stop its workers, which would otherwise wait for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _pack_in_worker(docs: list, max_rows: int | None, max_tokens: int | None) -> PackedBlock:
