@@ -167,7 +167,8 @@ def check_hub_teacher(name: str, *, timeout: float = 10.0) -> None:
         )
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from kdpipe.pipeline.hub import MISSING, ask_hub
 
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return
@@ -176,19 +177,17 @@ def check_hub_teacher(name: str, *, timeout: float = 10.0) -> None:
             f"teacher {name!r} does not exist locally and is not in the Hugging Face cache "
             "(HF_HUB_OFFLINE is set); check the path, or download the model first"
         )
-    try:
-        huggingface_hub.model_info(name, timeout=timeout)
-    except RepositoryNotFoundError:
+    problem = ask_hub(lambda: huggingface_hub.model_info(name, timeout=timeout))
+    if problem == MISSING:
         raise TeacherError(
             f"teacher {name!r} does not exist locally and the Hugging Face hub has no model of that name "
             "(or it is private: log in with `hf auth login`); check --teacher"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - no network, proxy, timeout, server error
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        )
+    if problem:
         raise TeacherError(
             f"teacher {name!r} does not exist locally and the Hugging Face hub cannot be reached to fetch it "
-            f"({first}); check the path, or download the model and give its directory"
-        ) from None
+            f"({problem}); check the path, or download the model and give its directory"
+        )
 
 
 def load_module_teacher(

@@ -102,23 +102,22 @@ def check_hub_dataset(name: str, *, timeout: float = 10.0) -> None:
     """
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from kdpipe.pipeline.hub import MISSING, ask_hub
 
     if constants.HF_HUB_OFFLINE:
         return
-    try:
-        huggingface_hub.dataset_info(name, timeout=timeout)
-    except RepositoryNotFoundError:
+    problem = ask_hub(lambda: huggingface_hub.dataset_info(name, timeout=timeout))
+    if problem == MISSING:
         raise DataError(
             f"dataset {name!r} does not exist locally and the Hugging Face Hub has no dataset of that name "
             "(or it is private: log in with `hf auth login`); check --data hf:ORG/NAME"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - no network, proxy, timeout, server error
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        )
+    if problem:
         raise DataError(
-            f"dataset {name!r} is not a local folder and the Hugging Face Hub cannot be reached ({first}); "
+            f"dataset {name!r} is not a local folder and the Hugging Face Hub cannot be reached ({problem}); "
             "download it and pass its folder, or set HF_HUB_OFFLINE=1 to use the datasets cache"
-        ) from None
+        )
 
 
 def _glob_base(spec: str) -> str:
