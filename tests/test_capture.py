@@ -135,6 +135,19 @@ def test_dry_run_estimates_size_within_20_percent(tiny_lm_dir, text_dir, tmp_pat
     assert abs(estimate - actual) / actual < 0.20, (estimate, actual)
 
 
+def test_dry_run_of_data_larger_than_a_block_extrapolates_from_the_first_and_says_so(tiny_lm_dir, text_dir, tmp_path):
+    text = "".join(p.read_text() for p in sorted(text_dir.glob("*.txt")))
+    data = tmp_path / "docs.jsonl"  # 40 documents of 750 characters; the first block holds 3 of them
+    data.write_text("".join(json.dumps({"text": text[i : i + 750]}) + "\n" for i in range(0, 30_000, 750)))
+    args = ["--top-k", 8, "--seq-len", 32, "--block-mb", 0.002]
+    dry = run_cli("cache-teacher", "--teacher", tiny_lm_dir, "--data", data, "--out", tmp_path / "dry", "--dry-run", *args)
+    assert dry.exit_code == 0, dry.output
+    assert "extrapolated from the first" in dry.output and not (tmp_path / "dry").exists()
+    rows = int(dry.output.split("rows:")[1].split()[0])
+    actual = open_cache(capture(tiny_lm_dir, data, tmp_path / "real", *args)).manifest["totals"]["rows"]
+    assert abs(rows - actual) / actual < 0.20, (rows, actual)
+
+
 def test_rerun_of_finished_capture_is_a_no_op(tiny_lm_dir, text_dir, tmp_path):
     args = ["--top-k", 8, "--seq-len", 32, "--limit-rows", 8]
     out = capture(tiny_lm_dir, text_dir, tmp_path / "cache", *args)

@@ -55,10 +55,10 @@ class ReadState:
 class _HashingReader(io.RawIOBase):
     """A raw binary file whose bytes feed a sha256 as they are read."""
 
-    def __init__(self, path: Path, state: ReadState):
+    def __init__(self, path: Path):
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
         self.digest = hashlib.sha256()
-        self._state = state
+        self.raw_bytes = 0  # read so far (a buffered or decompressing reader is a little ahead)
 
     def readable(self) -> bool:
         return True
@@ -67,7 +67,7 @@ class _HashingReader(io.RawIOBase):
         n = self._file.readinto(buffer)
         if n:
             self.digest.update(memoryview(buffer)[:n])
-            self._state.bytes_in_file += n
+            self.raw_bytes += n
         return n
 
     def close(self) -> None:
@@ -90,12 +90,12 @@ def iter_records(source: Source, state: ReadState | None = None) -> Iterator[tup
             yield from (_parquet_records if suffix == ".parquet" else _arrow_records)(path, state)
             state.file_done(path)
             continue
-        reader = _HashingReader(path, state)
+        reader = _HashingReader(path)
         try:
             if suffix == ".txt":
                 yield str(path), _decode(path, reader.readall())
             else:
-                yield from _jsonl_records(path, _decompressed(path, suffix, reader))
+                yield from _jsonl_records(path, _decompressed(path, suffix, reader), state, reader)
             _drain(path, reader)
             state.sha256[source.relative(path)] = reader.digest.hexdigest()
             state.file_done(path)
@@ -126,10 +126,13 @@ def _decode(path: Path, raw: bytes, where: str | None = None) -> str:
         raise DataError(f"{where or path} is not valid UTF-8 (byte {exc.start}); re-encode it, e.g. iconv -t UTF-8") from None
 
 
-def _jsonl_records(path: Path, stream) -> Iterator[tuple[str, dict]]:
+def _jsonl_records(path: Path, stream, state: ReadState, raw: _HashingReader) -> Iterator[tuple[str, dict]]:
     lines = io.BufferedReader(stream) if not isinstance(stream, io.BufferedIOBase) else stream
+    compressed = not path.name.endswith(".jsonl")
     try:
         for n, line in enumerate(lines, start=1):
+            # bytes consumed: the lines themselves, or the compressed bytes the decompressor took
+            state.bytes_in_file = raw.raw_bytes if compressed else state.bytes_in_file + len(line)
             if line.strip():
                 yield f"{path}:{n}", _json_object(line, f"{path}:{n}")
     except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile is an OSError
