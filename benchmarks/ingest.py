@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLAYS = ROOT / "data" / "shakespeare" / "train"
 TOKENIZER = ROOT / "data" / "teacher"  # its tokenizer files (vocab 2,048; id 0 is bos = eos = pad)
-TINY_TEACHER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=2048, max_position_embeddings=512,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+TINY_TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512,
+                "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "tie_word_embeddings": False}
 RSS_LIMIT_RATIO = 1.15  # large / small peak RSS that bounded memory must stay under
 MiB = 2**20
 
@@ -79,7 +79,7 @@ def time_stream(corpus: str, spec, workers: int) -> dict:
     """One pass of ``BlockStream`` over ``corpus``: tokens, seconds (to the first block too), CPU seconds."""
     from kdpipe.pipeline.data import BlockStream, resolve_source
 
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    load, cpu, start = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
     tokens = rows = blocks = 0
     first_block_s = None
     for block in BlockStream(resolve_source(corpus), spec, num_workers=workers):
@@ -87,7 +87,7 @@ def time_stream(corpus: str, spec, workers: int) -> dict:
         tokens, rows, blocks = tokens + block.tokens, rows + len(block.rows), blocks + 1
     seconds = time.perf_counter() - start  # the pool is shut down (children joined) by now
     return {"tokens": tokens, "rows": rows, "blocks": blocks, "seconds": seconds, "first_block_s": first_block_s,
-            "cpu_s": _cpu_seconds() - cpu, "tokens_per_s": tokens / seconds}
+            "cpu_s": _cpu_seconds() - cpu, "tokens_per_s": tokens / seconds, "load_1min": load}
 
 
 def _cpu_seconds() -> float:
@@ -96,24 +96,35 @@ def _cpu_seconds() -> float:
 
 
 def time_forward(teacher, rows, *, batch_size: int, batches: int, warmup: int = 3) -> dict:
-    """Median seconds of the bare forward over ``batches`` batches of ``batch_size`` rows (after ``warmup``)."""
+    """Median seconds of the bare forward over ``batches`` batches of ``batch_size`` rows (after ``warmup``).
+
+    ``cores_busy`` is this process's CPU seconds per wall second while timing: about the number of
+    torch threads on an idle machine, less when other jobs take the cores (the forward then slows
+    far more than the single-threaded tokenizer does)."""
     import torch
 
     inputs = torch.from_numpy(rows.inputs)  # [N, L]
     attention = torch.from_numpy(rows.attention_mask)  # [N, L]
+    batch = lambda b: (inputs[b * batch_size : (b + 1) * batch_size], attention[b * batch_size : (b + 1) * batch_size])
     n_batches = min(len(inputs) // batch_size, warmup + batches)
-    seconds = []
-    for b in range(n_batches):
-        index = slice(b * batch_size, (b + 1) * batch_size)
+    for b in range(warmup):
+        teacher.logits(*batch(b))
+    seconds, load, cpu, wall = [], os.getloadavg()[0], _own_cpu_seconds(), time.perf_counter()
+    for b in range(warmup, n_batches):
         start = time.perf_counter()
-        teacher.logits(inputs[index], attention[index])
-        if b >= warmup:
-            seconds.append(time.perf_counter() - start)
+        teacher.logits(*batch(b))
+        seconds.append(time.perf_counter() - start)
+    cores_busy = (_own_cpu_seconds() - cpu) / (time.perf_counter() - wall)
     median = statistics.median(seconds)
     batch_tokens = batch_size * inputs.shape[1]
     return {"batch": f"{batch_size}x{inputs.shape[1]}", "batches": len(seconds), "warmup": warmup,
             "seconds_per_batch": seconds, "median_s": median, "tokens_per_s": batch_tokens / median,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cores_busy": cores_busy, "load_1min": load}
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 # ----------------------------------------------------------------------------- captures and RSS
@@ -215,7 +226,7 @@ def versions() -> dict:
 
 def git_state() -> dict:
     def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
@@ -227,7 +238,8 @@ def print_table(report: dict) -> None:
     print(f"{'workers':>8} {'tokens/s':>12} {'first block s':>14} {'CPU s':>8} {'vs forward':>11}")
     for w, m in data["by_workers"].items():
         print(f"{w:>8} {m['tokens_per_s']:>12,.0f} {m['first_block_s']:>14.2f} {m['cpu_s']:>8.1f} {m['tokens_per_s'] / fwd['tokens_per_s']:>10.2f}x")
-    print(f"teacher forward ({fwd['batch']}, {fwd['torch_threads']} threads): {fwd['tokens_per_s']:,.0f} tokens/s")
+    print(f"teacher forward ({fwd['batch']}, {fwd['torch_threads']} threads): {fwd['tokens_per_s']:,.0f} tokens/s "
+          f"({fwd['cores_busy']:.1f} cores busy; fewer than {fwd['torch_threads']} means other jobs slowed it)")
     print(f"\ncapture (--num-workers {report['capture_workers']}) {'MB':>6} {'tokens':>12} {'wall s':>8} "
           f"{'tokens/s':>10} {'peak RSS MiB':>13} {'main MiB':>9} {'procs':>6}")
     for name, c in report["captures"].items():
@@ -262,9 +274,9 @@ def main():
                    for i, (name, mb) in enumerate((("small", args.small_mb), ("large", args.large_mb)))}
         teacher_dir = make_teacher(work / "teacher")
 
+        import torch
         from kdpipe.pipeline.data import BlockStream, PackingSpec, resolve_source
         from kdpipe.pipeline.teachers import load_hf_teacher
-        import torch
 
         teacher = load_hf_teacher(teacher_dir, device=torch.device("cpu"), dtype=torch.float32)
         spec = PackingSpec("causal-lm", args.seq_len, teacher.tokenizer)
@@ -280,7 +292,7 @@ def main():
         captures = {name: run_capture(args, teacher_dir, c["path"], work / f"cache-{name}", work / f"capture-{name}.log")
                     for name, c in corpora.items()}
 
-    median = lambda runs_, key: statistics.median(r[key] for r in runs_)  # noqa: E731
+    median = lambda runs_, key: statistics.median(r[key] for r in runs_)
     report = {
         "benchmark": "ingest", "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -295,7 +307,7 @@ def main():
             "runs": {str(w): r for w, r in runs.items()},
         },
         "teacher_forward": {**{k: forwards[0][k] for k in ("batch", "batches", "warmup", "torch_threads")},
-                            "tokens_per_s": median(forwards, "tokens_per_s"), "median_s": median(forwards, "median_s"),
+                            **{k: median(forwards, k) for k in ("tokens_per_s", "median_s", "cores_busy")},
                             "runs": forwards},
         "captures": captures,
         "peak_rss_ratio_large_to_small": captures["large"]["peak_rss_mb"] / captures["small"]["peak_rss_mb"],
