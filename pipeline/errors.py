@@ -31,3 +31,7 @@ class IntegrityError(KdpipeError):
 
 class WriteError(KdpipeError):
     """A file could not be written (disk full, read-only or unwritable folder, ...)."""
+
+
+class StorageError(KdpipeError):
+    """An object store cannot be reached or refuses access (bad credentials, missing bucket, ...)."""

@@ -93,3 +93,25 @@ def module_teacher(tmp_path_factory) -> dict:
         "weights": folder / "tiny.safetensors",
         "data": folder / "digits.npz",
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on localhost; dummy credentials and ``AWS_ENDPOINT_URL`` point
+    this process and its subprocesses at it. Bucket ``kdpipe-test`` exists; use a fresh prefix per test."""
+    from s3_server import S3Server, s3_environment
+
+    server = S3Server()
+    server.start()
+    with s3_environment(server.endpoint):
+        server.create_bucket("kdpipe-test")
+        yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_url(s3_server, request) -> str:
+    """A fresh ``s3://kdpipe-test/<test name>`` prefix."""
+    import re
+
+    return f"s3://kdpipe-test/{re.sub(r'[^A-Za-z0-9_-]+', '-', request.node.name)[:80]}"
