@@ -1,19 +1,32 @@
-"""Reading a finished cache: :func:`open_cache` and :class:`TeacherCache`."""
+"""Reading a finished cache: :func:`open_cache` and :class:`TeacherCache`.
+
+A cache is a local folder or an object-store URL (``s3://bucket/prefix``; see
+:mod:`kdpipe.pipeline.storage.location`). A remote shard is downloaded whole into a local folder,
+its sha256 checked against the manifest while it streams, and opened there; downloads run
+``read_ahead`` shards ahead of the reader along the order given to :meth:`TeacherCache.schedule`.
+"""
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from kdpipe.pipeline.errors import CacheFormatError, IntegrityError
+from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.manifest import MANIFEST_NAME, load_manifest, resolve_shard_path
+from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, resolve_shard_path
 from kdpipe.pipeline.schema import CacheSchema, values_to_float32
 from kdpipe.pipeline.storage.base import ShardReader, get_format
+from kdpipe.pipeline.storage.local_copies import LocalCopies
+from kdpipe.pipeline.storage.location import CacheLocation
+from kdpipe.pipeline.storage.read_ahead import ShardReadAhead
+
+DEFAULT_READ_AHEAD = 4  # remote shards downloaded ahead of the reader (benchmarks/remote_read.py)
+MAX_OPEN_REMOTE_SHARDS = 16  # a remote cache read at random closes (and unpins) its oldest shards
 
 
 def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature: float) -> np.ndarray:
@@ -27,19 +40,38 @@ def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature
 class TeacherCache:
     """A finished teacher cache: ``len(cache)`` rows, ``cache.read(i, temperature=T)``.
 
-    Shards are opened lazily; ``verify_hashes=True`` checks each shard's sha256 against the
-    manifest the first time it is opened (once per shard per process).
+    root: a local cache folder, or an object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``)
+    read with ``storage_options`` (passed to fsspec; credentials otherwise come from the standard
+    places). Shards are opened lazily; ``verify_hashes=True`` checks each local shard's sha256 against
+    the manifest the first time it is opened (once per shard per process); remote shards are always
+    checked, as they download. A remote shard lands in ``local_cache`` (a folder shared by the
+    processes of a machine, least recently used shards evicted beyond ``local_cache_gb``) or, without
+    one, in a private temporary folder that holds only the shards in use and read ahead.
     """
 
-    def __init__(self, root: str | os.PathLike, *, verify_hashes: bool = False):
-        self.root = Path(root)
-        self.manifest = load_manifest(self.root)
+    def __init__(
+        self, root: str | os.PathLike | CacheLocation, *, verify_hashes: bool = False,
+        storage_options: dict | None = None, local_cache: str | os.PathLike | None = None,
+        local_cache_gb: float | None = None, read_ahead: int | None = None,
+    ):
+        self.location = CacheLocation(root, storage_options)
+        self.root = self.location.root
+        self.manifest, self._manifest_bytes = read_manifest(self.location)
         self.schema = CacheSchema.from_dict(self.manifest["schema"])
         self.format = get_format(self.manifest["capture"]["format"])
         self.shards = self.manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self.shards]).tolist()
         self._verify_hashes = verify_hashes
         self._readers: dict[int, ShardReader] = {}
+        self._read_ahead = None
+        if self.location.is_remote:
+            read_ahead = DEFAULT_READ_AHEAD if read_ahead is None else read_ahead
+            if read_ahead < 0:
+                raise ConfigError(f"--read-ahead {read_ahead} must be 0 (no read-ahead) or more")
+            limit = None if local_cache_gb is None else int(local_cache_gb * 1e9)
+            copies = LocalCopies(local_cache, limit_bytes=limit)
+            self._read_ahead = ShardReadAhead(self.location, self.shards, copies, suffix=self.format.suffix,
+                                              read_ahead=read_ahead)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -50,13 +82,33 @@ class TeacherCache:
 
     @functools.cached_property
     def manifest_sha256(self) -> str:
+        if self._manifest_bytes is not None:
+            return hashlib.sha256(self._manifest_bytes).hexdigest()
         return sha256_file(self.root / MANIFEST_NAME)
 
+    @property
+    def local_copies(self) -> LocalCopies | None:
+        """Where remote shards are copied to (None for a local cache)."""
+        return self._read_ahead.copies if self._read_ahead else None
+
+    def schedule(self, shard_indices: list[int]) -> None:
+        """The order in which this process will read shards next (e.g. each epoch's); a remote cache
+        downloads ``read_ahead`` of them ahead of the reader. Cheap, may be called again at any time
+        (the new order replaces the old); a no-op for a local cache."""
+        if self._read_ahead is not None:
+            self._read_ahead.schedule(shard_indices)
+
     def shard_path(self, index: int) -> Path:
-        return resolve_shard_path(self.root, self.shards[index]["name"])
+        """The shard's file (of a local cache)."""
+        return resolve_shard_path(self.location.local(), self.shards[index]["name"])
 
     def shard_reader(self, index: int) -> ShardReader:
+        if index in self._readers and self._read_ahead is not None:
+            self._readers[index] = self._readers.pop(index)  # most recently used last
         if index not in self._readers:
+            if self._read_ahead is not None:
+                self._open_remote(index)
+                return self._readers[index]
             entry, path = self.shards[index], self.shard_path(index)
             if not path.is_file():
                 raise IntegrityError(
@@ -68,17 +120,43 @@ class TeacherCache:
                     f"Checksum failure: shard {entry['name']} does not match its manifest sha256; "
                     "the file is damaged -- delete it and re-run cache-teacher to redo it"
                 )
-            reader = self.format.open(path, schema=self.schema)
-            if reader.num_rows != entry["rows"]:
-                raise IntegrityError(
-                    f"shard {entry['name']} has {reader.num_rows} rows, manifest says "
-                    f"{entry['rows']}; delete it and re-run cache-teacher"
-                )
-            self._readers[index] = reader
+            self._readers[index] = self._open_reader(entry, path)
         return self._readers[index]
 
+    def _open_reader(self, entry: dict, path: Path) -> ShardReader:
+        reader = self.format.open(path, schema=self.schema)
+        if reader.num_rows != entry["rows"]:
+            reader.close()
+            raise IntegrityError(
+                f"shard {entry['name']} has {reader.num_rows} rows, manifest says "
+                f"{entry['rows']}; delete it and re-run cache-teacher"
+            )
+        return reader
+
+    def _open_remote(self, index: int) -> None:
+        """Wait for the shard's checked local copy (pinned while open) and open it."""
+        path = self._read_ahead.get(index)
+        try:
+            self._readers[index] = self._open_reader(self.shards[index], path)
+        except BaseException:
+            self._read_ahead.release(index)
+            raise
+        while len(self._readers) > MAX_OPEN_REMOTE_SHARDS:
+            self.release(next(iter(self._readers)))
+
+    def release(self, index: int) -> None:
+        """Close shard ``index``'s reader; a remote shard's copy may then be evicted."""
+        reader = self._readers.pop(index, None)
+        if reader is not None:
+            reader.close()
+            if self._read_ahead is not None:
+                self._read_ahead.release(index)
+
     def check_files(self) -> None:
-        """Cheap check that every shard exists at its recorded size (no hashing)."""
+        """Cheap check that every shard exists at its recorded size (no hashing; one listing remotely)."""
+        if self.location.is_remote:
+            self._check_remote_files()
+            return
         for index, entry in enumerate(self.shards):
             path = self.shard_path(index)
             if not path.is_file():
@@ -88,6 +166,17 @@ class TeacherCache:
                     f"shard {entry['name']} has {path.stat().st_size} bytes, manifest says {entry['bytes']}; "
                     "delete it and re-run cache-teacher to redo it"
                 )
+
+    def _check_remote_files(self) -> None:
+        found = self.location.listing(SHARD_DIR)
+        for entry in self.shards:
+            info = found.get(entry["name"])
+            if info is None:
+                raise IntegrityError(f"shard {entry['name']} is missing from {self.root}; re-create the cache "
+                                     "(or restore the object)")
+            if info.size != entry["bytes"]:
+                raise IntegrityError(f"shard {entry['name']} of {self.root} has {info.size} bytes, manifest says "
+                                     f"{entry['bytes']}; restore the object or re-create the cache")
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard index, row within shard) of global row ``i``."""
@@ -131,9 +220,10 @@ class TeacherCache:
         return out
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        for index in list(self._readers):
+            self.release(index)
+        if self._read_ahead is not None:
+            self._read_ahead.close()
 
     def __enter__(self):
         return self
@@ -142,15 +232,45 @@ class TeacherCache:
         self.close()
 
 
-def open_cache(path: str | os.PathLike, *, verify_hashes: bool = False) -> TeacherCache:
-    """Open the cache at ``path`` (a directory holding ``manifest.json``)."""
-    if not Path(path).exists():
+def open_cache(path: str | os.PathLike, *, verify_hashes: bool = False, **storage) -> TeacherCache:
+    """Open the cache at ``path``: a directory holding ``manifest.json``, or an object-store URL.
+
+    ``storage``: ``storage_options``, ``local_cache``, ``local_cache_gb``, ``read_ahead`` (see
+    :class:`TeacherCache`).
+    """
+    location = CacheLocation(path, storage.get("storage_options"))
+    if not location.is_remote and not location.path.exists():
         raise CacheFormatError(f"cache {path} does not exist; check the path")
-    return TeacherCache(path, verify_hashes=verify_hashes)
+    return TeacherCache(location, verify_hashes=verify_hashes, **storage)
 
 
 def release_shard(cache: TeacherCache, index: int) -> None:
     """Close one shard's reader (streaming readers keep at most a few shards open)."""
-    reader = cache._readers.pop(index, None)
-    if reader is not None:
-        reader.close()
+    cache.release(index)
+
+
+def read_manifest(location: CacheLocation) -> tuple[dict, bytes | None]:
+    """The validated manifest, and its bytes when it was read from a store (None locally)."""
+    if not location.is_remote:
+        return load_manifest(location.path), None
+    try:
+        data = location.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        if location.is_empty():
+            raise CacheFormatError(f"cache {location} does not exist (nothing is stored under it); check the URL") from None
+        raise CacheFormatError(
+            f"{location} has no {MANIFEST_NAME}: it is not a kdpipe cache or its capture has not "
+            "finished (re-run the same cache-teacher command to finish it)"
+        ) from None
+    return parse_manifest(data, location), data
+
+
+def parse_manifest(data: bytes, location: CacheLocation) -> dict:  # TEMPORARY until manifest.py parses bytes
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / MANIFEST_NAME).write_bytes(data)
+        try:
+            return load_manifest(folder)
+        except CacheFormatError as exc:
+            raise CacheFormatError(str(exc).replace(folder, location.display)) from None

@@ -8,7 +8,6 @@ previous checkpoint whole.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,13 +24,14 @@ RUN_MANIFEST = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 # Settings that may differ when resuming (they do not change what is computed).
-_RESUMABLE = {"out", "device", "num_workers", "log_every", "eval_every", "checkpoint_every"}
+_RESUMABLE = {"out", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
+              "local_cache", "local_cache_gb", "read_ahead"}
 
 
 def run_identity(cache, config) -> dict:
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
+    settings = {k: v for k, v in config.recorded().items() if k not in _RESUMABLE}  # no storage options
     return {
-        "cache_path": str(Path(cache.root).resolve()),
+        "cache_path": cache.location.record(),  # resolved local path, or the URL without user info
         "cache_manifest_sha256": cache.manifest_sha256,
         "cache_shards": {s["name"]: s["sha256"] for s in cache.shards},
         "settings": settings,
@@ -119,7 +119,7 @@ def write_run_manifest(out: Path, identity: dict, config, *, final_metrics: dict
     recorded = json.loads((out / RUN_MANIFEST).read_text())
     manifest = {
         **recorded, **identity, "status": "finished", "finished_at": utc_now(),
-        "resolved_settings": dataclasses.asdict(config), "total_steps": total_steps,
+        "resolved_settings": config.recorded(), "total_steps": total_steps,
         "final_train_metrics": final_metrics, "final_eval_metrics": eval_metrics,
         "software": software_versions(), "model_dir": "model",
     }

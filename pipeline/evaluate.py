@@ -189,6 +189,8 @@ def _cache_batches(cache: TeacherCache, data: _DataRows | None, n: int, batch_si
     position = None if data is None else data.position()
     for start in range(0, n, batch_size):
         yield _stack([_cache_item(cache, i, data, position) for i in range(start, min(start + batch_size, n))])
+        for shard in range(cache.locate(start)[0], cache.locate(min(start + batch_size, n) - 1)[0]):
+            cache.release(shard)  # read to its end (a remote shard's copy may go)
 
 
 def _cache_item(cache: TeacherCache, i: int, data: _DataRows | None, position: dict | None) -> dict:
@@ -341,11 +343,12 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size=16, device="cpu",
-                   max_rows=None) -> dict:
+                   max_rows=None, storage_options=None) -> dict:
     """Metrics of the model in ``model_dir`` on ``data`` and/or against the teacher ``cache``.
 
     model_dir: a Hugging Face model dir or a kdpipe module dir. data: text path (causal LM / text
-    classifier) or ``.npz`` (module). cache: a teacher cache dir. seq_len: row length for text data
+    classifier) or ``.npz`` (module). cache: a teacher cache dir or object-store URL (read with
+    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). seq_len: row length for text data
     without a cache (default 256, capped at the model's context). Returns a flat JSON-ready dict
     (see the module doc for the keys).
     """
@@ -361,12 +364,13 @@ def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size
         for batch in _data_batches(rows, n, batch_size):
             _score_batch(model, batch, scores, rows.mask_meaning)
     else:
-        with open_cache(cache) as c:
+        with open_cache(cache, storage_options=storage_options) as c:
             _check_cache_fits(model, c, data, seq_len)
             rows = None if data is None else _data_rows(model, data, c.schema.input_len, c.manifest["capture"])
             n = min(len(c), max_rows or len(c))
             if n == 0:
-                raise CacheFormatError(f"cache {cache} holds no rows; re-run cache-teacher")
+                raise CacheFormatError(f"cache {c.root} holds no rows; re-run cache-teacher")
+            c.schedule(list(range(c.locate(n - 1)[0] + 1)))  # rows are read in order: shards too
             for batch in _cache_batches(c, rows, n, batch_size):
                 _score_batch(model, batch, scores, c.schema.mask_meaning)
     header = {"model": str(model_dir), "task": model.task, "evaluated_on": "data" if cache is None else "cache"}

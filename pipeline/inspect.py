@@ -13,6 +13,7 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
     rng = np.random.default_rng(seed)
     n = len(cache)
     sample = np.sort(rng.choice(n, size=min(sample_rows, n), replace=False)) if n else []
+    cache.schedule(list(dict.fromkeys(cache.locate(int(i))[0] for i in sample)))  # remote: read ahead
     tail_by_t = {t: [] for t in cache.temperatures}
     for i in sample:
         raw = cache.read_raw(int(i))

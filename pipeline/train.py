@@ -44,7 +44,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         c = self.config
-        self.cache = TeacherCache(c.cache, verify_hashes=True)
+        self.cache = TeacherCache(c.cache, verify_hashes=True, **c.storage())  # a folder or an s3:// URL
         self.cache.check_files()  # every shard present at its size; hashes are checked as shards are read
         self.task = self.cache.schema.task
         self.phases = parse_schedule(c.schedule)
@@ -53,7 +53,7 @@ class Trainer:
         inputs = rows_from_arrays(c.data).inputs if c.data else None
         if c.eval_cache:
             train_rows, eval_source = None, c.eval_cache
-            eval_rows = np.arange(len(TeacherCache(c.eval_cache)))[: c.eval_rows]
+            eval_rows = np.arange(len(TeacherCache(c.eval_cache, **c.storage())))[: c.eval_rows]
         else:
             train_rows, eval_rows = split_rows(len(self.cache), c.eval_fraction)
             eval_source, eval_rows = c.cache, eval_rows[: c.eval_rows]

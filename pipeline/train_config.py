@@ -46,6 +46,11 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     log_every: int = 10
+    # Reading a cache from an object store (s3://, gs://, az://); none of these change what is computed.
+    storage_options: dict | None = None  # fsspec options (a TOML table); never recorded: may hold keys
+    local_cache: str | None = None  # folder of downloaded shards, shared by the processes of a machine
+    local_cache_gb: float | None = None  # its size limit (least recently used shards go); None = no limit
+    read_ahead: int | None = None  # shards downloaded ahead of the reader (default: the cache's)
 
     def validate(self) -> None:
         for name in ("cache", "student", "out"):
@@ -65,6 +70,26 @@ class TrainConfig:
             raise ConfigError("--batch-size and --grad-accum must be positive")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.read_ahead is not None and self.read_ahead < 0:
+            raise ConfigError(f"--read-ahead {self.read_ahead} must be 0 (no read-ahead) or more")
+        if self.local_cache_gb is not None and (self.local_cache is None or not self.local_cache_gb > 0):
+            raise ConfigError("--local-cache-gb needs --local-cache DIR and must be positive")
+
+    def storage(self) -> dict:
+        """How to read the caches: keyword arguments of :class:`~kdpipe.pipeline.cache.TeacherCache`."""
+        return {"storage_options": self.storage_options, "local_cache": self.local_cache,
+                "local_cache_gb": self.local_cache_gb, "read_ahead": self.read_ahead}
+
+    def recorded(self) -> dict:
+        """The settings as a run manifest records them: no storage options, URLs without user info."""
+        from kdpipe.pipeline.storage.object_store import redact_url
+
+        values = dataclasses.asdict(self)
+        values.pop("storage_options")
+        for key in ("cache", "eval_cache"):
+            if values[key]:
+                values[key] = redact_url(values[key])
+        return values
 
 
 def _check_type(key: str, value, annotation):
@@ -74,10 +99,11 @@ def _check_type(key: str, value, annotation):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if kind in (int, str, bool) and type(value) is kind:
+        if kind in (int, str, bool, dict) and type(value) is kind:
             return value
-    names = " or ".join(k.__name__ for k in allowed if k is not type(None))
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+    names = " or ".join("a table" if k is dict else k.__name__ for k in allowed if k is not type(None))
+    shown = "a value" if key.replace("-", "_") == "storage_options" else repr(value)  # may hold keys
+    raise ConfigError(f"config key {key!r} must be {names}, got {shown}")
 
 
 def merge_config(file: str | None, overrides: dict) -> TrainConfig:

@@ -1,31 +1,43 @@
-"""Full integrity check of a cache: every shard's bytes, hash, row count and schema."""
+"""Full integrity check of a cache: every shard's bytes, hash, row count and schema.
+
+A cache on an object store is checked the same way: its shards are listed once (existence and size),
+then each is downloaded to a temporary file -- a few at a time, hashed as it streams -- checked like a
+local shard and deleted.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kdpipe.pipeline.cache import read_manifest
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path
+from kdpipe.pipeline.manifest import SHARD_DIR, resolve_shard_path
 from kdpipe.pipeline.schema import CacheSchema
 from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.storage.location import CacheLocation
+
+PARALLEL_DOWNLOADS = 4
 
 
-def verify_cache(root: str | os.PathLike) -> list[str]:
+def verify_cache(root: str | os.PathLike, *, storage_options: dict | None = None) -> list[str]:
     """Problems found (empty when the cache is intact); each names the shard and the fix.
 
-    Raises :class:`CacheFormatError` when the manifest itself is unreadable.
+    ``root``: a cache folder or an object-store URL (read with ``storage_options``). Raises
+    :class:`CacheFormatError` when the manifest itself is unreadable.
     """
-    root = Path(root)
-    manifest = load_manifest(root)
+    location = CacheLocation(root, storage_options)
+    manifest = read_manifest(location)[0]
     schema = CacheSchema.from_dict(manifest["schema"])
     fmt = get_format(manifest["capture"]["format"])
     expected = schema.fields()
-    problems = []
-    for entry in manifest["shards"]:
-        problem = _verify_shard(root, entry, fmt, schema, expected)
-        if problem:
-            problems.append(f"shard {entry['name']}: {problem}")
+    if location.is_remote:
+        found = _verify_remote_shards(location, manifest["shards"], fmt, schema, expected)
+    else:
+        found = [_verify_shard(location.path, entry, fmt, schema, expected) for entry in manifest["shards"]]
+    problems = [f"shard {entry['name']}: {problem}" for entry, problem in zip(manifest["shards"], found) if problem]
     totals = manifest["totals"]
     if totals["rows"] != sum(e["rows"] for e in manifest["shards"]):
         problems.append("manifest totals.rows disagrees with its shards; the manifest was edited -- re-create the cache")
@@ -41,6 +53,10 @@ def _verify_shard(root, entry, fmt, schema, expected) -> str | None:
         return f"has {size} bytes, manifest says {entry['bytes']} (truncated?); delete it and re-run cache-teacher"
     if sha256_file(path) != entry["sha256"]:
         return "Checksum failure: sha256 differs from the manifest; delete it and re-run cache-teacher"
+    return _verify_contents(path, entry, fmt, schema, expected)
+
+
+def _verify_contents(path: Path, entry, fmt, schema, expected) -> str | None:
     try:
         with fmt.open(path, schema=schema) as reader:
             if reader.num_rows != entry["rows"]:
@@ -51,3 +67,25 @@ def _verify_shard(root, entry, fmt, schema, expected) -> str | None:
     if layout != expected:
         return f"schema {sorted(layout)} does not match the manifest's {sorted(expected)}"
     return None
+
+
+def _verify_remote_shards(location: CacheLocation, entries: list[dict], fmt, schema, expected) -> list[str | None]:
+    listed = location.listing(SHARD_DIR)
+    with tempfile.TemporaryDirectory(prefix="kdpipe-verify-") as folder:
+        def check(numbered: tuple[int, dict]) -> str | None:
+            index, entry = numbered
+            info = listed.get(entry["name"])
+            if info is None:
+                return "missing; re-run cache-teacher with the same settings to redo it"
+            if info.size != entry["bytes"]:
+                return f"has {info.size} bytes, manifest says {entry['bytes']} (truncated?); restore it or re-create the cache"
+            path = Path(folder) / f"{index}{fmt.suffix}"
+            try:
+                if location.download(entry["name"], path) != entry["sha256"]:
+                    return "Checksum failure: sha256 differs from the manifest; restore it or re-create the cache"
+                return _verify_contents(path, entry, fmt, schema, expected)
+            finally:
+                path.unlink(missing_ok=True)
+
+        with ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="kdpipe-verify") as pool:
+            return list(pool.map(check, enumerate(entries)))

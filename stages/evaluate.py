@@ -11,23 +11,25 @@ import click
 
 from kdpipe.pipeline.evaluate import evaluate_model
 from kdpipe.pipeline.plots import DEFAULT_KEYS, plot_training_curves
-from kdpipe.stages.cli import user_errors
+from kdpipe.pipeline.storage.location import parse_storage_options
+from kdpipe.stages.cli import storage_options_flag, user_errors
 
 
 @click.command("evaluate")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="train-student output dir, or any HF model dir (e.g. the teacher).")
 @click.option("--data", default=None, type=click.Path(), help="Held-out .txt file/folder, .jsonl, .parquet, or .npz (module models); with --cache, the data the cache was made from.")
-@click.option("--cache", default=None, type=click.Path(), help="Teacher cache: adds kl_to_teacher and top1_agreement on its rows.")
+@click.option("--cache", default=None, type=click.Path(), help="Teacher cache (a folder or an s3:// URL): adds kl_to_teacher and top1_agreement on its rows.")
 @click.option("--seq-len", default=None, type=int, help="Tokens per row for text --data without --cache [default: 256, capped at the model's context].")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--max-rows", default=None, type=int, help="Evaluate only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@storage_options_flag
 @user_errors
-def evaluate(model_dir, data, cache, seq_len, batch_size, device, max_rows, as_json):
+def evaluate(model_dir, data, cache, seq_len, batch_size, device, max_rows, as_json, storage_options):
     """Evaluate MODEL on held-out DATA (ce/perplexity or accuracy/macro-F1/ECE) and/or against a teacher CACHE."""
     result = evaluate_model(model_dir, data=data, cache=cache, seq_len=seq_len, batch_size=batch_size,
-                            device=device, max_rows=max_rows)
+                            device=device, max_rows=max_rows, storage_options=parse_storage_options(storage_options))
     if as_json:
         click.echo(json.dumps({k: _json_number(v) for k, v in result.items()}, indent=2))
         return

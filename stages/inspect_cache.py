@@ -8,17 +8,19 @@ import click
 
 from kdpipe.pipeline.cache import open_cache
 from kdpipe.pipeline.inspect import summarize_cache
-from kdpipe.stages.cli import user_errors
+from kdpipe.pipeline.storage.location import parse_storage_options
+from kdpipe.stages.cli import storage_options_flag, user_errors
 
 
 @click.command("inspect")
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--sample-rows", default=64, show_default=True, help="Rows sampled for the fidelity estimate.")
+@storage_options_flag
 @user_errors
-def inspect_cache(cache, as_json, sample_rows):
-    """Summarise CACHE: teacher, data, settings, size and top-k fidelity."""
-    with open_cache(cache) as c:
+def inspect_cache(cache, as_json, sample_rows, storage_options):
+    """Summarise CACHE (a folder or an s3:// URL): teacher, data, settings, size and top-k fidelity."""
+    with open_cache(cache, storage_options=parse_storage_options(storage_options)) as c:
         summary = summarize_cache(c, sample_rows=sample_rows)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

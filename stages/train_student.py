@@ -7,12 +7,13 @@ from tqdm import tqdm
 
 from kdpipe.pipeline.train import Trainer
 from kdpipe.pipeline.train_config import merge_config
-from kdpipe.stages.cli import user_errors
+from kdpipe.pipeline.storage.location import parse_storage_options
+from kdpipe.stages.cli import storage_options_flag, user_errors
 
 
 @click.command("train-student")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML file of settings; flags override it.")
-@click.option("--cache", default=None, help="Teacher cache directory (from cache-teacher).")
+@click.option("--cache", default=None, help="Teacher cache (from cache-teacher): a directory or an s3:// (gs://, az://) URL.")
 @click.option("--student", default=None, help="HF config.json / model dir, or package.module:factory.")
 @click.option("--out", default=None, help="Run directory (model/, checkpoint/, metrics.jsonl, run.json).")
 @click.option("--loss", default=None, help="forward-kl (default), reverse-kl, js, tvd, skew-kl.")
@@ -35,11 +36,15 @@ from kdpipe.stages.cli import user_errors
 @click.option("--eval-every", default=None, type=int, help="Evaluate every N steps (default 100).")
 @click.option("--checkpoint-every", default=None, type=int, help="Checkpoint every N steps (default 100).")
 @click.option("--num-workers", default=None, type=int, help="DataLoader worker processes (default 0).")
+@storage_options_flag
+@click.option("--local-cache", default=None, help="Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs [default: a temporary folder holding only the shards in use and read ahead].")
+@click.option("--local-cache-gb", default=None, type=float, help="Size limit of --local-cache in GB (10^9 bytes); least recently used shards go first [default: no limit].")
+@click.option("--read-ahead", default=None, type=int, help="Shards of a remote cache downloaded ahead of training (default 4).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @user_errors
 def train_student(config_file, resume, **flags):
     """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE."""
-    config = merge_config(config_file, flags)
+    config = merge_config(config_file, {**flags, "storage_options": parse_storage_options(flags["storage_options"])})
     trainer = Trainer(config, resume=resume)
     trainer.setup()
     with tqdm(total=trainer.total_steps, initial=trainer.step, desc="train-student", unit="step", dynamic_ncols=True) as bar:

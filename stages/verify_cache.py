@@ -6,18 +6,21 @@ import sys
 
 import click
 
+from kdpipe.pipeline.storage.location import parse_storage_options
+from kdpipe.pipeline.storage.object_store import redact_url
 from kdpipe.pipeline.verify import verify_cache as verify
-from kdpipe.stages.cli import user_errors
+from kdpipe.stages.cli import storage_options_flag, user_errors
 
 
 @click.command("verify")
 @click.argument("cache", type=click.Path())
+@storage_options_flag
 @user_errors
-def verify_cache(cache):
-    """Check CACHE against its manifest; exit 1 naming every bad shard."""
-    problems = verify(cache)
+def verify_cache(cache, storage_options):
+    """Check CACHE (a folder or an s3:// URL) against its manifest; exit 1 naming every bad shard."""
+    problems = verify(cache, storage_options=parse_storage_options(storage_options))
     for problem in problems:
         click.echo(f"FAIL {problem}", err=True)
     if problems:
         sys.exit(1)
-    click.echo(f"OK {cache}: every shard matches its manifest entry")
+    click.echo(f"OK {redact_url(cache)}: every shard matches its manifest entry")
