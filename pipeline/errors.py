@@ -33,5 +33,9 @@ class WriteError(KdpipeError):
     """A file could not be written (disk full, read-only or unwritable folder, ...)."""
 
 
+class DistributedError(KdpipeError):
+    """Another process of a multi-process run (torchrun) failed or stopped answering."""
+
+
 class StorageError(KdpipeError):
     """An object store cannot be reached or refuses access (bad credentials, missing bucket, ...)."""

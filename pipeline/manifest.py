@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path, PurePosixPath
 
@@ -22,10 +23,21 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 
 
-def shard_name(*, rank: int, block: int, part: int, suffix: str) -> str:
-    """Deterministic, zero-padded shard name: part ``part`` of data block ``block``, written by
-    ``rank``; ranks never collide, so writers need no coordination."""
-    return f"{SHARD_DIR}/r{rank:05d}-b{block:07d}-p{part:03d}{suffix}"
+def shard_name(*, block: int, part: int, suffix: str) -> str:
+    """Deterministic, zero-padded shard name: part ``part`` of data block ``block``. A block belongs
+    to exactly one rank, so writers never collide, and the name does not depend on how many ranks
+    wrote the cache (a cache of N ranks equals the cache of one process)."""
+    return f"{SHARD_DIR}/b{block:07d}-p{part:03d}{suffix}"
+
+
+_BLOCK_IN_NAME = re.compile(r"(?:^|-)b(\d+)-p\d+")
+
+
+def shard_block(name: str) -> int | None:
+    """The data block of a shard file name (or of its ``<name>.<pid>.tmp``), None for other names.
+    Also reads the names of caches written before shard names lost their ``r<rank>-`` prefix."""
+    found = _BLOCK_IN_NAME.search(PurePosixPath(name).name)
+    return int(found.group(1)) if found else None
 
 
 def resolve_shard_path(root: Path, name: str) -> Path:

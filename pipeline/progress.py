@@ -4,16 +4,19 @@ Each rank keeps ``_progress/r<rank>.json``: the identity of the capture (setting
 an entry per finished shard (name, block, part, rows, tokens, bytes, sha256) and per finished data
 block (its number of shards, rows, tokens). It is rewritten atomically after every shard, so a
 capture killed at any moment and restarted with the same command knows exactly which shards are
-finished. At restart :meth:`RankProgress.start` removes the rank's stray ``*.tmp`` files and keeps a
+finished. At restart :meth:`RankProgress.start` removes the rank's stray ``*.tmp`` files (a shard's
+``<name>.<pid>.tmp`` is the rank's when its block ``b`` has ``b % world_size == rank``) and keeps a
 recorded shard only when its file has the recorded size and sha256; everything else (a shard renamed
 but not yet recorded, a damaged or missing one) is redone, and a block is skipped without reading its
 rows only when all its shards are kept. When the rank reaches the end of the data it records the
 number of blocks and the sha256 of every data file. When every rank is complete the manifest is
-assembled from these records and written last.
+assembled from these records and written last (:func:`finalize`): by rank 0 after a barrier under
+torchrun, else by the last rank to finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import atomic_write_json, remove_stale_tmp, sha256_file, write_errors
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, utc_now
+from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
 
 PROGRESS_DIR = "_progress"
 _IDENTITY_SECTIONS = ("teacher", "tokenizer", "data")
@@ -84,10 +87,15 @@ def check_same_identity(old: dict, new: dict, out: Path) -> None:
 
 
 class RankProgress:
-    """The completion record of one rank. ``shard_done`` may be called from the writer thread."""
+    """The completion record of one rank. ``shard_done`` may be called from the writer thread.
 
-    def __init__(self, out: Path, *, rank: int, world_size: int):
+    ``writes_manifest``: this rank is the only one that can write the manifest (true for a single
+    process and for rank 0 under torchrun), so it may remove the manifest's stray temporary files.
+    """
+
+    def __init__(self, out: Path, *, rank: int, world_size: int, writes_manifest: bool | None = None):
         self.out, self.rank, self.world_size = Path(out), rank, world_size
+        self.writes_manifest = world_size == 1 if writes_manifest is None else writes_manifest
         self.path = self.out / PROGRESS_DIR / f"r{rank:05d}.json"
         self.record: dict = {}
         self.redo: list[str] = []  # recorded shards found damaged or missing at start
@@ -115,10 +123,17 @@ class RankProgress:
         self._save()
 
     def _remove_stale_tmp(self) -> list[Path]:
-        # Temporary names are "<final name>.<pid>.tmp"; a rank owns its shards and its record.
-        removed = remove_stale_tmp(self.out / SHARD_DIR, f"r{self.rank:05d}-*.tmp")
+        # Temporary names are "<final name>.<pid>.tmp"; a rank owns its record and the shards of its
+        # blocks (b % world_size == rank): the other ranks may be writing theirs right now.
+        removed = []
+        for path in sorted((self.out / SHARD_DIR).glob("*.tmp")):
+            block = shard_block(path.name)
+            if block is not None and block % self.world_size == self.rank:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
         removed += remove_stale_tmp(self.out / PROGRESS_DIR, f"{self.path.name}.*.tmp")
-        if self.world_size == 1:  # with several ranks, another one may be writing the manifest
+        if self.writes_manifest:  # else another rank may be writing the manifest
             removed += remove_stale_tmp(self.out, f"{MANIFEST_NAME}.*.tmp")
         return removed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -97,8 +98,12 @@ def _hf_task(config) -> str:
 
 def load_hf_teacher(
     path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-    load_weights: bool = True, task: str | None = None,
+    load_weights: bool = True, task: str | None = None, device_map: str | None = None,
+    max_memory: dict | None = None,
 ) -> Teacher:
+    """Load an HF teacher on ``device``; with ``device_map="auto"``, spread over the GPUs by
+    accelerate (within ``max_memory`` when given; all on the CPU without GPUs), inputs going to the
+    device of its embedding layer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     local = Path(path)
@@ -132,11 +137,21 @@ def load_hf_teacher(
     }
     model = None
     if load_weights:
+        placement = {}
+        if device_map is not None:
+            if importlib.util.find_spec("accelerate") is None:
+                raise ConfigError("--device-map auto needs accelerate; pip install 'accelerate>=0.26'")
+            placement = {"device_map": device_map, "max_memory": max_memory}
         try:
-            model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
         except (OSError, ValueError) as exc:
             raise TeacherError(f"cannot load teacher weights from {path!r}: {exc}") from None
-        model.to(device).eval()
+        if device_map is None:
+            model.to(device)
+        else:
+            device = model.get_input_embeddings().weight.device
+            device = torch.device("cpu") if device.type == "meta" else device  # offloaded: accelerate moves it
+        model.eval()
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Teacher(
         kind="hf", task=task, vocab_size=int(vocab_size), max_positions=max_positions,

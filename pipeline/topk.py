@@ -43,7 +43,7 @@ def sparse_view_of_logits(
     chunk = max(1, chunk_bytes // (4 * vocab))
     parts = [
         _sparse_view_chunk(logits[start : start + chunk], top_k, temperatures, offset=start)
-        for start in range(0, n, chunk)
+        for start in range(0, max(n, 1), chunk)  # one empty chunk when no position is a target
     ]
     return SparseView(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(SparseView)))
 

@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
+from kdpipe.pipeline.capture import (
+    CaptureSettings, finished_capture, launch_from_env, plan_capture, process_group, run_capture, with_teacher_weights,
+)
+from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR
 from kdpipe.pipeline.progress import PROGRESS_DIR
@@ -31,7 +34,8 @@ from kdpipe.stages.cli import user_errors
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per packed row.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--format", "storage", type=click.Choice(["zarr", "parquet"]), default="zarr", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")
+@click.option("--device-map", type=click.Choice(["none", "auto"]), default="none", show_default=True, help="auto: spread a Hugging Face teacher over the machine's GPUs (accelerate; under torchrun over this process's group of GPU count / --nproc-per-node GPUs); without GPUs it all runs on the CPU.")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
 @click.option("--value-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Storage dtype of the top-k logits.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -42,35 +46,69 @@ from kdpipe.stages.cli import user_errors
 @click.option("--shard-size-mb", default=256.0, show_default=True, type=float, help="Uncompressed size cap of one shard.")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None, help="Override the task read from the model config.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
-@click.option("--rank", default=0, show_default=True, type=int, help="This writer's rank (multi-process capture).")
-@click.option("--world-size", default=1, show_default=True, type=int, help="Number of writer processes.")
+@click.option("--rank", default=None, type=int, help="This writer's rank, for processes a scheduler starts (Slurm array, Kubernetes job) [default: 0; under torchrun: its RANK].")
+@click.option("--world-size", default=None, type=int, help="Number of writer processes [default: 1; under torchrun: its WORLD_SIZE].")
+@click.option("--dist-timeout", default=DEFAULT_TIMEOUT_MIN, show_default=True, type=float, help="Under torchrun: minutes a rank waits for the others (e.g. for the slowest to finish) before it fails.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out that has other settings.")
 @click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights.")
 @user_errors
-def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
+def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, device_map, dist_timeout, **options):
     """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
 
     Killed or failed (disk full), the same command resumes: finished shards are checked and kept.
+    Under torchrun (torchrun --nproc-per-node N kdpipe cache-teacher ...) the processes split the
+    data blocks and rank 0 writes the manifest once all are done.
     """
-    settings = CaptureSettings(format=storage, temperatures=tuple(temperatures), **options)
+    launch = launch_from_env(rank=rank, world_size=world_size)
+    settings = CaptureSettings(
+        format=storage, temperatures=tuple(temperatures), rank=launch.rank, world_size=launch.world_size,
+        local_rank=launch.local_rank, local_world_size=launch.local_world_size,
+        device_map=None if device_map == "none" else device_map, **options,
+    )
+    main = not launch.torchrun or launch.rank == 0  # under torchrun only rank 0 speaks
+    if not main:
+        _quiet_transformers()
     plan = plan_capture(settings, load_weights=False)
     if dry_run:
-        _print_plan(plan)
+        if main:
+            _print_plan(plan)
         return
     out = Path(settings.out)
     if not overwrite and finished_capture(plan) is not None:
-        click.echo(f"{out} already holds this finished capture; nothing to do (kdpipe verify {out} checks it)")
+        if main:
+            click.echo(f"{out} already holds this finished capture; nothing to do (kdpipe verify {out} checks it)")
         return
     if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
         raise ConfigError(f"--out {out} exists and is not a kdpipe cache; choose an empty or new directory")
     plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
-    if overwrite:
-        _clear_cache(out)
+    with process_group(launch, plan.teacher.device, timeout_min=dist_timeout) as group:
+        if overwrite and main:
+            _clear_cache(out)
+        if group is not None:  # no rank writes before rank 0 has cleared --out
+            group.barrier("for the other ranks to load the teacher")
+        manifest = _capture(plan, group, show=main)
+    if manifest is None:
+        if group is None:
+            click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
+        return
+    t = manifest["totals"]
+    truncated = f", {t['truncated_rows']} rows truncated at --seq-len {settings.seq_len}" if t.get("truncated_rows") else ""
+    ranks = f" by {settings.world_size} ranks" if group is not None and settings.world_size > 1 else ""
+    click.echo(
+        f"wrote {out}{ranks}: {t['rows']} rows, {t['tokens']} tokens, {t['shards']} shards, "
+        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token){truncated}"
+    )
+
+
+def _capture(plan, group, *, show: bool) -> dict | None:
+    """run_capture with a progress bar (``show``: this process shows it and the resume report)."""
+    settings = plan.settings
     started = time.perf_counter()
     by_bytes = settings.limit_rows is None and settings.max_tokens is None and plan.source.total_bytes
-    total = plan.source.total_bytes if by_bytes else settings.limit_rows
+    # Counting rows, the bar of rank 0 of several reaches only its share of --limit-rows: no total then.
+    total = plan.source.total_bytes if by_bytes else (settings.limit_rows if settings.world_size == 1 else None)
     with tqdm(total=total, unit="B" if by_bytes else "row", unit_scale=bool(by_bytes), desc="cache-teacher",
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True, disable=not show) as bar:
         rows = tokens = 0
 
         def on_rows(new_rows, new_tokens):
@@ -84,16 +122,17 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, **options):
             if by_bytes:
                 bar.update(bytes_read - bar.n)
 
-        manifest = run_capture(plan, on_rows=on_rows, on_start=lambda log: _report_resume(log, bar), on_data=on_data)
-    if manifest is None:
-        click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
+        on_start = (lambda log: _report_resume(log, bar)) if show else None
+        return run_capture(plan, on_rows=on_rows, on_start=on_start, on_data=on_data, group=group)
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars from the ranks that stay quiet."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
         return
-    t = manifest["totals"]
-    truncated = f", {t['truncated_rows']} rows truncated at --seq-len {settings.seq_len}" if t.get("truncated_rows") else ""
-    click.echo(
-        f"wrote {out}: {t['rows']} rows, {t['tokens']} tokens, {t['shards']} shards, "
-        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token){truncated}"
-    )
+    hf_logging.disable_progress_bar()
 
 
 def _report_resume(log, bar) -> None:

@@ -317,10 +317,10 @@ CASES = [
      lambda i, o: ["inspect", _edited_cache(i, lambda m: m["totals"].update(rows=999), rehash=False)],
      "does not match its checksum", None),
     ("missing-shard-inspect", "a shard file deleted: kdpipe inspect",
-     lambda i, o: ["inspect", _cache_missing_a_shard(i)], "r00000-b0000000-p001.zarr.zip is missing", None),
+     lambda i, o: ["inspect", _cache_missing_a_shard(i)], "b0000000-p001.zarr.zip is missing", None),
     ("missing-shard-train", "a shard file deleted: kdpipe train-student",
      lambda i, o: _train(i, o, cache=_cache_missing_a_shard(i)) + ["--steps", 2],
-     "r00000-b0000000-p001.zarr.zip is missing", None),
+     "b0000000-p001.zarr.zip is missing", None),
     ("manifest-version-train", "manifest of an unknown format version: kdpipe train-student",
      lambda i, o: _train(i, o, cache=_edited_cache(i, lambda m: m.update(format_version=2), rehash=True)) + ["--steps", 2],
      "format version 2", None),
@@ -402,4 +402,4 @@ def _record(name: str, what: str, line: str, inputs: Inputs, out: Path) -> None:
 def test_verify_names_a_missing_shard(inputs):
     result = run_cli("verify", _cache_missing_a_shard(inputs))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "FAIL shard shards/r00000-b0000000-p001.zarr.zip: missing" in result.stderr
+    assert "FAIL shard shards/b0000000-p001.zarr.zip: missing" in result.stderr

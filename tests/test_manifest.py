@@ -5,11 +5,20 @@ import json
 import pytest
 
 from kdpipe.pipeline.errors import CacheFormatError
-from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path, shard_name
+from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path, shard_block, shard_name
 
 
-def test_shard_names_are_zero_padded_and_per_rank():
-    assert shard_name(rank=3, block=12, part=1, suffix=".parquet") == "shards/r00003-b0000012-p001.parquet"
+def test_shard_names_are_zero_padded_and_do_not_name_the_rank():
+    assert shard_name(block=12, part=1, suffix=".parquet") == "shards/b0000012-p001.parquet"
+
+
+@pytest.mark.parametrize("name, block", [
+    ("b0000012-p001.parquet", 12), ("shards/b0000012-p001.zarr.zip.4242.tmp", 12),
+    ("r00003-b0000007-p000.zarr.zip.1.tmp", 7),  # a cache from before names lost the rank
+    ("manifest.json.12.tmp", None), ("notes.txt", None),
+])
+def test_shard_block_reads_the_block_of_a_name(name, block):
+    assert shard_block(name) == block
 
 
 @pytest.mark.parametrize("name", ["../evil.zarr.zip", "/etc/passwd", "shards/../../x", "shards/a/b", "other/x", "shards\\..\\x"])

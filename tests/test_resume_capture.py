@@ -278,7 +278,7 @@ def test_disk_full_while_writing_a_shard_stops_cleanly_and_resumes(reference, sm
     result = run_cli(*small_args(out))
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert (
-        f"error: cannot write shard shards/r00000-b0000000-p004.zarr.zip to --out {out}: [Errno 28] "
+        f"error: cannot write shard shards/b0000000-p004.zarr.zip to --out {out}: [Errno 28] "
         "No space left on device; free space and re-run the same command to resume"
     ) in result.output
     monkeypatch.undo()

@@ -43,3 +43,9 @@ def test_minus_inf_logits_are_allowed():
     logits[:, 10:] = float("-inf")  # a masked vocabulary
     view = sparse_view_of_logits(logits, top_k=4, temperatures=(1.0,))
     assert torch.isfinite(view.logsumexp).all() and (view.topk_ids < 10).all()
+
+
+def test_no_positions_give_an_empty_view():
+    # A batch of chat rows whose assistant turns all fall past --seq-len has no target position.
+    view = sparse_view_of_logits(torch.zeros(0, 10), top_k=3, temperatures=(1.0, 2.0))
+    assert view.topk_ids.shape == (0, 3) and view.logsumexp.shape == (0, 2) and view.tail_logprob.shape == (0, 2)

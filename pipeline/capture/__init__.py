@@ -1,5 +1,7 @@
-"""Stage one as a library: plan a capture (:mod:`.plan`), then run it (:mod:`.run`)."""
+"""Stage one as a library: plan a capture (:mod:`.plan`), then run it (:mod:`.run`), in one
+process or several (:mod:`kdpipe.pipeline.distributed`: torchrun, or ranks started by a scheduler)."""
 
+from kdpipe.pipeline.distributed import Launch, launch_from_env, process_group
 from kdpipe.pipeline.capture.plan import (
     CaptureSettings, CapturePlan, auto_workers, finished_capture, load_teacher, plan_capture,
     with_teacher_weights,
@@ -7,6 +9,7 @@ from kdpipe.pipeline.capture.plan import (
 from kdpipe.pipeline.capture.run import manifest_header, run_capture
 
 __all__ = [
-    "CapturePlan", "CaptureSettings", "auto_workers", "finished_capture", "load_teacher",
-    "manifest_header", "plan_capture", "run_capture", "with_teacher_weights",
+    "CapturePlan", "CaptureSettings", "Launch", "auto_workers", "finished_capture", "load_teacher",
+    "launch_from_env", "manifest_header", "plan_capture", "process_group", "run_capture",
+    "with_teacher_weights",
 ]

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
@@ -52,6 +54,9 @@ class CaptureSettings:
     trust_remote_code: bool = False
     rank: int = 0
     world_size: int = 1
+    local_rank: int | None = None  # under torchrun: this process's rank on its machine (picks its GPUs)
+    local_world_size: int = 1  # under torchrun: processes on this machine
+    device_map: str | None = None  # "auto": spread an HF teacher over the GPUs (accelerate)
     text_field: str = "text"
     messages_field: str = "messages"
     targets: str = "assistant"  # chat data: which tokens are distillation targets
@@ -93,9 +98,10 @@ class CapturePlan:
         """This rank's blocks of rows (see :class:`~kdpipe.pipeline.data.stream.BlockStream`)."""
         s = self.settings
         workers = s.num_workers if num_workers is None else num_workers
+        if workers is None:
+            workers = auto_workers(self.source, s.block_chars, processes=s.local_world_size)
         return BlockStream(
-            self.source, self.spec, s.fields, rank=s.rank, world_size=s.world_size,
-            num_workers=auto_workers(self.source, s.block_chars) if workers is None else workers, skip=skip,
+            self.source, self.spec, s.fields, rank=s.rank, world_size=s.world_size, num_workers=workers, skip=skip,
             limit_rows=s.limit_rows, max_tokens=s.max_tokens, block_chars=s.block_chars,
             rows_per_block=self.rows_per_shard,
         )
@@ -121,12 +127,13 @@ class CapturePlan:
                 "sample_bytes": read, "data_bytes": total}
 
 
-def auto_workers(source: datalib.Source, block_chars: int = BLOCK_CHARS) -> int:
+def auto_workers(source: datalib.Source, block_chars: int = BLOCK_CHARS, *, processes: int = 1) -> int:
     """Tokenizer processes when none are asked for: none for data of one block (nothing to overlap
-    with the teacher), else one per spare core, up to 8."""
+    with the teacher), else one per spare core, up to 8 (the cores shared by the ``processes``
+    captures on this machine, under torchrun)."""
     if source.kind == "arrays" or (source.total_bytes is not None and source.total_bytes <= block_chars):
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, processes) - 1))
 
 
 def _validate(settings: CaptureSettings) -> None:
@@ -150,13 +157,63 @@ def _validate(settings: CaptureSettings) -> None:
         raise ConfigError(f"--targets {settings.targets!r} must be one of {', '.join(TARGETS)}")
     if not 0 <= settings.rank < settings.world_size:
         raise ConfigError(f"rank {settings.rank} is outside world size {settings.world_size}")
+    if settings.device_map is not None:
+        if settings.device_map != "auto":
+            raise ConfigError(f"--device-map {settings.device_map!r} is not supported; use auto or none")
+        if is_module_spec(settings.teacher):
+            raise ConfigError("--device-map auto places a Hugging Face teacher's layers; a package.module:factory "
+                              "teacher runs on one --device: drop --device-map")
+        if settings.device not in ("auto", "cuda"):
+            raise ConfigError(f"--device-map auto places the teacher on the GPUs itself (or the CPU without GPUs); "
+                              f"drop --device {settings.device}, or drop --device-map to run on {settings.device}")
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ConfigError(f"--out {settings.out} is a file; give a directory (a new one, or one holding this capture)")
     get_format(settings.format)
 
 
-def load_teacher(settings: CaptureSettings, *, load_weights: bool) -> Teacher:
+def capture_device(settings: CaptureSettings) -> torch.device:
+    """Where the teacher runs: ``--device``; under torchrun with ``--device`` auto or cuda and CUDA
+    present, ``cuda:LOCAL_RANK`` (with ``--device-map auto``: the first GPU of the process's group)."""
     device = resolve_device(settings.device)
+    if device.type != "cuda" or settings.local_rank is None or settings.device not in ("auto", "cuda"):
+        return device
+    gpus = gpu_group(settings)
+    return torch.device("cuda", gpus[0])
+
+
+def gpu_group(settings: CaptureSettings) -> list[int] | None:
+    """The GPUs this process may use (None: all, or no CUDA). Under torchrun, local rank ``l`` of
+    ``n`` processes on a machine with ``G`` GPUs gets GPUs ``[l*g, (l+1)*g)``, ``g = G // n``: one
+    GPU each without ``--device-map``, a group of ``g`` with it."""
+    if settings.local_rank is None or not torch.cuda.is_available():
+        return None
+    count, n, local = torch.cuda.device_count(), settings.local_world_size, settings.local_rank
+    per = count // n if settings.device_map else 1
+    if per < 1 or (local + 1) * per > count:
+        raise ConfigError(
+            f"torchrun started {n} processes on this machine but only {count} GPUs are visible; "
+            f"use --nproc-per-node {count} or fewer" + (" (--device-map auto gives each process a group of GPUs)" if settings.device_map else "")
+        )
+    return list(range(local * per, (local + 1) * per))
+
+
+def _max_memory(settings: CaptureSettings) -> dict | None:
+    """accelerate's ``max_memory`` restricting a torchrun process to its group of GPUs (and its share
+    of the machine's CPU memory); None without torchrun or CUDA (accelerate decides)."""
+    gpus = gpu_group(settings)
+    if gpus is None:
+        return None
+    from accelerate.utils import get_max_memory
+
+    available = get_max_memory()
+    memory: dict = {i: available[i] for i in gpus}
+    if "cpu" in available:
+        memory["cpu"] = available["cpu"] // max(1, settings.local_world_size)
+    return memory
+
+
+def load_teacher(settings: CaptureSettings, *, load_weights: bool) -> Teacher:
+    device = capture_device(settings)
     dtype = resolve_dtype(settings.dtype, device)
     if is_module_spec(settings.teacher):
         num_classes = int(datalib.rows_from_arrays(settings.data).labels.max()) + 1
@@ -166,7 +223,8 @@ def load_teacher(settings: CaptureSettings, *, load_weights: bool) -> Teacher:
         )
     return load_hf_teacher(
         settings.teacher, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-        load_weights=load_weights, task=settings.task,
+        load_weights=load_weights, task=settings.task, device_map=settings.device_map,
+        max_memory=_max_memory(settings) if settings.device_map and load_weights else None,
     )
 
 

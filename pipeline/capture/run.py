@@ -5,9 +5,15 @@
 tokenised by worker processes ahead of the teacher, memory bounded whatever the corpus size), runs
 the teacher batch by batch, turns logits into the sparse view (:mod:`kdpipe.pipeline.topk`) and hands
 finished shards to a background writer thread, so the teacher never waits for the disk. A block's
-rows are cut into shards of at most ``rows_per_shard`` rows named ``r<rank>-b<block>-p<part>``, so a
-shard's name and content depend only on the settings and the data: a rerun skips shards already
-finished (their hashes are checked) and rank ``r`` of ``W`` captures the blocks ``b % W == r``.
+rows are cut into shards of at most ``rows_per_shard`` rows named ``b<block>-p<part>``, so a shard's
+name and content depend only on the settings and the data: a rerun skips shards already finished
+(their hashes are checked), rank ``r`` of ``W`` captures the blocks ``b % W == r``, and a cache
+written by ``W`` ranks equals the one a single process writes.
+
+Several ranks: under torchrun, pass the :class:`~kdpipe.pipeline.distributed.Group`; every rank
+captures its blocks, waits for the others at a barrier, then rank 0 alone writes the manifest and a
+last barrier holds the others until it is written. Ranks started on their own (``--rank``) need no
+group: the last one to finish writes the manifest.
 
 Crash safety: every shard and every progress record lands atomically (``*.tmp``, fsync, rename), so
 a capture killed at any moment (SIGKILL included) leaves finished shards, stray ``*.tmp`` files and at
@@ -30,9 +36,10 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import progress as progresslib
+from kdpipe.pipeline.distributed import Group
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.data.stream import Block
-from kdpipe.pipeline.errors import TeacherError
+from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.storage.base import get_format
@@ -52,7 +59,7 @@ def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[s
     if logits.shape[1:] != (schema.positions, teacher.vocab_size):
         raise TeacherError(f"teacher output has shape {tuple(logits.shape)}, expected [batch, {schema.positions}, {teacher.vocab_size}]")
     mask = rows.mask[index]  # [B, P]
-    flat_mask = torch.from_numpy(mask.reshape(-1)).to(teacher.device)
+    flat_mask = torch.from_numpy(mask.reshape(-1)).to(logits.device)  # (a device map's last GPU)
     try:
         view = sparse_view_of_logits(logits.reshape(-1, teacher.vocab_size)[flat_mask], top_k=schema.top_k, temperatures=schema.temperatures)
     except FloatingPointError as exc:
@@ -94,9 +101,13 @@ def _columns(plan: CapturePlan, block: Block, index, mask, view) -> dict[str, np
 def run_capture(
     plan: CapturePlan, *, on_rows: Callable[[int, int], None] | None = None,
     on_start: Callable[[progresslib.RankProgress], None] | None = None,
-    on_data: Callable[[int], None] | None = None,
+    on_data: Callable[[int], None] | None = None, group: Group | None = None,
 ) -> dict | None:
     """Capture every shard of this rank not already finished; return the manifest once all ranks are done.
+
+    ``group``: the torchrun group this rank belongs to (see the module doc); then only rank 0
+    writes and returns the manifest, after every rank has finished, and the others return None once
+    it is written.
 
     ``on_start(progress)`` is called once the rank's record is loaded and checked (``progress.record``
     holds the finished shards kept, ``progress.redo`` the recorded ones found damaged or missing);
@@ -107,7 +118,11 @@ def run_capture(
     settings = plan.settings
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
-    log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size)
+    if group is not None and (group.rank, group.world_size) != (settings.rank, settings.world_size):
+        raise ConfigError(f"rank {settings.rank} of {settings.world_size} in the settings, but {group.rank} of "
+                          f"{group.world_size} in the torchrun group; take both from the same launch")
+    log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size,
+                                   writes_manifest=(group.is_main if group is not None else None))
     log.start(plan)
     if on_start:
         on_start(log)
@@ -122,7 +137,12 @@ def run_capture(
         writer.close()
     data_sha256 = stream.state.complete_hashes() if plan.source.files else {}
     log.finish(num_blocks=stream.num_blocks, data_sha256=data_sha256)
-    return progresslib.finalize(out, plan=plan, header=manifest_header(plan))
+    if group is None:
+        return progresslib.finalize(out, plan=plan, header=manifest_header(plan))
+    group.barrier("for the other ranks to finish their blocks")
+    manifest = progresslib.finalize(out, plan=plan, header=manifest_header(plan)) if group.is_main else None
+    group.barrier("for rank 0 to write the manifest")
+    return manifest
 
 
 def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter", on_rows) -> None:
@@ -130,7 +150,7 @@ def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter",
     settings, n = plan.settings, len(block.rows)
     starts = range(0, n, plan.rows_per_shard)
     for part, start in enumerate(starts):
-        name = shard_name(rank=settings.rank, block=block.index, part=part, suffix=writer.suffix)
+        name = shard_name(block=block.index, part=part, suffix=writer.suffix)
         if log.is_done(name):
             continue
         shard_rows = np.arange(start, min(start + plan.rows_per_shard, n))
@@ -157,7 +177,7 @@ def manifest_header(plan: CapturePlan) -> dict:
         "task": plan.schema.task,
         **plan.fingerprints,
         "capture": {**s.content_settings(), "teacher": s.teacher, "data": s.data,
-                    "batch_size": s.batch_size, "id_dtype": plan.schema.id_dtype,
+                    "batch_size": s.batch_size, "device_map": s.device_map, "id_dtype": plan.schema.id_dtype,
                     "teacher_vocab_size": plan.teacher.vocab_size,
                     "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
                     "value_space": "logits minus the position's max logit"},

@@ -1,0 +1,142 @@
+"""Several processes of one command: started by ``torchrun``, or by a scheduler (``--rank``).
+
+Under ``torchrun`` (its environment holds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``) a process
+takes its rank and world size from the environment (:func:`launch_from_env`); a rank or world size
+given as well must have the same values. The processes then form a ``torch.distributed`` group
+(:func:`process_group`: gloo on CPU, nccl on CUDA). Stage one uses it for barriers only (after every
+rank has finished its data blocks, rank 0 alone writes the manifest); a capture process started
+without torchrun (a Slurm array task, a Kubernetes job) is on its own and the last rank to finish
+writes the manifest.
+
+A rank that waits longer than the group's timeout (``DEFAULT_TIMEOUT_MIN`` minutes unless asked
+otherwise) for the others, or whose partner process died, stops with a
+:class:`~kdpipe.pipeline.errors.DistributedError` at :meth:`Group.barrier`, so an error on one rank
+does not hang the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from typing import Iterator, Mapping
+
+import torch
+
+from kdpipe.pipeline.errors import ConfigError, DistributedError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+DEFAULT_TIMEOUT_MIN = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where this process stands among the capture's processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int | None = None  # None: not started by torchrun
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc-per-node)
+
+    @property
+    def torchrun(self) -> bool:
+        return self.local_rank is not None
+
+
+def launch_from_env(*, rank: int | None = None, world_size: int | None = None,
+                    env: Mapping[str, str] | None = None) -> Launch:
+    """The launch of this process: torchrun's environment when present, else ``rank`` of
+    ``world_size`` (defaults 0 of 1). Under torchrun, a ``rank`` or ``world_size`` given that
+    differs from the environment's is a :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    if not all(name in env for name in TORCHRUN_VARS):
+        return Launch(rank=0 if rank is None else rank, world_size=1 if world_size is None else world_size)
+    values = {}
+    for name in (*TORCHRUN_VARS, "LOCAL_WORLD_SIZE"):
+        raw = env.get(name, "1")
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={raw!r} is not a whole number; start the capture with torchrun, "
+                              "or unset RANK, WORLD_SIZE and LOCAL_RANK and pass --rank/--world-size") from None
+    for option, given, name in (("--rank", rank, "RANK"), ("--world-size", world_size, "WORLD_SIZE")):
+        if given is not None and given != values[name]:
+            raise ConfigError(
+                f"{option} {given} contradicts {name}={values[name]} set by torchrun; drop --rank and "
+                "--world-size under torchrun (it sets both), or start the processes without torchrun"
+            )
+    if values["LOCAL_RANK"] < 0 or values["LOCAL_WORLD_SIZE"] < 1:
+        raise ConfigError(f"LOCAL_RANK={values['LOCAL_RANK']} and LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} "
+                          "from the environment make no sense; start the capture with torchrun")
+    return Launch(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"])
+
+
+class Group:
+    """The ``torch.distributed`` group of a torchrun capture; see :func:`process_group`."""
+
+    def __init__(self, launch: Launch, device: torch.device, timeout_min: float):
+        self.rank, self.world_size, self.timeout_min = launch.rank, launch.world_size, timeout_min
+        self.device = device
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _start(self) -> None:
+        import torch.distributed as dist
+
+        if self.backend == "nccl":
+            torch.cuda.set_device(self.device)
+        try:
+            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(minutes=self.timeout_min))
+        except (RuntimeError, ValueError) as exc:
+            raise DistributedError(self._message("to join the other ranks", exc)) from None
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here (``what``: for the error message, e.g. "for the other
+        ranks to finish their blocks")."""
+        import torch.distributed as dist
+
+        try:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+        except RuntimeError as exc:
+            raise DistributedError(self._message(what, exc)) from None
+
+    def _message(self, what: str, exc: BaseException) -> str:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return (
+            f"rank {self.rank} of {self.world_size} gave up waiting {what} ({first}): another rank failed (see its "
+            f"error: line) or took longer than the {self.timeout_min:g}-minute timeout; fix that and re-run the same "
+            "command to resume"
+        )
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(launch: Launch, device: torch.device, *, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Iterator[Group | None]:
+    """The group of a torchrun launch (None for a process started on its own), destroyed on exit.
+
+    ``device`` is where this process runs its teacher (nccl for CUDA, else gloo); ``timeout_min``
+    bounds every wait for the other ranks (joining, barriers)."""
+    if not launch.torchrun:
+        yield None
+        return
+    if not timeout_min > 0:
+        raise ConfigError(f"timeout {timeout_min:g} minutes must be positive (the default is {DEFAULT_TIMEOUT_MIN:g})")
+    group = Group(launch, device, timeout_min)
+    group._start()
+    try:
+        yield group
+    finally:
+        group.close()
