@@ -122,7 +122,7 @@ def benchmark(trainer, teacher, args) -> dict:
         for name, step in variants.items():
             times[name].append(timed(step))
         start, rows = time.perf_counter(), 0
-        for batch in DataLoader(trainer.train_set, batch_size=args.batch_size, num_workers=args.num_workers):
+        for batch in DataLoader(trainer.train_set, batch_size=None, num_workers=args.num_workers):
             rows += len(batch["sample_index"])
         loader_rows_per_s.append(rows / (time.perf_counter() - start))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}

@@ -28,8 +28,11 @@ _RESUMABLE = {"out", "device", "num_workers", "log_every", "eval_every", "checkp
               "local_cache", "local_cache_gb", "read_ahead"}
 
 
-def run_identity(cache, config) -> dict:
+def run_identity(cache, config, *, world_size: int = 1) -> dict:
+    """What a resumed run must share with the one it continues (the number of ranks included: it
+    decides the global batch, so the order rows are seen in)."""
     settings = {k: v for k, v in config.recorded().items() if k not in _RESUMABLE}  # no storage options
+    settings["world_size"] = world_size
     return {
         "cache_path": cache.location.record(),  # resolved local path, or the URL without user info
         "cache_manifest_sha256": cache.manifest_sha256,
@@ -38,14 +41,21 @@ def run_identity(cache, config) -> dict:
     }
 
 
-def start_run_dir(out: Path, identity: dict) -> None:
-    """Create the run dir; a dir whose earlier run stopped before its first checkpoint starts over."""
+def check_new_run_dir(out: Path) -> None:
+    """Refuse a run dir holding a run with a checkpoint or a model (one that stopped before its first
+    checkpoint may start over)."""
     has_checkpoint = (out / CHECKPOINT).is_dir() or (out / f"{CHECKPOINT}.old").is_dir()
     if (out / RUN_MANIFEST).is_file() and (has_checkpoint or (out / "model").is_dir()):
         raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it or choose a new --out")
+
+
+def start_run_dir(out: Path, identity: dict, *, distributed: dict | None = None) -> None:
+    """Create the run dir and its ``run.json`` (status running)."""
+    check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_MANIFEST, {"status": "running", "started_at": utc_now(), **identity,
+                                           "distributed": distributed or {"world_size": 1},
                                            "software": software_versions()})
 
 

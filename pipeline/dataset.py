@@ -1,15 +1,30 @@
-"""Streaming a cache for training: an ``IterableDataset`` that reads chunk by chunk.
+"""Streaming a cache for training: an ``IterableDataset`` of whole batches, one process's share.
 
-Work is split in units of one storage chunk (``chunk_rows`` consecutive rows of one shard). Each
-epoch the chunk order is permuted with ``(seed, epoch)``; global worker ``g`` of ``G`` (``G`` =
-DataLoader workers x ``torch.distributed`` ranks) takes chunks ``g, g + G, ...``, so every row is
-yielded exactly once per epoch across all workers and ranks, with no coordination. Rows then pass a
-bounded shuffle buffer seeded by ``(seed, epoch, g)``. Memory holds one chunk plus the buffer,
-whatever the cache's size. Every row's alignment key is checked before it is yielded.
+Each epoch has one **global row order**, the same in every process whatever the number of ranks:
+
+1. storage chunks (``chunk_rows`` consecutive rows of one shard) are listed shard by shard; the
+   shards are permuted with ``(seed, epoch)`` and so are the chunks inside each shard, so a shard's
+   rows stay together in the order (one download per shard from object storage);
+2. the rows of consecutive windows of ``shuffle_window`` rows are permuted (a shuffle buffer that
+   every process computes alike);
+3. global batch ``i`` is rows ``[i*B, (i+1)*B)`` of that order, ``B = world_size * batch_size``. Its
+   rows are sorted by their place in step 1 and cut into ``world_size`` equal slices; rank ``r``
+   takes slice ``r``. Sorting keeps each rank on a narrow run of chunks (it reads about 1/W of the
+   data), and a batch's rows are the same set whatever W is: 2 ranks x batch b see exactly the rows
+   of 1 rank x batch 2b.
+
+The last global batch of an epoch may be short: it is filled up to a multiple of ``world_size`` with
+the epoch's first rows, so every rank gets the same number of rows and runs the same number of steps.
+DataLoader worker ``w`` of ``n`` makes batches ``w, w + n, ...``; the DataLoader hands them out in
+order. Memory holds the decoded chunks of about one window. Every row's alignment key is checked
+before it is used.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import math
 import os
 
 import numpy as np
@@ -19,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdpipe.pipeline.cache import TeacherCache, release_shard
 from kdpipe.pipeline.data import input_hash
 from kdpipe.pipeline.errors import IntegrityError
+from kdpipe.pipeline.schema import values_to_float32
 
 
 def heldout_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -37,95 +53,150 @@ def split_rows(num_rows: int, heldout_fraction: float) -> tuple[np.ndarray, np.n
 
 
 def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in ``torch.distributed``; (0, 1) when it is not initialised."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochOrder:
+    """One epoch's global order. ``rows[p]`` is the global row number at place ``p`` of step 1 (chunk
+    order); ``places[j]`` is the place of the ``j``-th row of the shuffled order (steps 2 and 3)."""
+
+    rows: np.ndarray  # [N] int64, grouped by chunk
+    places: np.ndarray  # [N] int64, a permutation of range(N)
+
+    def batch_rows(self, index: int, *, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+        """Global row numbers of rank ``rank``'s share of global batch ``index``, in chunk order."""
+        n, step = len(self.places), batch_size * world_size
+        if not 0 <= index * step < n:
+            raise IndexError(f"batch {index} is past the epoch's {math.ceil(n / step)} batches")
+        places = self.places[index * step : (index + 1) * step]
+        if len(places) % world_size:  # the epoch's short last batch: fill it with the first rows
+            fill = world_size - len(places) % world_size
+            places = np.concatenate([places, np.resize(self.places, fill)])
+        places = np.sort(places)
+        share = len(places) // world_size
+        return self.rows[places[rank * share : (rank + 1) * share]]
+
+
+def epoch_order(chunks: list[tuple[int, np.ndarray]], *, seed: int, epoch: int, shuffle: bool,
+                shuffle_window: int) -> EpochOrder:
+    """The order of an epoch over ``chunks``: (shard index, global rows of the chunk) in cache order."""
+    if not shuffle or not chunks:
+        rows = np.concatenate([r for _, r in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+        return EpochOrder(rows, np.arange(len(rows)))
+    rng = np.random.default_rng([seed, epoch])
+    by_shard: dict[int, list[np.ndarray]] = collections.defaultdict(list)
+    for shard, rows in chunks:
+        by_shard[shard].append(rows)
+    ordered = []
+    for shard in rng.permutation(sorted(by_shard)):
+        parts = by_shard[int(shard)]
+        ordered += [parts[i] for i in rng.permutation(len(parts))]
+    rows = np.concatenate(ordered)
+    places = np.arange(len(rows))
+    window = max(1, shuffle_window)
+    for start in range(0, len(rows), window):
+        places[start : start + window] = rng.permutation(places[start : start + window])
+    return EpochOrder(rows, places)
+
+
 class CacheDataset(IterableDataset):
-    """Rows of a teacher cache as dicts of tensors (all captured temperatures; see ``_to_tensors``).
+    """Batches of teacher-cache rows as dicts of tensors (see :meth:`to_tensors`), for this process.
 
     rows: global row numbers to use (e.g. the training split); None = all rows.
+    batch_size: rows per batch of this rank (the global batch is ``world_size`` times larger).
     inputs: model inputs for caches without token ids (module teachers): ``inputs[sample_index]``
     is fed to the student and must hash to the row's ``input_hash``.
+    rank, world_size: this process's share; None = from ``torch.distributed`` (0 of 1 without it).
+    Iterate it with ``DataLoader(dataset, batch_size=None, num_workers=...)``.
     """
 
     def __init__(
-        self, cache_path: str | os.PathLike, *, rows: np.ndarray | None = None, shuffle: bool = True,
-        seed: int = 0, shuffle_buffer: int = 1024, verify_hashes: bool = True,
+        self, cache: str | os.PathLike | TeacherCache, *, batch_size: int, rows: np.ndarray | None = None,
+        shuffle: bool = True, seed: int = 0, shuffle_window: int = 1024, verify_hashes: bool = True,
         inputs: np.ndarray | None = None, rank: int | None = None, world_size: int | None = None,
     ):
-        self.cache_path = cache_path
-        self.cache = TeacherCache(cache_path, verify_hashes=verify_hashes)
-        self.selected = np.zeros(len(self.cache), dtype=bool)
-        self.selected[np.arange(len(self.cache)) if rows is None else rows] = True
-        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache, verify_hashes=verify_hashes)
+        selected = np.zeros(len(self.cache), dtype=bool)
+        selected[np.arange(len(self.cache)) if rows is None else rows] = True
+        self.batch_size, self.shuffle, self.seed, self.shuffle_window = batch_size, shuffle, seed, shuffle_window
         self.inputs = inputs
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        default_rank, default_world = distributed_rank()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.epoch, self.start_batch = 0, 0
+        self._chunks = self._selected_chunks(selected)
+        self.num_rows = int(selected.sum())
         if "input_ids" not in self.cache.schema.fields() and inputs is None:
             raise IntegrityError(
                 "this cache holds no token ids (module teacher): pass the capture's .npz data "
                 "(--data) so the student sees the same inputs"
             )
 
-    def __len__(self) -> int:
-        return int(self.selected.sum())
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def chunks(self) -> list[tuple[int, int, int]]:
-        """Every (shard, start, stop) storage chunk holding selected rows, in cache order."""
+    def _selected_chunks(self, selected: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, selected global rows) of every storage chunk holding selected rows, in cache order."""
         chunk_rows = self.cache.manifest["capture"]["chunk_rows"]
         out = []
         for shard, entry in enumerate(self.cache.shards):
             base = self.cache._starts[shard]
             for start in range(0, entry["rows"], chunk_rows):
-                stop = min(start + chunk_rows, entry["rows"])
-                if self.selected[base + start : base + stop].any():
-                    out.append((shard, start, stop))
+                rows = base + np.nonzero(selected[base + start : base + min(start + chunk_rows, entry["rows"])])[0] + start
+                if len(rows):
+                    out.append((shard, rows))
         return out
 
-    def _worker_slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = distributed_rank()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
-        return rank * workers + worker, world * workers
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank makes per epoch (the same for all ranks)."""
+        return math.ceil(self.num_rows / (self.batch_size * self.world_size))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its batch ``start_batch`` (earlier ones are skipped unread)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def order(self) -> EpochOrder:
+        return epoch_order(self._chunks, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                           shuffle_window=self.shuffle_window)
+
+    def batch_rows(self, order: EpochOrder, index: int) -> np.ndarray:
+        return order.batch_rows(index, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size)
 
     def __iter__(self):
-        slot, slots = self._worker_slot()
-        chunks = self.chunks()
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(chunks))
-            chunks = [chunks[i] for i in order]
-        rows = self._rows(chunks[slot::slots])
-        if not self.shuffle:
-            yield from rows
-            return
-        yield from _buffered_shuffle(rows, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, slot]))
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = self.order()
+        plan = [self.batch_rows(order, b) for b in range(self.start_batch + worker, self.batches_per_epoch, workers)]
+        chunk_ids = [self._chunk_ids(rows) for rows in plan]  # shard << 32 | chunk within the shard
+        last_use = {int(c): n for n, ids in enumerate(chunk_ids) for c in np.unique(ids)}
+        shard_last_use = {}
+        for chunk, n in last_use.items():
+            shard_last_use[chunk >> 32] = max(n, shard_last_use.get(chunk >> 32, n))
+        shards_in_order = list(dict.fromkeys(int(c) >> 32 for ids in chunk_ids for c in ids))
+        self.cache.schedule(shards_in_order)  # an object store's downloads run ahead in this order
+        reader = _ChunkReader(self.cache)
+        for n, rows in enumerate(plan):
+            yield self.collate([self.to_tensors(reader.row(int(r)), int(r)) for r in rows])
+            for chunk in np.unique(chunk_ids[n]):
+                if last_use[int(chunk)] == n:
+                    reader.forget(int(chunk))
+            for shard in [s for s, last in shard_last_use.items() if last == n]:
+                release_shard(self.cache, shard)
 
-    def _rows(self, chunks):
-        open_shard = None
-        for shard, start, stop in chunks:
-            if open_shard is not None and open_shard != shard:
-                release_shard(self.cache, open_shard)
-            open_shard = shard
-            block = self.cache.shard_reader(shard).read(start, stop)
-            base = self.cache._starts[shard] + start
-            for r in range(stop - start):
-                if self.selected[base + r]:
-                    yield self._to_tensors({k: v[r] for k, v in block.items()}, base + r)
-        if open_shard is not None:
-            release_shard(self.cache, open_shard)
+    def _chunk_ids(self, rows: np.ndarray) -> np.ndarray:
+        starts = np.asarray(self.cache._starts)
+        shard = np.searchsorted(starts, rows, side="right") - 1
+        return (shard.astype(np.int64) << 32) | ((rows - starts[shard]) // self.cache.manifest["capture"]["chunk_rows"])
 
-    def _to_tensors(self, raw: dict, row: int) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    def to_tensors(self, raw: dict, row: int) -> dict[str, torch.Tensor]:
         """One row: ``input_ids [L]`` or ``inputs [...]``, ``topk_ids [P,k]`` int64, ``topk_logits
         [P,k]`` fp32 (max-shifted logits), ``logsumexp``/``tail_logprob [P,nT]``, ``mask [P]``."""
-        from kdpipe.pipeline.schema import values_to_float32
-
         if "input_ids" in raw:
             model_input = raw["input_ids"].astype(np.int64)
             key = "input_ids"
@@ -151,15 +222,23 @@ class CacheDataset(IterableDataset):
         return out
 
 
-def _buffered_shuffle(items, size: int, rng: np.random.Generator):
-    """Yield ``items`` in a shuffled order using a buffer of at most ``size`` items."""
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(len(buffer)))
-        buffer[j], item = item, buffer[j]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
+class _ChunkReader:
+    """Rows by global number, decoding each storage chunk once and keeping it until ``forget``."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+        self.chunk_rows = cache.manifest["capture"]["chunk_rows"]
+        self._decoded: dict[int, dict[str, np.ndarray]] = {}  # shard << 32 | chunk -> columns
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        shard, row = self.cache.locate(i)
+        chunk, offset = divmod(row, self.chunk_rows)
+        key = shard << 32 | chunk
+        if key not in self._decoded:
+            start = chunk * self.chunk_rows
+            stop = min(start + self.chunk_rows, self.cache.shards[shard]["rows"])
+            self._decoded[key] = self.cache.shard_reader(shard).read(start, stop)
+        return {k: v[offset] for k, v in self._decoded[key].items()}
+
+    def forget(self, key: int) -> None:
+        self._decoded.pop(key, None)

@@ -4,6 +4,11 @@
 ``fit`` (the loop: schedule, accumulate, clip, step, log, evaluate, checkpoint), ``finish`` (final
 model and run manifest). Outputs in ``out``: ``run.json`` (run manifest), ``metrics.jsonl``,
 ``checkpoint/`` (for ``--resume``) and ``model/`` (the trained student).
+
+Under ``torchrun`` every process trains the same model wrapped in ``DistributedDataParallel`` on
+its share of each global batch (:mod:`kdpipe.pipeline.dataset`), so a step of W ranks x batch b is
+the step of one process that accumulates the W per-rank losses (and, when every row has as many
+target tokens, of one process with batch W*b). Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline import distributed
 from kdpipe.pipeline.cache import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.dataset import CacheDataset, split_rows
@@ -36,7 +42,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False):
         self.config, self.resume = config, resume
         self.out = Path(config.out)
+        self.launch = distributed.launch_from_env()  # rank 0 of 1 unless started by torchrun
+        self.is_main, self.world_size = self.launch.rank == 0, self.launch.world_size
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.launch.torchrun:
+            self.device = torch.device("cuda", self.launch.local_rank)
+        self._closing = contextlib.ExitStack()
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -44,6 +55,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         c = self.config
+        self._closing.enter_context(distributed.process_group(self.launch, self.device))
         self.cache = TeacherCache(c.cache, verify_hashes=True, **c.storage())  # a folder or an s3:// URL
         self.cache.check_files()  # every shard present at its size; hashes are checked as shards are read
         self.task = self.cache.schema.task
@@ -57,26 +69,45 @@ class Trainer:
         else:
             train_rows, eval_rows = split_rows(len(self.cache), c.eval_fraction)
             eval_source, eval_rows = c.cache, eval_rows[: c.eval_rows]
-        self.train_set = CacheDataset(c.cache, rows=train_rows, seed=c.seed, shuffle_buffer=c.shuffle_buffer, inputs=inputs)
+        self.train_set = CacheDataset(self.cache, batch_size=c.batch_size, rows=train_rows, seed=c.seed,
+                                      shuffle_window=c.shuffle_buffer, inputs=inputs,
+                                      rank=self.launch.rank, world_size=self.world_size)
         eval_inputs = rows_from_arrays(c.eval_data).inputs if c.eval_data else (None if c.eval_cache else inputs)
-        self.eval_set = CacheDataset(eval_source, rows=eval_rows, shuffle=False, inputs=eval_inputs)
+        eval_cache = TeacherCache(eval_source, verify_hashes=True, **c.storage())  # its own read-ahead order
+        self.eval_set = CacheDataset(eval_cache, batch_size=c.batch_size, rows=eval_rows, shuffle=False,
+                                     inputs=eval_inputs, rank=0, world_size=1)  # rank 0 evaluates alone
         if self.eval_set.cache.schema != self.cache.schema:
             raise ConfigError(f"--eval-cache {c.eval_cache} was captured with other settings than --cache; capture both alike")
-        if len(self.train_set) == 0:
+        if self.train_set.num_rows == 0:
             raise ConfigError(f"cache {c.cache} has no training rows; lower --eval-fraction or capture more data")
-        micro_per_epoch = math.ceil(len(self.train_set) / c.batch_size)
-        self.total_steps = c.steps or max(1, math.ceil(c.epochs * micro_per_epoch / c.grad_accum))
+        self.total_steps = c.steps or max(1, math.ceil(c.epochs * self.train_set.batches_per_epoch / c.grad_accum))
         self.student = load_student(c.student, task=self.task, seed=c.seed, tokenizer_path=c.tokenizer)
         if self.student.kind == "hf" and self.student.tokenizer is None:
             self.student.tokenizer = load_tokenizer(_teacher_tokenizer(self.cache), required=False)
         self._check_student()
-        self.model = self.student.model.to(self.device)
+        self.model = self.student.model.to(self.device)  # the student itself: saved, evaluated
+        self.ddp = self._wrap(self.model)  # what the training forward runs: the model, or DDP around it
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.identity = ckpt.run_identity(self.cache, c)
+        self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size)
         if self.resume:
             self._resume()
         else:
-            ckpt.start_run_dir(self.out, self.identity)
+            ckpt.check_new_run_dir(self.out)  # on every rank, so a refusal stops them all
+            if self.is_main:
+                ckpt.start_run_dir(self.out, self.identity, distributed=self.distributed_record())
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def distributed_record(self) -> dict:
+        """How the run was spread (recorded in run.json)."""
+        c, w = self.config, self.world_size
+        return {"world_size": w, "per_rank_batch_size": c.batch_size, "global_batch_size": c.batch_size * w,
+                "rows_per_step": c.batch_size * w * c.grad_accum,
+                "backend": torch.distributed.get_backend() if w > 1 else None}
 
     def _check_student(self) -> None:
         m = self.cache.manifest
@@ -96,19 +127,16 @@ class Trainer:
     def _resume(self) -> None:
         state = ckpt.load_checkpoint(self.out, self.identity, self.model, self.optimizer)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        ckpt.truncate_metrics(self.out, self.step)
+        if self.is_main:
+            ckpt.truncate_metrics(self.out, self.step)
 
     # ------------------------------------------------------------------ loop
     def batches(self):
-        """Micro-batches forever, epoch after epoch; skips what a resumed run already consumed."""
-        c = self.config
+        """This rank's micro-batches forever, epoch after epoch, from where a resumed run stopped."""
         while True:
-            self.train_set.set_epoch(self.epoch)
-            loader = DataLoader(self.train_set, batch_size=c.batch_size, num_workers=c.num_workers)
-            for n, batch in enumerate(loader):
-                if n < self.batches_in_epoch:
-                    continue  # replayed deterministically, not trained on again
-                self.batches_in_epoch = n + 1
+            self.train_set.set_epoch(self.epoch, start_batch=self.batches_in_epoch)  # earlier ones are not read
+            for batch in DataLoader(self.train_set, batch_size=None, num_workers=self.config.num_workers):
+                self.batches_in_epoch += 1
                 yield batch
             self.epoch += 1
             self.batches_in_epoch = 0
@@ -125,13 +153,20 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-            for _ in range(c.grad_accum):
+            step_tokens = 0
+            for micro in range(c.grad_accum):
                 batch = next(batches)
-                parts = self.loss(batch, temperature=temperature, alpha=alpha)
-                (parts["loss"] / c.grad_accum).backward()
+                # DDP averages gradients over ranks at the last micro-batch's backward only
+                sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or self.world_size == 1 else self.ddp.no_sync()
+                with sync:
+                    parts = self.loss(batch, temperature=temperature, alpha=alpha)
+                    (parts["loss"] / c.grad_accum).backward()
                 for key in sums:
                     sums[key] += float(parts[key].detach()) / c.grad_accum
-                tokens += int(batch["mask"].sum())
+                step_tokens += int(batch["mask"].sum())
+            *means, step_tokens = _sum_over_ranks([*sums.values(), step_tokens])
+            sums = {key: value / self.world_size for key, value in zip(sums, means)}
+            tokens += int(step_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip) if c.clip > 0 else None
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -140,25 +175,27 @@ class Trainer:
             metrics = {"step": self.step, "split": "train", **sums, "lr": lr, "temperature": temperature,
                        "alpha": alpha, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "grad_norm": float(grad_norm) if grad_norm is not None else None}
-            if self.step % c.log_every == 0 or self.step == self.total_steps:
-                ckpt.append_metrics(self.out, metrics)
-            if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
-                ckpt.append_metrics(self.out, {"step": self.step, "split": "eval", **self.evaluate()})
-            if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
-                ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.step, self.epoch, self.batches_in_epoch)
+            if self.is_main:  # the other ranks go on and wait for it at the next gradient exchange
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                    ckpt.append_metrics(self.out, metrics)
+                if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
+                    ckpt.append_metrics(self.out, {"step": self.step, "split": "eval", **self.evaluate()})
+                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
+                    ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.step, self.epoch, self.batches_in_epoch)
             if on_step:
                 on_step(metrics)
         return metrics
 
-    def student_logits(self, batch: dict) -> torch.Tensor:
-        """Student logits ``[B, P, V]`` for a batch of cache rows."""
+    def student_logits(self, batch: dict, *, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Student logits ``[B, P, V]`` for a batch of cache rows (by ``model``, default the training forward)."""
+        model = self.ddp if model is None else model
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
             if self.student.kind == "hf":
                 ids = batch["input_ids"].to(self.device)
-                out = self.model(input_ids=ids, attention_mask=self._attention(batch)).logits
+                out = model(input_ids=ids, attention_mask=self._attention(batch)).logits
             else:
-                out = self.model(batch["inputs"].to(self.device))
+                out = model(batch["inputs"].to(self.device))
         return out if out.ndim == 3 else out[:, None, :]
 
     def _attention(self, batch: dict) -> torch.Tensor | None:
@@ -184,17 +221,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """On held-out cache rows: KL(teacher || student) at T=1 (sparse, a lower bound), CE, top-1 agreement."""
-        if len(self.eval_set) == 0:
+        if self.eval_set.num_rows == 0:
             return {}
         self.model.eval()
         kl, agree, ce = metrics.Mean(), metrics.Mean(), metrics.Mean()
         j = self.cache.schema.temperature_index(1.0) if 1.0 in self.cache.temperatures else 0
         temperature = self.cache.temperatures[j]
-        for batch in DataLoader(self.eval_set, batch_size=self.config.batch_size):
+        for batch in DataLoader(self.eval_set, batch_size=None):
             batch = _to(batch, self.device)
             targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
                                   mask_meaning=self.cache.schema.mask_meaning)
-            logits = self.student_logits(batch)
+            logits = self.student_logits(batch, model=self.model)  # rank 0 alone: not through DDP
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
             kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,
                                                  targets.tail_logprob, targets.kd_mask, temperature=temperature))
@@ -205,10 +242,27 @@ class Trainer:
                 "perplexity": math.exp(min(ce.value, 50)), "temperature": temperature}
 
     # ------------------------------------------------------------------ finish
-    def finish(self, metrics: dict) -> dict:
+    def close(self) -> None:
+        """Leave the process group (if any); call once training is over, also after an error."""
+        self._closing.close()
+
+    def finish(self, metrics: dict) -> dict | None:
+        """Rank 0 writes the model and the run manifest (returned); other ranks return None."""
+        if not self.is_main:
+            return None
         save_student(self.student, self.out / "model")
         return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=metrics,
                                        eval_metrics=ckpt.last_eval(self.out), total_steps=self.total_steps)
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (``values`` itself in one process)."""
+    if not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64,
+                          device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def _to(batch: dict, device: torch.device) -> dict:

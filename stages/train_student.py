@@ -22,7 +22,7 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--schedule", default=None, help='Phases, e.g. "0:T=4,alpha=0.9;600:T=1,alpha=0.5".')
 @click.option("--steps", default=None, type=int, help="Optimizer steps (or use --epochs).")
 @click.option("--epochs", default=None, type=float, help="Passes over the training rows.")
-@click.option("--batch-size", default=None, type=int, help="Rows per micro-batch (default 8).")
+@click.option("--batch-size", default=None, type=int, help="Rows per micro-batch of each rank (default 8).")
 @click.option("--grad-accum", default=None, type=int, help="Micro-batches per optimizer step (default 1).")
 @click.option("--lr", default=None, type=float, help="Peak learning rate (default 1e-3).")
 @click.option("--warmup", default=None, type=int, help="Linear warmup steps before cosine decay (default 0).")
@@ -43,17 +43,28 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @user_errors
 def train_student(config_file, resume, **flags):
-    """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE."""
+    """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE.
+
+    Under torchrun (torchrun --nproc-per-node N kdpipe train-student ...) the ranks train one model
+    with DistributedDataParallel; --batch-size is per rank.
+    """
     config = merge_config(config_file, {**flags, "storage_options": parse_storage_options(flags["storage_options"])})
     trainer = Trainer(config, resume=resume)
-    trainer.setup()
-    with tqdm(total=trainer.total_steps, initial=trainer.step, desc="train-student", unit="step", dynamic_ncols=True) as bar:
-        def on_step(m):
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", T=m["temperature"])
+    try:
+        trainer.setup()
+        with tqdm(total=trainer.total_steps, initial=trainer.step, desc="train-student", unit="step",
+                  dynamic_ncols=True, disable=not trainer.is_main) as bar:
+            def on_step(m):
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", T=m["temperature"])
 
-        metrics = trainer.fit(on_step=on_step)
-    manifest = trainer.finish(metrics)
+            metrics = trainer.fit(on_step=on_step)
+        manifest = trainer.finish(metrics)
+    finally:
+        trainer.close()
+    if manifest is None:
+        return  # not rank 0: rank 0 reports
     final = manifest.get("final_eval_metrics") or {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
-    click.echo(f"wrote {config.out}/model after {trainer.step} steps" + (f"; held-out: {summary}" if summary else ""))
+    ranks = f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""
+    click.echo(f"wrote {config.out}/model after {trainer.step} steps{ranks}" + (f"; held-out: {summary}" if summary else ""))
