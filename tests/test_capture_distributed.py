@@ -151,6 +151,51 @@ def test_world_size_contradicting_torchrun_is_one_error_line(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+NAN_MODEL = """
+import torch
+
+def nan_on_white():  # 8x8 images -> 10 classes; NaN logits for an image whose first pixel is white
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            logits = self.linear(x.flatten(1))
+            return torch.where(x.flatten(1)[:, :1] > 0.99, torch.nan, logits)
+    return Net()
+"""
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    (tmp_path / "nan_model.py").write_text(NAN_MODEL)
+    namespace: dict = {}
+    exec(NAN_MODEL, namespace)
+    save_file(namespace["nan_on_white"]().state_dict(), str(tmp_path / "w.safetensors"))
+    x = np.random.default_rng(0).integers(0, 200, (40, 8, 8), dtype=np.uint8)
+    x[15, 0, 0] = 255  # row 15: block 1 of 4 blocks of 10 rows, rank 1's
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 10)
+    out = tmp_path / "cache"
+    result = torchrun("--teacher", f"{tmp_path / 'nan_model.py'}:nan_on_white", "--weights", tmp_path / "w.safetensors",
+                      "--data", tmp_path / "d.npz", "--out", out, "--top-k", 3, "--shard-size-mb", 0.0005, "--device", "cpu")
+    assert result.returncode != 0
+    assert result.stderr.count("error: teacher logits are NaN or infinite in row 15") == 1
+    # Rank 0 either stopped waiting with its own one-line error or was ended by torchrun; no kdpipe traceback.
+    assert "pipeline/capture" not in result.stderr and "stages/cache_teacher" not in result.stderr
+    assert not (out / "manifest.json").exists()
+
+
+def test_device_map_with_a_device_is_refused(tmp_path):
+    result = run_cli(*SETTINGS, "--device-map", "auto", "--out", tmp_path / "cache")  # SETTINGS say --device cpu
+    assert result.exit_code == 2 and result.output == (
+        "error: --device-map auto places the teacher on the GPUs itself (or the CPU without GPUs); "
+        "drop --device cpu, or drop --device-map to run on cpu\n")
+
+
 def test_launch_from_env():
     torchrun_env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     launch = launch_from_env(env=torchrun_env)
