@@ -110,12 +110,24 @@ def student_bin_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor, t
     """Student log-probs on the (k+1)-bin view: [N, V] raw logits, [N, k] ids -> [N, k+1] log-probs.
 
     Column ``j < k`` is ``log q_T(topk_ids[:, j])``; the last column is ``log q_tail`` (``-inf`` when the
-    tail is empty, e.g. k = V, with zero gradient). Allocates at most two [N, V] fp32 temporaries.
+    tail is empty, e.g. k = V, with zero gradient). Allocates at most two [N, V] fp32 temporaries
+    besides the ones ``logsumexp`` makes.
+
+    Numerics: the row maximum ``m`` of ``s = logits / T`` is subtracted (detached: every log-prob is
+    invariant to it, so the gradient is unchanged) before anything else, and both log-sums are taken
+    of ``s - m``. Subtracting a large ``logsumexp(s)`` from a large ``s_i`` instead would round at the
+    scale of ``|s|`` (about 1.5e-5 at logits of magnitude 100-250) where ``log_softmax`` rounds at the
+    scale of ``|s_i - m|``, i.e. exactly near the top of the distribution.
     """
     s = _scaled_fp32(student_logits, temperature)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [N, 1]
-    top = s.gather(1, topk_ids) - lse  # [N, k]
-    rest = s.scatter(1, topk_ids, _NEG_INF)  # [N, V]: top-k columns removed
+    with torch.no_grad():
+        m = s.amax(dim=-1, keepdim=True)  # [N, 1]
+        m.masked_fill_(~torch.isfinite(m), 0.0)  # an all -inf (or +inf) row: leave it as it is
+    # s is a fresh tensor unless it is the caller's own fp32 logits at T = 1: then take a copy
+    shifted = s - m if s is student_logits else s.sub_(m)  # [N, V], max 0
+    lse = torch.logsumexp(shifted, dim=-1, keepdim=True)  # [N, 1], in [0, log V]
+    top = shifted.gather(1, topk_ids) - lse  # [N, k]
+    rest = shifted.scatter(1, topk_ids, _NEG_INF)  # [N, V]: top-k columns removed
     with torch.no_grad():
         empty = rest.amax(dim=-1, keepdim=True) == _NEG_INF  # [N, 1]: nothing left in the tail
     rest.masked_fill_(empty, 0.0)  # keep logsumexp's backward finite on empty rows

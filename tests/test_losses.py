@@ -290,3 +290,21 @@ def test_no_nan_anywhere_at_full_k_gradients_for_extreme_teacher():
         assert not math.isnan(loss.item()) and not torch.isnan(g).any()
         torch.testing.assert_close(loss, ld, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g, gd, atol=1e-5, rtol=1e-5)
+
+
+def test_student_bins_at_logit_scale_100_are_as_exact_as_log_softmax():
+    # Subtracting a large logsumexp from a large logit rounds at the scale of |s| (~1.5e-5 at 250);
+    # log_softmax rounds at the scale of |s_i - max|. The bins must do as well as log_softmax.
+    g = torch.Generator().manual_seed(18)
+    for s in (100.0 + 3.0 * torch.randn(64, 1000, generator=g),  # large logits, moderate spread
+              100.0 * torch.randn(64, 1000, generator=g)):  # logits of scale 100
+        ids = (s + torch.randn(64, 1000, generator=g)).topk(16, dim=-1).indices  # where a teacher would look
+        for temperature in TEMPS:
+            got = student_bin_logprobs(s, ids, temperature).double()
+            ref = F.log_softmax(s.double() / temperature, dim=-1)
+            want = torch.cat([ref.gather(1, ids), torch.logsumexp(ref.scatter(1, ids, float("-inf")), -1, keepdim=True)], -1)
+            err = (got - want).abs()
+            # absolute 1e-6 near the top; fp32 rounding of the value itself further down
+            assert (err <= 1e-6 + 2.5e-7 * want.abs()).all(), (temperature, err.max().item())
+            dense = F.log_softmax(s / temperature, dim=-1).gather(1, ids).double()
+            assert err[:, :-1].max() <= 1.5 * (dense - want[:, :-1]).abs().max() + 1e-7
