@@ -49,13 +49,15 @@ def check_new_run_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it or choose a new --out")
 
 
-def start_run_dir(out: Path, identity: dict, *, distributed: dict | None = None) -> None:
+def start_run_dir(out: Path, identity: dict, *, distributed: dict | None = None,
+                  loss_implementation: str | None = None) -> None:
     """Create the run dir and its ``run.json`` (status running)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_MANIFEST, {"status": "running", "started_at": utc_now(), **identity,
                                            "distributed": distributed or {"world_size": 1},
+                                           "loss_implementation": loss_implementation,
                                            "software": software_versions()})
 
 

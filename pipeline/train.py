@@ -29,6 +29,7 @@ from kdpipe.pipeline.cache import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss, output_head
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.losses import distillation_loss
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
@@ -56,7 +57,7 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self._closing.enter_context(distributed.process_group(self.launch, self.device))
-        self.cache = TeacherCache(c.cache, verify_hashes=True, **c.storage())  # a folder or an s3:// URL
+        self.cache = self._closing.enter_context(TeacherCache(c.cache, verify_hashes=True, **c.storage()))  # or s3://
         self.cache.check_files()  # every shard present at its size; hashes are checked as shards are read
         self.task = self.cache.schema.task
         self.phases = parse_schedule(c.schedule)
@@ -73,7 +74,7 @@ class Trainer:
                                       shuffle_window=c.shuffle_buffer, inputs=inputs,
                                       rank=self.launch.rank, world_size=self.world_size)
         eval_inputs = rows_from_arrays(c.eval_data).inputs if c.eval_data else (None if c.eval_cache else inputs)
-        eval_cache = TeacherCache(eval_source, verify_hashes=True, **c.storage())  # its own read-ahead order
+        eval_cache = self._closing.enter_context(TeacherCache(eval_source, verify_hashes=True, **c.storage()))
         self.eval_set = CacheDataset(eval_cache, batch_size=c.batch_size, rows=eval_rows, shuffle=False,
                                      inputs=eval_inputs, rank=0, world_size=1)  # rank 0 evaluates alone
         if self.eval_set.cache.schema != self.cache.schema:
@@ -86,7 +87,11 @@ class Trainer:
             self.student.tokenizer = load_tokenizer(_teacher_tokenizer(self.cache), required=False)
         self._check_student()
         self.model = self.student.model.to(self.device)  # the student itself: saved, evaluated
-        self.ddp = self._wrap(self.model)  # what the training forward runs: the model, or DDP around it
+        # The fused loss needs the student's last hidden states and its lm-head (weight, bias).
+        fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm"
+        self.head = output_head(self.model) if fusable else None
+        forward = _HiddenStates(self.model) if self.head is not None else self.model
+        self.ddp = self._wrap(forward)  # what the training forward runs: ``forward``, or DDP around it
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size)
         if self.resume:
@@ -94,13 +99,23 @@ class Trainer:
         else:
             ckpt.check_new_run_dir(self.out)  # on every rank, so a refusal stops them all
             if self.is_main:
-                ckpt.start_run_dir(self.out, self.identity, distributed=self.distributed_record())
+                ckpt.start_run_dir(self.out, self.identity, distributed=self.distributed_record(),
+                                   loss_implementation=self.loss_implementation)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    @property
+    def loss_implementation(self) -> str:
+        """What computes the training loss (recorded in run.json)."""
+        if self.head is not None:
+            return "fused: lm-head and loss chunk by chunk (pipeline/fused_kd.py)"
+        why = ("--no-fused-loss" if not self.config.fused_loss else
+               "the student's output layer is not a plain nn.Linear of a causal LM")
+        return f"unfused: full student logits ({why})"
 
     def distributed_record(self) -> dict:
         """How the run was spread (recorded in run.json)."""
@@ -186,11 +201,13 @@ class Trainer:
                 on_step(metrics)
         return metrics
 
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def student_logits(self, batch: dict, *, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Student logits ``[B, P, V]`` for a batch of cache rows (by ``model``, default the training forward)."""
         model = self.ddp if model is None else model
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with autocast:
+        with self._autocast():
             if self.student.kind == "hf":
                 ids = batch["input_ids"].to(self.device)
                 out = model(input_ids=ids, attention_mask=self._attention(batch)).logits
@@ -210,6 +227,14 @@ class Trainer:
         batch = _to(batch, self.device)  # once: targets and the student read the same tensors
         targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
                                   mask_meaning=self.cache.schema.mask_meaning)
+        if self.head is not None:  # the student's [B*P, V] logits never exist
+            with self._autocast():
+                hidden = self.ddp(batch["input_ids"], self._attention(batch))  # [B, P, H]
+                weight, bias = self.head
+                return fused_linear_distillation_loss(
+                    hidden.reshape(-1, hidden.shape[-1]), weight, targets.labels, targets.topk_ids,
+                    targets.topk_logprobs, targets.tail_logprob, alpha=alpha, temperature=temperature,
+                    kind=self.config.loss, kd_mask=targets.kd_mask, ce_mask=targets.ce_mask, head_bias=bias)
         logits = self.student_logits(batch)
         logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
         return distillation_loss(
@@ -253,6 +278,19 @@ class Trainer:
         save_student(self.student, self.out / "model")
         return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=metrics,
                                        eval_metrics=ckpt.last_eval(self.out), total_steps=self.total_steps)
+
+
+class _HiddenStates(torch.nn.Module):
+    """A Hugging Face causal LM without its output layer: ``forward`` gives the last hidden states
+    ``[B, P, H]`` (after the final norm: what the lm-head reads). DDP wraps this module, so the
+    lm-head's gradient, made by the fused loss outside ``forward``, is still averaged over ranks."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

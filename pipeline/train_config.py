@@ -45,6 +45,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     shuffle_buffer: int = 1024
     num_workers: int = 0
+    fused_loss: bool = True  # the lm-head and the loss in one chunked pass where the student allows it
     log_every: int = 10
     # Reading a cache from an object store (s3://, gs://, az://); none of these change what is computed.
     storage_options: dict | None = None  # fsspec options (a TOML table); never recorded: may hold keys

@@ -36,6 +36,7 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--eval-every", default=None, type=int, help="Evaluate every N steps (default 100).")
 @click.option("--checkpoint-every", default=None, type=int, help="Checkpoint every N steps (default 100).")
 @click.option("--num-workers", default=None, type=int, help="DataLoader worker processes (default 0).")
+@click.option("--fused-loss/--no-fused-loss", default=None, help="Compute the lm-head and the loss together, chunk by chunk, so the student's [tokens, vocab] logits never exist (default: on where the student's output layer allows it; run.json says which ran).")
 @storage_options_flag
 @click.option("--local-cache", default=None, help="Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs [default: a temporary folder holding only the shards in use and read ahead].")
 @click.option("--local-cache-gb", default=None, type=float, help="Size limit of --local-cache in GB (10^9 bytes); least recently used shards go first [default: no limit].")

@@ -161,3 +161,13 @@ def test_missing_shard_is_refused_before_anything_is_written(lm_cache, student_c
 def test_explicit_tokenizer_must_load(lm_cache, student_config, tmp_path):
     with pytest.raises(ConfigError, match="cannot load the tokenizer"):
         Trainer(make_config(lm_cache, student_config, tmp_path / "t", tokenizer=str(tmp_path))).setup()
+
+
+def test_fused_loss_trains_like_the_unfused_one_and_run_json_says_which_ran(lm_cache, student_config, tmp_path):
+    fused = train(make_config(lm_cache, student_config, tmp_path / "fused", alpha=0.5, temperature=2.0))
+    plain = train(make_config(lm_cache, student_config, tmp_path / "plain", alpha=0.5, temperature=2.0, fused_loss=False))
+    assert fused.head is not None and plain.head is None
+    for (name, a), (_, b) in zip(fused.model.state_dict().items(), plain.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
+    ran = {name: json.loads((tmp_path / name / "run.json").read_text())["loss_implementation"] for name in ("fused", "plain")}
+    assert ran["fused"].startswith("fused") and ran["plain"].startswith("unfused") and "--no-fused-loss" in ran["plain"]
