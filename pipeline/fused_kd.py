@@ -130,7 +130,8 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
             ``losses.distillation_loss`` (masks [N] bool; kinds forward-kl, reverse-kl, js, tvd,
             skew-kl; reverse KL floors the teacher's tail at ``TAIL_LOGPROB_FLOOR``).
         head_bias: optional [V_head] bias of the lm-head.
-        chunk_rows: rows per chunk (default ``default_chunk_rows(V)``: ~128 MiB per [rows, V] fp32).
+        chunk_rows: rows per chunk (default: ~128 MiB of [rows, V] fp32 buffers in all, i.e.
+            ``default_chunk_rows(V)`` rows, half as many when KD and CE both run at ``T != 1``).
         vocab_size: use only the first ``vocab_size`` rows of the head (logits ``[:, :vocab_size]``);
             default all ``V_head`` rows. ``V`` below means this number.
 
@@ -284,13 +285,15 @@ class _FusedLinearDistillation(torch.autograd.Function):
         grad_b = torch.zeros(v, dtype=f32, device=device) if need_b else None
 
         if n_active:
-            chunk = min(cfg.chunk_rows or default_chunk_rows(v), n_active)
+            two_buffers = use_kd and use_ce and temperature != 1.0
+            # by default the buffers together take DEFAULT_CHUNK_BYTES, whatever the terms computed:
+            # KD + CE never needs more memory than CE alone
+            chunk = min(cfg.chunk_rows or max(1, default_chunk_rows(v) // (2 if two_buffers else 1)), n_active)
             with torch.autocast(device.type, enabled=False):
                 w_c = weight.to(compute)
                 b_c = None if bias is None else bias.to(compute)
                 x_buf = torch.empty(chunk, v, dtype=f32, device=device)
-                e_buf = torch.empty(chunk, v, dtype=f32, device=device) \
-                    if use_kd and use_ce and temperature != 1.0 else None
+                e_buf = torch.empty(chunk, v, dtype=f32, device=device) if two_buffers else None
                 for start in range(0, n_active, chunk):
                     stop = min(start + chunk, n_active)
                     sel = slice(start, stop) if rows is None else rows[start:stop]
