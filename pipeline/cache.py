@@ -18,7 +18,7 @@ import numpy as np
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, resolve_shard_path
+from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
 from kdpipe.pipeline.schema import CacheSchema, values_to_float32
 from kdpipe.pipeline.storage.base import ShardReader, get_format
 from kdpipe.pipeline.storage.local_copies import LocalCopies
@@ -26,7 +26,6 @@ from kdpipe.pipeline.storage.location import CacheLocation
 from kdpipe.pipeline.storage.read_ahead import ShardReadAhead
 
 DEFAULT_READ_AHEAD = 4  # remote shards downloaded ahead of the reader (benchmarks/remote_read.py)
-MAX_OPEN_REMOTE_SHARDS = 16  # a remote cache read at random closes (and unpins) its oldest shards
 
 
 def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature: float) -> np.ndarray:
@@ -103,8 +102,6 @@ class TeacherCache:
         return resolve_shard_path(self.location.local(), self.shards[index]["name"])
 
     def shard_reader(self, index: int) -> ShardReader:
-        if index in self._readers and self._read_ahead is not None:
-            self._readers[index] = self._readers.pop(index)  # most recently used last
         if index not in self._readers:
             if self._read_ahead is not None:
                 self._open_remote(index)
@@ -141,8 +138,6 @@ class TeacherCache:
         except BaseException:
             self._read_ahead.release(index)
             raise
-        while len(self._readers) > MAX_OPEN_REMOTE_SHARDS:
-            self.release(next(iter(self._readers)))
 
     def release(self, index: int) -> None:
         """Close shard ``index``'s reader; a remote shard's copy may then be evicted."""
@@ -262,15 +257,5 @@ def read_manifest(location: CacheLocation) -> tuple[dict, bytes | None]:
             f"{location} has no {MANIFEST_NAME}: it is not a kdpipe cache or its capture has not "
             "finished (re-run the same cache-teacher command to finish it)"
         ) from None
-    return parse_manifest(data, location), data
+    return parse_manifest(data, f"{location}/{MANIFEST_NAME}"), data
 
-
-def parse_manifest(data: bytes, location: CacheLocation) -> dict:  # TEMPORARY until manifest.py parses bytes
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / MANIFEST_NAME).write_bytes(data)
-        try:
-            return load_manifest(folder)
-        except CacheFormatError as exc:
-            raise CacheFormatError(str(exc).replace(folder, location.display)) from None

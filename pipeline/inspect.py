@@ -15,8 +15,11 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
     sample = np.sort(rng.choice(n, size=min(sample_rows, n), replace=False)) if n else []
     cache.schedule(list(dict.fromkeys(cache.locate(int(i))[0] for i in sample)))  # remote: read ahead
     tail_by_t = {t: [] for t in cache.temperatures}
-    for i in sample:
+    for k, i in enumerate(sample):
         raw = cache.read_raw(int(i))
+        shard = cache.locate(int(i))[0]
+        if k + 1 == len(sample) or cache.locate(int(sample[k + 1]))[0] != shard:
+            cache.release(shard)  # done with it (a remote shard's copy may go)
         valid = raw["mask"]
         for j, t in enumerate(cache.temperatures):
             tail_by_t[t].append(np.exp(raw["tail_logprob"][valid, j]))

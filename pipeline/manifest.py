@@ -111,7 +111,11 @@ def manifest_checksum(manifest: dict) -> str:
 
 
 def load_manifest(root: str | os.PathLike) -> dict:
-    """Read and validate ``root/manifest.json``; raises :class:`CacheFormatError` naming the fix."""
+    """Read and validate ``root/manifest.json``; raises :class:`CacheFormatError` naming the fix.
+
+    ``root`` is a local folder; a cache on an object store is read by
+    :func:`kdpipe.pipeline.cache.read_manifest`, which validates with :func:`parse_manifest`.
+    """
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -121,27 +125,32 @@ def load_manifest(root: str | os.PathLike) -> dict:
             f"{root} has no {MANIFEST_NAME}: it is not a kdpipe cache or its capture has not "
             "finished (re-run the same cache-teacher command to finish it)"
         )
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Validate the bytes of a manifest read from ``where`` (named in the errors)."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheFormatError(f"{path} is not valid JSON ({exc}); re-create the cache") from None
+        raise CacheFormatError(f"{where} is not valid JSON ({exc}); re-create the cache") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CacheFormatError(f"{path} is not a kdpipe cache manifest")
+        raise CacheFormatError(f"{where} is not a kdpipe cache manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheFormatError(
-            f"{path} has cache format version {version!r}, but this kdpipe reads version "
+            f"{where} has cache format version {version!r}, but this kdpipe reads version "
             f"{FORMAT_VERSION}; use the kdpipe version that wrote it or re-create the cache"
         )
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise CacheFormatError(
-            f"{path} does not match its checksum: it was edited or damaged after the capture; "
+            f"{where} does not match its checksum: it was edited or damaged after the capture; "
             "restore it or re-create the cache"
         )
     for key in ("schema", "shards", "capture", "totals"):
         if key not in manifest:
-            raise CacheFormatError(f"{path} lacks the {key!r} section; re-create the cache")
+            raise CacheFormatError(f"{where} lacks the {key!r} section; re-create the cache")
     CacheSchema.from_dict(manifest["schema"])
     for shard in manifest["shards"]:
-        resolve_shard_path(root, shard.get("name", ""))
+        resolve_shard_path(Path(), shard.get("name", ""))
     return manifest

@@ -12,6 +12,11 @@ rows only when all its shards are kept. When the rank reaches the end of the dat
 number of blocks and the sha256 of every data file. When every rank is complete the manifest is
 assembled from these records and written last (:func:`finalize`): by rank 0 after a barrier under
 torchrun, else by the last rank to finish.
+
+On an object store (``--out s3://...``) records and the manifest are whole-object PUTs (an object is
+visible only complete) and shards are uploaded once finished, so there are no temporary objects. A
+remote shard's entry also holds the ETag the store gave it; at restart it is kept when the object
+has the recorded size and ETag (one listing, no download), and the manifest leaves the ETags out.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import threading
 from pathlib import Path
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
-from kdpipe.pipeline.fileio import atomic_write_json, remove_stale_tmp, sha256_file, write_errors
+from kdpipe.pipeline.fileio import remove_stale_tmp, sha256_file, write_errors
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
+from kdpipe.pipeline.storage.location import CacheLocation
 
 PROGRESS_DIR = "_progress"
 _IDENTITY_SECTIONS = ("teacher", "tokenizer", "data")
@@ -93,10 +99,13 @@ class RankProgress:
     process and for rank 0 under torchrun), so it may remove the manifest's stray temporary files.
     """
 
-    def __init__(self, out: Path, *, rank: int, world_size: int, writes_manifest: bool | None = None):
-        self.out, self.rank, self.world_size = Path(out), rank, world_size
+    def __init__(self, out: str | Path | CacheLocation, *, rank: int, world_size: int,
+                 writes_manifest: bool | None = None):
+        self.location = CacheLocation(out)
+        self.out, self.rank, self.world_size = self.location.root, rank, world_size  # a Path, or the URL
         self.writes_manifest = world_size == 1 if writes_manifest is None else writes_manifest
-        self.path = self.out / PROGRESS_DIR / f"r{rank:05d}.json"
+        self.name = record_name(rank)
+        self.path = None if self.location.is_remote else self.location.local(self.name)
         self.record: dict = {}
         self.redo: list[str] = []  # recorded shards found damaged or missing at start
         self.stale_tmp: list[Path] = []  # temporary files of a killed run, removed at start
@@ -105,9 +114,10 @@ class RankProgress:
     def start(self, plan) -> None:
         """Create --out, remove this rank's stray temporary files, load and check the record."""
         identity = capture_identity(plan)
-        with write_errors("the cache folder", self.out):
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.stale_tmp = self._remove_stale_tmp()
+        if not self.location.is_remote:  # a store has no folders to make and no temporary objects
+            with write_errors("the cache folder", self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.stale_tmp = self._remove_stale_tmp()
         record = self._load()
         if record is None:
             self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
@@ -115,7 +125,8 @@ class RankProgress:
             self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
         else:
             check_same_identity(record["identity"], identity, self.out)
-            kept = {name: e for name, e in record["shards"].items() if self._intact(e)}
+            stored = self.location.listing(SHARD_DIR) if self.location.is_remote else None
+            kept = {name: e for name, e in record["shards"].items() if self._intact(e, stored)}
             self.redo = sorted(name for name in record["shards"] if name not in kept)
             whole = {b: info for b, info in record.get("blocks", {}).items()
                      if sum(e["block"] == int(b) for e in kept.values()) == info["parts"]}
@@ -138,23 +149,33 @@ class RankProgress:
         return removed
 
     def _load(self) -> dict | None:
-        if not self.path.is_file():
+        try:
+            data = self.location.read_bytes(self.name)
+        except FileNotFoundError:
             return None
         try:
-            record = json.loads(self.path.read_text())
+            record = json.loads(data.decode())
             if not isinstance(record.get("identity"), dict) or not isinstance(record.get("shards"), dict):
                 raise ValueError("identity or shards section missing")
         except (ValueError, AttributeError) as exc:
             raise CacheFormatError(
-                f"progress record {self.path} is damaged ({exc}); delete it to redo this rank's "
+                f"progress record {self.location}/{self.name} is damaged ({exc}); delete it to redo this rank's "
                 "shards, or pass --overwrite to start the capture over"
             ) from None
         return record
 
-    def _intact(self, entry: dict) -> bool:
-        """A recorded shard is kept only when its file has the recorded size and sha256."""
-        path = resolve_shard_path(self.out, entry["name"])
-        return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+    def _intact(self, entry: dict, stored: dict | None) -> bool:
+        """A recorded shard is kept only when its file has the recorded size and sha256 -- or, on a
+        store (``stored``: its listing), when its object has the recorded size and ETag."""
+        if stored is None:
+            path = resolve_shard_path(self.out, entry["name"])
+            return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+        found = stored.get(entry["name"])
+        if found is None or found.size != entry["bytes"]:
+            return False
+        if found.etag is not None and entry.get("etag") is not None:
+            return found.etag == entry["etag"]
+        return _stored_sha256(self.location, entry["name"]) == entry["sha256"]  # a store without ETags
 
     def is_done(self, shard_name: str) -> bool:
         return shard_name in self.record["shards"]
@@ -182,25 +203,38 @@ class RankProgress:
             self._save()
 
     def _save(self) -> None:
-        with write_errors(f"progress record {self.path.relative_to(self.out)}", self.out):
-            atomic_write_json(self.path, self.record)
+        with write_errors(f"progress record {self.name}", self.out):
+            self.location.write_json(self.name, self.record)  # atomic rename, or one whole-object PUT
 
 
-def finalize(out: Path, *, plan, header: dict) -> dict | None:
+def record_name(rank: int) -> str:
+    return f"{PROGRESS_DIR}/r{rank:05d}.json"
+
+
+def _stored_sha256(location: CacheLocation, name: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-check-") as folder:
+        return location.download(name, Path(folder) / "shard")
+
+
+def finalize(out: str | Path | CacheLocation, *, plan, header: dict) -> dict | None:
     """Write the manifest once every rank is complete; return it (None while ranks are missing)."""
+    location = CacheLocation(out)
     records = []
     for rank in range(plan.settings.world_size):
-        path = Path(out) / PROGRESS_DIR / f"r{rank:05d}.json"
-        if not path.is_file():
+        try:
+            record = json.loads(location.read_bytes(record_name(rank)).decode())
+        except FileNotFoundError:
             return None
-        record = json.loads(path.read_text())
         if not record.get("complete"):
             return None
         records.append(record)
     num_blocks = _agreed(records, "num_blocks", "number of data blocks")
     data_sha256 = _agreed(records, "data_sha256", "data file hashes")
     blocks = {int(b): info for r in records for b, info in r["blocks"].items()}
-    shards = sorted((e for r in records for e in r["shards"].values()), key=lambda e: (e["block"], e["part"]))
+    shards = sorted(({k: v for k, v in e.items() if k != "etag"} for r in records for e in r["shards"].values()),
+                    key=lambda e: (e["block"], e["part"]))  # ETags are resume bookkeeping, not content
     assert sorted(blocks) == list(range(num_blocks)), "a data block is missing"
     assert len(shards) == sum(info["parts"] for info in blocks.values()), "a shard is missing"
     rows = sum(e["rows"] for e in shards)
@@ -224,8 +258,8 @@ def finalize(out: Path, *, plan, header: dict) -> dict | None:
         "finished_at": utc_now(),
     }
     manifest["checksum"] = manifest_checksum(manifest)
-    with write_errors(MANIFEST_NAME, out):
-        atomic_write_json(Path(out) / MANIFEST_NAME, manifest)
+    with write_errors(MANIFEST_NAME, location.root):
+        location.write_json(MANIFEST_NAME, manifest)  # last: the cache is finished from here on
     return manifest
 
 

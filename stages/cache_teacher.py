@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import click
 from tqdm import tqdm
@@ -17,7 +15,8 @@ from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR
 from kdpipe.pipeline.progress import PROGRESS_DIR
-from kdpipe.stages.cli import user_errors
+from kdpipe.pipeline.storage.location import CacheLocation, parse_storage_options
+from kdpipe.stages.cli import storage_options_flag, user_errors
 
 
 @click.command("cache-teacher")
@@ -28,7 +27,7 @@ from kdpipe.stages.cli import user_errors
 @click.option("--messages-field", default="messages", show_default=True, help="Record field holding a chat conversation (a list of {role, content}); rendered with the teacher's chat template.")
 @click.option("--targets", type=click.Choice(["assistant", "all"]), default="assistant", show_default=True, help="Chat data: distil on the assistant's tokens only, or on every token.")
 @click.option("--packing", is_flag=True, help="Chat data: pack several whole conversations into a row (default: one per row).")
-@click.option("--out", required=True, help="Cache directory to create (or resume).")
+@click.option("--out", required=True, help="Cache directory to create (or resume), or an s3:// (gs://, az://) URL.")
 @click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept per position.")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per packed row.")
@@ -51,8 +50,10 @@ from kdpipe.stages.cli import user_errors
 @click.option("--dist-timeout", default=DEFAULT_TIMEOUT_MIN, show_default=True, type=float, help="Under torchrun: minutes a rank waits for the others (e.g. for the slowest to finish) before it fails.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out that has other settings.")
 @click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights.")
+@storage_options_flag
 @user_errors
-def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, device_map, dist_timeout, **options):
+def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, device_map, dist_timeout,
+                  storage_options, **options):
     """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
 
     Killed or failed (disk full), the same command resumes: finished shards are checked and kept.
@@ -63,7 +64,8 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, d
     settings = CaptureSettings(
         format=storage, temperatures=tuple(temperatures), rank=launch.rank, world_size=launch.world_size,
         local_rank=launch.local_rank, local_world_size=launch.local_world_size,
-        device_map=None if device_map == "none" else device_map, **options,
+        device_map=None if device_map == "none" else device_map,
+        storage_options=parse_storage_options(storage_options), **options,
     )
     main = not launch.torchrun or launch.rank == 0  # under torchrun only rank 0 speaks
     if not main:
@@ -73,12 +75,12 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, d
         if main:
             _print_plan(plan)
         return
-    out = Path(settings.out)
+    out = CacheLocation(settings.out, settings.storage_options)  # a folder, or a URL (shown without user info)
     if not overwrite and finished_capture(plan) is not None:
         if main:
             click.echo(f"{out} already holds this finished capture; nothing to do (kdpipe verify {out} checks it)")
         return
-    if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
+    if not overwrite and not out.is_empty() and not _has_progress(out):
         raise ConfigError(f"--out {out} exists and is not a kdpipe cache; choose an empty or new directory")
     plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
     with process_group(launch, plan.teacher.device, timeout_min=dist_timeout) as group:
@@ -162,8 +164,12 @@ def _print_plan(plan) -> None:
                f"({estimate['bytes'] / max(estimate['tokens'], 1):.1f} B/token) in {s.format}")
 
 
-def _clear_cache(out: Path) -> None:
+def _has_progress(out: CacheLocation) -> bool:
+    return bool(out.listing(PROGRESS_DIR)) if out.is_remote else out.local(PROGRESS_DIR).is_dir()
+
+
+def _clear_cache(out: CacheLocation) -> None:
     """Remove what kdpipe wrote (manifest, shards, progress), nothing else."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: the cache is unfinished from here on
+    out.remove(MANIFEST_NAME)  # first: the cache is unfinished from here on
     for name in (PROGRESS_DIR, SHARD_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
+        out.remove_folder(name)

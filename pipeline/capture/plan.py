@@ -22,6 +22,7 @@ from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
 from kdpipe.pipeline.errors import ConfigError, DataError
 from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.storage.location import CacheLocation, is_url
 from kdpipe.pipeline.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
 )
@@ -63,6 +64,7 @@ class CaptureSettings:
     packing: bool = False  # chat data: several conversations per row
     num_workers: int | None = None  # tokenizer processes; None = automatic
     block_mb: float = BLOCK_CHARS / 2**20  # data block size, in millions of characters (2**20)
+    storage_options: dict | None = None  # fsspec options for an s3:// (gs://, az://) --out; never recorded
 
     @property
     def block_chars(self) -> int:
@@ -166,7 +168,7 @@ def _validate(settings: CaptureSettings) -> None:
         if settings.device not in ("auto", "cuda"):
             raise ConfigError(f"--device-map auto places the teacher on the GPUs itself (or the CPU without GPUs); "
                               f"drop --device {settings.device}, or drop --device-map to run on {settings.device}")
-    if Path(settings.out).exists() and not Path(settings.out).is_dir():
+    if not is_url(settings.out) and Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ConfigError(f"--out {settings.out} is a file; give a directory (a new one, or one holding this capture)")
     get_format(settings.format)
 
@@ -285,13 +287,15 @@ def packing_spec(settings: CaptureSettings, source: datalib.Source, teacher: Tea
 def finished_capture(plan: CapturePlan) -> dict | None:
     """The manifest of the finished capture in ``--out`` when it has these settings and data; None
     when there is none; raises naming the differing setting (or data file) when there is another."""
-    from kdpipe.pipeline.manifest import MANIFEST_NAME, load_manifest
+    from kdpipe.pipeline.cache import read_manifest
+    from kdpipe.pipeline.manifest import MANIFEST_NAME
     from kdpipe.pipeline.progress import capture_identity, check_same_data, check_same_identity, manifest_identity
 
-    out = Path(plan.settings.out)
-    if not (out / MANIFEST_NAME).is_file():
+    location = CacheLocation(plan.settings.out, plan.settings.storage_options)
+    if location.info(MANIFEST_NAME) is None:
         return None
-    manifest = load_manifest(out)
+    manifest, _ = read_manifest(location)
+    out = location.root
     check_same_identity(manifest_identity(manifest, plan), capture_identity(plan), out)
     if plan.source.files:  # hashing costs one read of the data (see docs/FORMAT.md)
         check_same_data(manifest["data"].get("sha256_by_file") or {}, datalib.ReadState(plan.source).complete_hashes(), out)

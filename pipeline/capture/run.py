@@ -21,12 +21,18 @@ most one shard renamed but not yet recorded. Restarting with the same command re
 keeps the recorded shards whose sha256 still matches and redoes the rest (see
 :mod:`kdpipe.pipeline.progress`). A failed write (disk full, read-only --out) stops the capture with a
 :class:`~kdpipe.pipeline.errors.WriteError`; what was written before stays valid.
+
+``--out`` on an object store (``s3://bucket/prefix``): a shard is written to a local staging folder,
+hashed, then uploaded, and becomes visible only once its upload completes; records and the manifest
+are single PUTs (see :mod:`kdpipe.pipeline.progress`).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -39,10 +45,11 @@ from kdpipe.pipeline import progress as progresslib
 from kdpipe.pipeline.distributed import Group
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.data.stream import Block
-from kdpipe.pipeline.errors import ConfigError, TeacherError
+from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.storage.location import CacheLocation
 from kdpipe.pipeline.topk import sparse_view_of_logits
 
 
@@ -117,7 +124,7 @@ def run_capture(
     """
     settings = plan.settings
     torch.manual_seed(settings.seed)
-    out = Path(settings.out)
+    out = CacheLocation(settings.out, settings.storage_options)
     if group is not None and (group.rank, group.world_size) != (settings.rank, settings.world_size):
         raise ConfigError(f"rank {settings.rank} of {settings.world_size} in the settings, but {group.rank} of "
                           f"{group.world_size} in the torchrun group; take both from the same launch")
@@ -194,6 +201,9 @@ class _ShardWriter:
     def __init__(self, fmt, plan: CapturePlan, log):
         self._fmt, self._plan, self._log = fmt, plan, log
         self.suffix = fmt.suffix
+        self._out: CacheLocation = log.location
+        # A remote shard is written here first, then uploaded; removed when the writer closes.
+        self._staging = Path(tempfile.mkdtemp(prefix="kdpipe-staging-")) if self._out.is_remote else None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="kdpipe-shard-writer", daemon=True)
@@ -210,14 +220,23 @@ class _ShardWriter:
 
     def _write(self, name: str, block: int, part: int, columns: dict) -> None:
         settings = self._plan.settings
-        path = Path(settings.out) / name
-        with write_errors(f"shard {name}", settings.out):
+        remote = self._out.is_remote
+        path = (self._staging if remote else self._out.local()) / name
+        with write_errors(f"shard {name}" + (f" (staged in {self._staging})" if remote else ""), self._out.root):
             self._fmt.write(path, columns, schema=self._plan.schema, chunk_rows=CHUNK_ROWS)
-        self._log.shard_done({
+        entry = {
             "name": name, "block": block, "part": part, "rank": settings.rank,
             "rows": len(columns["sample_index"]), "tokens": int(columns["mask"].sum()),
             "bytes": os.path.getsize(path), "sha256": sha256_file(path),
-        })
+        }
+        if remote:  # visible only once the upload completes
+            stored = self._out.upload(path, name)
+            path.unlink()
+            if stored.size != entry["bytes"]:
+                raise WriteError(f"the store kept {stored.size} of the {entry['bytes']} bytes of shard {name} in "
+                                 f"{self._out}; re-run the same command to redo it")
+            entry["etag"] = stored.etag
+        self._log.shard_done(entry)
 
     def check(self):
         if self._error is not None:
@@ -235,4 +254,6 @@ class _ShardWriter:
     def close(self):
         self._queue.put(None)
         self._thread.join()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
         self.check()
