@@ -50,7 +50,7 @@ def run_child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kdpipe.pipeline.fused_kd import default_chunk_rows, fused_linear_distillation_loss
+    from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss
     from kdpipe.pipeline.losses import distillation_loss
 
     torch.set_num_threads(args.threads)
@@ -64,13 +64,12 @@ def run_child(args) -> dict:
     bins = torch.log_softmax(2.0 * torch.randn(n, k + 1, generator=g), dim=-1)  # teacher p~ at T
     top, tail = bins[:, :k].contiguous(), bins[:, k].contiguous()
     alpha = 0.0 if args.child in ("hard_ce", "fused_ce") else 0.5
-    chunk = args.chunk_rows or default_chunk_rows(v)
 
     def step():
         hidden.grad = weight.grad = None
         if args.child.startswith("fused"):
             out = fused_linear_distillation_loss(hidden, weight, labels, ids, top, tail, alpha=alpha, temperature=T,
-                                                 kind=args.kind, chunk_rows=chunk)
+                                                 kind=args.kind, chunk_rows=args.chunk_rows)  # None: the library's default
         else:
             logits = F.linear(hidden, weight)  # [N, V]
             out = distillation_loss(logits, labels, ids, top, tail, alpha=alpha, temperature=T, kind=args.kind)
@@ -87,7 +86,7 @@ def run_child(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": args.child, "alpha": alpha, "loss": loss, "times_s": times, "rss_before_step_bytes": rss_before,
             "peak_rss_bytes": peak, "peak_growth_bytes": peak - rss_before,
-            "chunk_rows": chunk if args.child.startswith("fused") else None}
+            "chunk_rows": (args.chunk_rows or "library default") if args.child.startswith("fused") else None}
 
 
 # ----------------------------------------------------------------------------- parent
