@@ -1,19 +1,39 @@
 """Capture throughput next to the same teacher's bare forward, in one process.
 
-    python benchmarks/capture.py --teacher data/teacher --data data/shakespeare/train
+    python benchmarks/capture.py --teacher data/teacher --data data/shakespeare/heldout --seq-len 128 \\
+        --batch-size 16 --limit-rows 128 --top-k 32 --repeats 3
+    python benchmarks/capture.py --synthetic v152k-cpu --data data/shakespeare/heldout --seq-len 128 \\
+        --batch-size 4 --limit-rows 16 --top-k 64 --repeats 3          # V = 151,936 head on a tiny body
     python benchmarks/capture.py --synthetic qwen-1.5b --device cuda   # a 1.78 B, V=151,936 shape
 
-Reports medians over --repeats runs of: the bare forward (teacher logits only), the sparse view
-(forward + top-k + per-temperature logsumexp + tail), and the full capture (``run_capture``: the
-above plus the background shard writer, into a temporary cache), in tokens/s, with the ratios to the
-bare forward and the cache's bytes/token.
+Reports medians over --repeats runs (the variants interleaved batch by batch, so drift hits all
+alike; ``capture`` once per repeat), over the target positions of the rows the capture makes, of:
+
+- ``forward``: the bare forward (teacher logits only);
+- ``decoder``: the decoder alone (last hidden states, no head: what the head-fused path runs first);
+- ``view_reference``: forward + the previous sparse view (a logsumexp of everything, then of the tail,
+  per temperature; ``sparse_view_of_logits_reference``);
+- ``view``: forward + the current ``sparse_view_of_logits`` (one pass per temperature over the tail);
+- ``fused_head``: ``Teacher.sparse_view`` on the head-fused path (decoder + the head in vocabulary
+  blocks with a running top-k and tail: the logits are never materialised), when the teacher allows it;
+- ``capture``: ``run_capture`` (as ``pipeline/capture/run.py`` does it today, with the shard writer,
+  into a temporary cache),
+
+in tokens/s, with the ratios to the bare forward and the cache's bytes/token. ``--out FILE`` also
+writes the report (with the command, machine, versions, git commit and the raw timings) as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +43,19 @@ import torch
 
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
 from kdpipe.pipeline.data.stream import collect
-from kdpipe.pipeline.topk import sparse_view_of_logits
+from kdpipe.pipeline.topk import sparse_view_of_logits, sparse_view_of_logits_reference
 
+ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = {  # Qwen2-1.5B-shaped Llama: 1.78 B parameters with the 151,936-row lm-head
     "qwen-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=2048, max_position_embeddings=512),
+    # the Qwen vocabulary on a CPU-sized body: the sparse view, not the forward, dominates
+    "v152k-cpu": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=151936, max_position_embeddings=512),
 }
+VARIANTS = ("forward", "decoder", "view_reference", "view", "fused_head", "capture")
 
 
 def synthetic_teacher(name: str, folder: Path, device: str) -> str:
@@ -41,7 +66,7 @@ def synthetic_teacher(name: str, folder: Path, device: str) -> str:
     with torch.device(device if device != "auto" and torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "data" / "tokenizer").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer").save_pretrained(folder)
     del model
     return str(folder)
 
@@ -62,6 +87,27 @@ def time_loop(plan, rows: int, work) -> float:
     return time.perf_counter() - start
 
 
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    return {"cpu_count": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def git_state() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="data/teacher")
@@ -76,8 +122,14 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--format", default="zarr")
+    parser.add_argument("--skip", action="append", default=[], choices=VARIANTS, help="leave a variant out")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    parser.add_argument("--out", default=None, help="also write the report here as JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     temperatures = tuple(args.temperature or (1.0, 2.0))
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = synthetic_teacher(args.synthetic, Path(tmp) / "teacher", args.device) if args.synthetic else args.teacher
@@ -90,41 +142,96 @@ def main():
         t = plan.teacher
         rows, _ = collect(plan.stream(num_workers=0))  # the rows the capture makes, in memory
         inputs = torch.from_numpy(rows.inputs).to(t.device)
+        attention = None if rows.attention_mask is None else torch.from_numpy(rows.attention_mask).to(t.device)
+        target = torch.from_numpy(rows.mask)
+        fused_problem = t.fused_head_problem()
+
+        def batch(index):
+            return inputs[index], None if attention is None else attention[index], target[index]
 
         def forward(index):
-            return t.logits(inputs[index])
+            x, a, _ = batch(index)
+            return t.logits(x, a)
 
-        def sparse(index):
-            logits = forward(index)
-            return sparse_view_of_logits(logits.reshape(-1, logits.shape[-1]), top_k=args.top_k, temperatures=temperatures)
+        @torch.inference_mode()
+        def decoder(index):
+            x, a, _ = batch(index)
+            return t.model.get_decoder()(input_ids=x, attention_mask=a, use_cache=False).last_hidden_state
 
-        def capture():
-            import shutil
+        def view_with(function):
+            def work(index):
+                x, a, m = batch(index)
+                logits = t.logits(x, a)
+                return function(logits.reshape(-1, logits.shape[-1])[m.reshape(-1).to(logits.device)],
+                                top_k=args.top_k, temperatures=temperatures)
+            return work
 
+        def fused_head(index):
+            x, a, m = batch(index)
+            return t.sparse_view(x, a, m, top_k=args.top_k, temperatures=temperatures, fused=True)
+
+        def capture(_index=None):
             shutil.rmtree(settings.out, ignore_errors=True)
             sync(t.device)
             start = time.perf_counter()
             manifest = run_capture(plan)
             return time.perf_counter() - start, manifest
 
-        time_loop(plan, len(rows), forward)  # warm-up
-        results = {"forward": [], "sparse_view": [], "capture": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits all three alike
-            results["forward"].append(time_loop(plan, len(rows), forward))
-            results["sparse_view"].append(time_loop(plan, len(rows), sparse))
-            seconds, manifest = capture()
-            results["capture"].append(seconds)
+        work = {"forward": forward, "decoder": decoder, "view_reference": view_with(sparse_view_of_logits_reference),
+                "view": view_with(sparse_view_of_logits), "fused_head": fused_head}
+        variants = [v for v in VARIANTS if v not in args.skip and not (v in ("decoder", "fused_head") and fused_problem)]
+        for name in variants:  # warm-up (and one check that the variant runs)
+            if name != "capture":
+                work[name](np.arange(min(args.batch_size, len(rows))))
+        time_loop(plan, len(rows), forward)
+        results = {name: [] for name in variants}
+        manifest = None
+        batches = [np.arange(s, min(s + args.batch_size, len(rows))) for s in range(0, len(rows), args.batch_size)]
+        timed = [v for v in variants if v != "capture"]
+        for repeat in range(args.repeats):
+            # batch by batch, every variant on the same batch in a rotating order: a load that
+            # changes within a run hits all of them alike
+            seconds = dict.fromkeys(timed, 0.0)
+            for b, index in enumerate(batches):
+                for i in range(len(timed)):
+                    name = timed[(i + b + repeat) % len(timed)]
+                    sync(t.device)
+                    start = time.perf_counter()
+                    work[name](index)
+                    sync(t.device)
+                    seconds[name] += time.perf_counter() - start
+            for name in timed:
+                results[name].append(seconds[name])
+            if "capture" in variants:
+                elapsed, manifest = capture()
+                results["capture"].append(elapsed)
     tokens = int(rows.mask.sum())
     medians = {k: statistics.median(v) for k, v in results.items()}
     report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "cpu",
-        "teacher": args.synthetic or args.teacher, "vocab": t.vocab_size, "tokens": tokens,
-        "batch_tokens": args.batch_size * args.seq_len, "top_k": args.top_k, "temperatures": list(temperatures),
+        "teacher": args.synthetic or args.teacher, "synthetic_config": SYNTHETIC.get(args.synthetic),
+        "dtype": str(next(t.model.parameters()).dtype).removeprefix("torch."),
+        "vocab": t.vocab_size, "tokens": tokens, "rows": len(rows), "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "batch_tokens": args.batch_size * args.seq_len, "top_k": args.top_k,
+        "temperatures": list(temperatures), "repeats": args.repeats,
+        "fused_head_problem": fused_problem,
         "tokens_per_s": {k: tokens / v for k, v in medians.items()},
-        "ratio_to_forward": {k: medians["forward"] / v for k, v in medians.items()},
-        "bytes_per_token": manifest["totals"]["bytes_per_token"], "repeats": args.repeats,
+        "ratio_to_forward": {k: medians["forward"] / v for k, v in medians.items()} if "forward" in medians else None,
+        "view_cost_ms_per_batch": {
+            k: 1e3 * (medians[k] - medians["forward"]) / -(-len(rows) // args.batch_size)
+            for k in ("view_reference", "view") if k in medians and "forward" in medians
+        },
+        "bytes_per_token": manifest["totals"]["bytes_per_token"] if manifest else None,
+        "seconds": results,
+        "load_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "machine": machine(), "versions": versions(), "git": git_state(),
+        "note": "medians of interleaved runs in one process; capture = run_capture as run.py does it "
+                "(logits path + sparse_view_of_logits, shard writer on a thread)",
     }
     print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

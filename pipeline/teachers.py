@@ -2,6 +2,10 @@
 
 A :class:`Teacher` turns a batch of model inputs into logits ``[B, P, V]`` (``P = L`` positions for
 a causal LM, ``P = 1`` for a classifier) and describes itself for the manifest (fingerprint).
+:meth:`Teacher.sparse_view` goes straight to the cache's sparse view of the target positions; for
+an HF causal LM whose output head is a plain ``nn.Linear`` it runs the decoder only and computes the
+head in vocabulary blocks (:func:`~kdpipe.pipeline.topk.sparse_view_of_hidden`), so the
+``[tokens, V]`` logits are never materialised.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import torch
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_files
 from kdpipe.pipeline.modules import load_module
+from kdpipe.pipeline.topk import SparseView, sparse_view_of_hidden, sparse_view_of_logits
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNCHECKED = "unchecked"
 
 
 @dataclasses.dataclass
@@ -33,6 +39,12 @@ class Teacher:
     tokenizer_fingerprint: dict | None = None
     model: torch.nn.Module | None = None  # None when only the config was loaded (dry run)
     device: torch.device = torch.device("cpu")
+    # Set by sparse_view: whether its last call took the head-fused path (None: no call yet), and
+    # why not when it did not (for the manifest).
+    fused_head: bool | None = None
+    fused_head_reason: str | None = None
+    _head_problem: str | None = dataclasses.field(default=_UNCHECKED, repr=False)  # cached fused_head_problem
+    _head_checked: bool = dataclasses.field(default=False, repr=False)  # the first call's logits check ran
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,6 +62,160 @@ class Teacher:
                 )
             out = out[:, None, :]
         return out
+
+    @torch.inference_mode()
+    def sparse_view(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None, mask, *,
+        top_k: int, temperatures: tuple[float, ...], fused: bool | None = None,
+    ) -> SparseView:
+        """The sparse view of the positions where ``mask [B, P]`` (bool, tensor or numpy) is True, in
+        row-major order, on the teacher's output device: the same view (up to the order of ties and
+        rounding) as ``sparse_view_of_logits(logits(inputs, attention_mask).reshape(-1, V)[mask])``.
+
+        ``fused=None`` (default): the head-fused path when :meth:`fused_head_problem` finds nothing
+        against it and a one-time check on the first call passes (the model's own logits of that
+        batch are its head applied to the decoder's last hidden state), else the logits path;
+        ``False``: the logits path; ``True``: the head-fused path without the check (ConfigError when
+        the teacher cannot). Afterwards :attr:`fused_head` says which path this call took and
+        :attr:`fused_head_reason` why it was not the fused one. Raises ``FloatingPointError`` naming
+        the first bad masked position, as ``sparse_view_of_logits`` does.
+        """
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        problem = "the logits path was asked for" if fused is False else self._cached_head_problem()
+        if problem is not None and fused is True:
+            raise ConfigError(f"the head-fused sparse view cannot be used with this teacher: {problem}")
+        if problem is None:
+            view, problem = self._fused_sparse_view(inputs, attention_mask, mask, top_k=top_k, temperatures=temperatures,
+                                                    check=fused is None and not self._head_checked)
+            if problem is None:
+                self.fused_head, self.fused_head_reason = True, None
+                return view
+            self._head_problem = problem  # the check failed: the logits path from now on
+            self.fused_head, self.fused_head_reason = False, problem
+            return view
+        self.fused_head, self.fused_head_reason = False, problem
+        logits = self._checked_logits(inputs, attention_mask, mask)
+        return self._view_of_logits(logits, mask, top_k, temperatures)
+
+    def _view_of_logits(self, logits, mask, top_k, temperatures) -> SparseView:
+        flat = mask.reshape(-1).to(logits.device)  # (a device map's last GPU)
+        logits = logits.reshape(-1, self.vocab_size)
+        if not bool(flat.all()):  # (selecting copies the logits: skipped when every position is a target)
+            logits = logits[flat]
+        return sparse_view_of_logits(logits, top_k=top_k, temperatures=temperatures)
+
+    def _checked_logits(self, inputs, attention_mask, mask) -> torch.Tensor:
+        logits = self.logits(inputs, attention_mask)
+        if logits.shape[1:] != (mask.shape[1], self.vocab_size):
+            raise TeacherError(f"teacher output has shape {tuple(logits.shape)}, expected "
+                               f"[batch, {mask.shape[1]}, {self.vocab_size}]")
+        return logits
+
+    def _cached_head_problem(self) -> str | None:
+        if self._head_problem == _UNCHECKED:
+            self._head_problem = self.fused_head_problem()
+        return self._head_problem
+
+    def fused_head_problem(self) -> str | None:
+        """Why the head-fused path cannot be used with this teacher, or None when nothing is against it.
+
+        It needs an HF causal LM whose logits are ``lm_head(last hidden state)`` with a plain
+        ``nn.Linear`` head of ``vocab_size`` outputs, its weights loaded, no forward hooks on it, no
+        quantisation, and nothing in the config that rescales or caps the logits (soft-capping, logit
+        scales and multipliers, muP width scaling: see ``_unusual_head_config``).
+        """
+        if self.kind != "hf" or self.task != "causal-lm":
+            return f"a {self.kind} {self.task} teacher"
+        if self.model is None:
+            return "no model loaded"
+        if not all(hasattr(self.model, name) for name in ("get_output_embeddings", "get_decoder")):
+            return f"{type(self.model).__name__} has no get_output_embeddings/get_decoder"
+        if not type(self.model).__name__.endswith("ForCausalLM"):
+            return f"{type(self.model).__name__} is not a *ForCausalLM model"
+        head = self.model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:  # exactly: a subclass may change the forward
+            return f"the output head is {type(head).__name__}, not a plain torch.nn.Linear"
+        if head.weight.device.type == "meta":
+            return "the output head's weights are offloaded"
+        if not head.weight.dtype.is_floating_point or head.out_features != self.vocab_size:
+            return (f"the output head is {head.out_features} x {head.in_features} {head.weight.dtype} "
+                    f"for a vocabulary of {self.vocab_size}")
+        if getattr(self.model, "is_quantized", False) or getattr(self.model, "hf_quantizer", None) is not None:
+            return "the model is quantised"
+        if head._forward_hooks or head._forward_pre_hooks:
+            return "the output head has forward hooks"
+        return _unusual_head_config(self.model.config)
+
+    def _fused_sparse_view(self, inputs, attention_mask, mask, *, top_k, temperatures, check) -> tuple[SparseView, str | None]:
+        """``(view, None)`` from the head-fused path, or ``(view, problem)`` from the logits path when
+        ``check`` finds the model's logits are not its head applied to the last hidden state."""
+        head = self.model.get_output_embeddings()
+        out = self.model.get_decoder()(input_ids=inputs, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, L, H]
+        if hidden.ndim != 3 or hidden.shape[:2] != mask.shape or hidden.shape[2] != head.in_features:
+            raise TeacherError(f"teacher decoder output has shape {tuple(hidden.shape)}, expected "
+                               f"[{mask.shape[0]}, {mask.shape[1]}, {head.in_features}]")
+        device = head.weight.device
+        hidden = hidden.to(device).reshape(-1, hidden.shape[2])[mask.reshape(-1).to(device)]  # [N, H]
+        if check:
+            self._head_checked = True
+            logits = self._checked_logits(inputs, attention_mask, mask)
+            problem = _head_mismatch(logits.reshape(-1, self.vocab_size)[mask.reshape(-1).to(logits.device)], hidden, head)
+            if problem is not None:
+                return self._view_of_logits(logits, mask, top_k, temperatures), problem
+        return sparse_view_of_hidden(hidden, head.weight, head.bias, top_k=top_k, temperatures=temperatures), None
+
+
+
+def _head_mismatch(logits: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear, positions: int = 64) -> str | None:
+    """Whether the model's logits ``[N, V]`` of the first ``positions`` positions are ``head(hidden)``
+    to within two units in the last place of the head's dtype (relative to the position's largest
+    logit): a logit scale, multiplier or soft-cap in the model's forward shows as a larger difference."""
+    expected = logits[:positions].float()
+    if not bool(torch.isfinite(expected).all()):
+        return None  # NaN logits: the sparse view names the position
+    got = torch.nn.functional.linear(hidden[:positions], head.weight, head.bias).float().to(expected.device)
+    eps = torch.finfo(head.weight.dtype).eps
+    scale = expected.abs().amax(dim=1, keepdim=True)
+    diff = (got - expected).abs()
+    if bool((diff <= 2 * eps * (expected.abs() + scale) + 1e-6).all()):
+        return None
+    return (f"the model's logits are not its output head applied to the decoder's last hidden state "
+            f"(difference up to {float(diff.max()):.3g}: a logit scale or soft-cap in the forward?)")
+
+
+# Config entries that rescale, cap or otherwise change the logits after the last hidden state (or
+# the hidden state before the head): Gemma 2/3 final_logit_softcapping, Cohere logit_scale, Granite
+# logits_scaling, Grok output_multiplier_scale, Falcon-H1 lm_head_multiplier, MiniCPM scale_width /
+# dim_model_base, muP width multipliers. Matched generously by name (nested configs too); only a
+# neutral value (None, False, empty, 1) passes.
+_HEAD_CONFIG_WORDS = re.compile(r"logit|softcap|lm_head|output_mult|multiplier|scale_width|dim_model_base|mup")
+
+
+def _unusual_head_config(config) -> str | None:
+    def walk(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in walk(config.to_dict()):
+        if _HEAD_CONFIG_WORDS.search(key.lower()) and not _is_neutral(value):
+            return f"the config sets {key} = {value!r}, which may change the logits after the head"
+    return None
+
+
+def _is_neutral(value) -> bool:
+    if value is None or value is False:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_neutral(v) for v in value)
+    if isinstance(value, str):
+        return value.strip().lower() in ("", "none")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 1
+    return False
 
 
 def resolve_device(name: str) -> torch.device:
