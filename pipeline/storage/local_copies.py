@@ -87,7 +87,7 @@ class LocalCopies:
     def _download(self, location, name: str, final: Path, *, sha256: str, size: int) -> Pin:
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}{_TMP}")
         try:
-            digest = location.download(name, tmp)
+            digest = location.download(name, tmp, size=size)
             got = tmp.stat().st_size
             if got != size:
                 raise IntegrityError(

@@ -26,6 +26,7 @@ from kdpipe.pipeline.fileio import atomic_path, atomic_write_bytes
 from kdpipe.pipeline.storage.object_store import endpoint_of, open_filesystem, redact_url, storage_errors
 
 DOWNLOAD_BLOCK = 8 << 20  # bytes per ranged GET while downloading a shard
+WHOLE_GET_MAX = 16 << 20  # objects up to this size are downloaded with one GET, in memory
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -138,14 +139,24 @@ class CacheLocation:
         with self.errors("read", name):
             return self.fs.cat_file(self._key(name))
 
-    def download(self, name: str, dest: Path) -> str:
-        """Copy ``name`` to the local file ``dest``; return the sha256 of the bytes, hashed as they stream."""
+    def download(self, name: str, dest: Path, *, size: int | None = None) -> str:
+        """Copy ``name`` to the local file ``dest``; return the sha256 of the bytes, hashed as they stream.
+
+        ``size``: the expected size, when known; an object of at most :data:`WHOLE_GET_MAX` bytes is
+        then fetched with a single GET (streaming costs S3 a HEAD request first).
+        """
         digest = hashlib.sha256()
         if not self.is_remote:
             with open(self.local(name), "rb") as src, open(dest, "wb") as out:
                 while block := src.read(DOWNLOAD_BLOCK):
                     digest.update(block)
                     out.write(block)
+            return digest.hexdigest()
+        if size is not None and size <= WHOLE_GET_MAX:
+            with self.errors("read", name):
+                data = self.fs.cat_file(self._key(name), start=0)  # "Range: bytes=0-": the whole object
+            digest.update(data)
+            dest.write_bytes(data)
             return digest.hexdigest()
         with self.errors("read", name):
             with self.fs.open(self._key(name), "rb", block_size=DOWNLOAD_BLOCK, cache_type="none") as src, \
