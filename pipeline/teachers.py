@@ -66,7 +66,7 @@ class Teacher:
     @torch.inference_mode()
     def sparse_view(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor | None, mask, *,
-        top_k: int, temperatures: tuple[float, ...], fused: bool | None = None,
+        top_k: int, temperatures: tuple[float, ...], fused: bool | None = None, check_finite: bool = True,
     ) -> SparseView:
         """The sparse view of the positions where ``mask [B, P]`` (bool, tensor or numpy) is True, in
         row-major order, on the teacher's output device: the same view (up to the order of ties and
@@ -78,7 +78,9 @@ class Teacher:
         ``False``: the logits path; ``True``: the head-fused path without the check (ConfigError when
         the teacher cannot). Afterwards :attr:`fused_head` says which path this call took and
         :attr:`fused_head_reason` why it was not the fused one. Raises ``FloatingPointError`` naming
-        the first bad masked position, as ``sparse_view_of_logits`` does.
+        the first bad masked position, as ``sparse_view_of_logits`` does; ``check_finite=False``
+        marks such positions with a NaN ``logsumexp`` instead, and then nothing here waits for the
+        GPU after the (first call's) checks: the caller may copy the view back asynchronously.
         """
         mask = torch.as_tensor(mask, dtype=torch.bool)
         problem = "the logits path was asked for" if fused is False else self._cached_head_problem()
@@ -86,7 +88,8 @@ class Teacher:
             raise ConfigError(f"the head-fused sparse view cannot be used with this teacher: {problem}")
         if problem is None:
             view, problem = self._fused_sparse_view(inputs, attention_mask, mask, top_k=top_k, temperatures=temperatures,
-                                                    check=fused is None and not self._head_checked)
+                                                    check=fused is None and not self._head_checked,
+                                                    check_finite=check_finite)
             if problem is None:
                 self.fused_head, self.fused_head_reason = True, None
                 return view
@@ -95,14 +98,11 @@ class Teacher:
             return view
         self.fused_head, self.fused_head_reason = False, problem
         logits = self._checked_logits(inputs, attention_mask, mask)
-        return self._view_of_logits(logits, mask, top_k, temperatures)
+        return self._view_of_logits(logits, mask, top_k, temperatures, check_finite)
 
-    def _view_of_logits(self, logits, mask, top_k, temperatures) -> SparseView:
-        flat = mask.reshape(-1).to(logits.device)  # (a device map's last GPU)
-        logits = logits.reshape(-1, self.vocab_size)
-        if not bool(flat.all()):  # (selecting copies the logits: skipped when every position is a target)
-            logits = logits[flat]
-        return sparse_view_of_logits(logits, top_k=top_k, temperatures=temperatures)
+    def _view_of_logits(self, logits, mask, top_k, temperatures, check_finite) -> SparseView:
+        logits = _masked_rows(logits.reshape(-1, self.vocab_size), mask)
+        return sparse_view_of_logits(logits, top_k=top_k, temperatures=temperatures, check_finite=check_finite)
 
     def _checked_logits(self, inputs, attention_mask, mask) -> torch.Tensor:
         logits = self.logits(inputs, attention_mask)
@@ -146,7 +146,8 @@ class Teacher:
             return "the output head has forward hooks"
         return _unusual_head_config(self.model.config)
 
-    def _fused_sparse_view(self, inputs, attention_mask, mask, *, top_k, temperatures, check) -> tuple[SparseView, str | None]:
+    def _fused_sparse_view(self, inputs, attention_mask, mask, *, top_k, temperatures, check,
+                           check_finite) -> tuple[SparseView, str | None]:
         """``(view, None)`` from the head-fused path, or ``(view, problem)`` from the logits path when
         ``check`` finds the model's logits are not its head applied to the last hidden state."""
         head = self.model.get_output_embeddings()
@@ -155,33 +156,46 @@ class Teacher:
         if hidden.ndim != 3 or hidden.shape[:2] != mask.shape or hidden.shape[2] != head.in_features:
             raise TeacherError(f"teacher decoder output has shape {tuple(hidden.shape)}, expected "
                                f"[{mask.shape[0]}, {mask.shape[1]}, {head.in_features}]")
-        device = head.weight.device
-        hidden = hidden.to(device).reshape(-1, hidden.shape[2])[mask.reshape(-1).to(device)]  # [N, H]
-        if check:
-            self._head_checked = True
+        hidden = _masked_rows(hidden.to(head.weight.device).reshape(-1, hidden.shape[2]), mask)  # [N, H]
+        if check and hidden.shape[0]:
             logits = self._checked_logits(inputs, attention_mask, mask)
-            problem = _head_mismatch(logits.reshape(-1, self.vocab_size)[mask.reshape(-1).to(logits.device)], hidden, head)
+            decided, problem = _head_mismatch(_masked_rows(logits.reshape(-1, self.vocab_size), mask), hidden, head)
+            self._head_checked = decided
             if problem is not None:
-                return self._view_of_logits(logits, mask, top_k, temperatures), problem
-        return sparse_view_of_hidden(hidden, head.weight, head.bias, top_k=top_k, temperatures=temperatures), None
+                return self._view_of_logits(logits, mask, top_k, temperatures, check_finite), problem
+        view = sparse_view_of_hidden(hidden, head.weight, head.bias, top_k=top_k, temperatures=temperatures,
+                                     check_finite=check_finite)
+        return view, None
 
 
 
-def _head_mismatch(logits: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear, positions: int = 64) -> str | None:
-    """Whether the model's logits ``[N, V]`` of the first ``positions`` positions are ``head(hidden)``
-    to within two units in the last place of the head's dtype (relative to the position's largest
-    logit): a logit scale, multiplier or soft-cap in the model's forward shows as a larger difference."""
+def _masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x [B*P, ...]`` where ``mask [B, P]`` is True, in order. The index is made on
+    the mask's device (the host) and sent over without waiting; no copy when every row is wanted."""
+    flat = mask.reshape(-1)
+    if bool(flat.all()):
+        return x
+    index = flat.nonzero().squeeze(1).to(x.device, non_blocking=True)
+    return x.index_select(0, index)
+
+
+def _head_mismatch(logits: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear,
+                   positions: int = 64) -> tuple[bool, str | None]:
+    """``(decided, problem)``: whether the model's logits ``[N, V]`` of the first ``positions``
+    positions are ``head(hidden)`` to within two units in the last place of the head's dtype (relative
+    to the position's largest logit): a logit scale, multiplier or soft-cap in the model's forward
+    shows as a larger difference. Undecided on non-finite logits (the sparse view reports them)."""
     expected = logits[:positions].float()
     if not bool(torch.isfinite(expected).all()):
-        return None  # NaN logits: the sparse view names the position
+        return False, None
     got = torch.nn.functional.linear(hidden[:positions], head.weight, head.bias).float().to(expected.device)
     eps = torch.finfo(head.weight.dtype).eps
     scale = expected.abs().amax(dim=1, keepdim=True)
     diff = (got - expected).abs()
     if bool((diff <= 2 * eps * (expected.abs() + scale) + 1e-6).all()):
-        return None
-    return (f"the model's logits are not its output head applied to the decoder's last hidden state "
-            f"(difference up to {float(diff.max()):.3g}: a logit scale or soft-cap in the forward?)")
+        return True, None
+    return True, (f"the model's logits are not its output head applied to the decoder's last hidden state "
+                  f"(difference up to {float(diff.max()):.3g}: a logit scale or soft-cap in the forward?)")
 
 
 # Config entries that rescale, cap or otherwise change the logits after the last hidden state (or

@@ -20,7 +20,11 @@ Two entry points give the same view:
   sum of the tail; ``[N, V]`` logits never exist, only ``[rows, block]``.
 
 Both raise ``FloatingPointError`` naming the first position whose logits are NaN or ``+inf``
-(or all ``-inf``).
+(or all ``-inf``); with ``check_finite=False`` they mark such positions with a NaN logsumexp
+instead and never make the host wait for a GPU, so a caller can copy the results back
+asynchronously (pinned buffers, ``non_blocking=True``) and look for NaN in its host copy.
+Both work on any device with stock PyTorch ops; on a GPU the per-block work of the head-fused path
+(top-k merge and tail sums of one ``[rows, block]`` tile) is the natural place for a fused kernel.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import torch
 # dozen parallel ops, which hurts when other processes oversubscribe the cores (two threads on a
 # loaded 2-core machine: 165 ms at 4 MB, 146 ms at 8 MB); GPUs get bigger chunks: fewer kernels.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 1024 * 2**20}
-# Vocabulary block of the head-fused path (a multiple of 16: no padding) and its fp32
-# ``[rows, block]`` working memory.
+# Vocabulary block of the head-fused path and its fp32 ``[rows, block]`` working memory (one
+# buffer and one scratch copy). On CPU (one thread, V = 151,936, 512 positions) 16k-32k blocks were
+# the fastest; smaller ones pay more merges and per-op overheads.
 DEFAULT_VOCAB_BLOCK = {"cpu": 16384, "cuda": 32768}
 DEFAULT_HEAD_CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 1024 * 2**20}
 
@@ -73,41 +78,46 @@ def _check_top_k(top_k: int, vocab: int) -> None:
 
 
 # ----------------------------------------------------------------------------- exact top-k
-def _grouping(vocab: int, top_k: int) -> tuple[int, int]:
-    """``(G, width)`` for :func:`_exact_topk` on ``vocab`` columns: ``G`` groups of ``g`` columns,
-    ``width = G * g >= vocab`` (the extra columns hold ``-inf``); ``G = 0``: a plain ``torch.topk``.
+def _group_size(vocab: int, top_k: int) -> int:
+    """Columns per group for :func:`_exact_topk` (0: a plain ``torch.topk``).
 
-    The work is a top-k over ``G`` group maxima plus one over ``k * g`` candidates; ``g = sqrt(V / k)``
-    balances the two, and ``g <= 16`` keeps the first one on ``torch.topk``'s cheaper partial-sort path
-    (measured on CPU at V = 151,936, k = 64: 47 ms at g = 16 against 86 ms at g = 49 and 111 ms for a
-    plain top-k, 512 rows). Below ``V = 16 k`` a plain top-k is as cheap.
+    The work is a top-k over the ``V / g`` group maxima plus one over ``k * g`` candidates;
+    ``g = sqrt(V / k)`` balances the two, and ``g <= 16`` keeps the first one on ``torch.topk``'s
+    cheaper partial-sort path (measured on CPU at V = 151,936, k = 64, 512 rows, one thread: 47 ms at
+    g = 16, 86 ms at g = 49, 111 ms for a plain top-k). Below ``V = 16 k`` a plain top-k is as cheap.
     """
     if vocab < 16 * top_k:
-        return 0, vocab
-    per_group = max(2, min(16, int(math.sqrt(vocab / top_k))))
-    groups = -(-vocab // per_group)
-    return groups, groups * per_group
+        return 0
+    return max(2, min(16, int(math.sqrt(vocab / top_k))))
 
 
-def _exact_topk(buf: torch.Tensor, top_k: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k values (best first) and column ids of each row of ``buf [n, G * g]``, and each row's max.
+def _exact_topk(z: torch.Tensor, top_k: int, per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k values (best first) and column ids of each row of ``z [n, V]`` (unit column stride),
+    and each row's max (NaN when the row holds a NaN).
 
-    Columns are cut into ``G`` interleaved groups (column ``c`` in group ``c mod G``). Every member of
-    a row's top-k lies in one of the ``k`` groups with the largest maxima (an element outside them is
-    beaten by ``k`` group maxima), so the top-k of those groups' ``k * g`` elements is the top-k of
-    the row, up to the order of ties. ``groups = 0``: a plain ``torch.topk``.
+    The first ``G * g`` columns (``G = V // g``) are cut into ``G`` interleaved groups of ``g``
+    (column ``c`` in group ``c mod G``); the last ``V - G g < g`` columns are candidates anyway.
+    Every member of a row's top-k lies in one of the ``k`` groups with the largest maxima or in those
+    last columns (an element of another group is beaten by ``k`` group maxima), so the top-k of
+    these ``k g + V - G g`` candidates is the row's top-k, up to the order of ties.
+    ``per_group = 0``: a plain ``torch.topk``.
     """
-    n, width = buf.shape
-    if groups == 0:
-        values, ids = torch.topk(buf, top_k, dim=1, sorted=True)
+    n, vocab = z.shape
+    if per_group == 0:
+        values, ids = torch.topk(z, top_k, dim=1, sorted=True)
         return values, ids, values[:, 0]
-    per_group = width // groups
-    group_max = buf.view(n, per_group, groups).amax(dim=1)  # [n, G]; NaN propagates
+    groups = vocab // per_group
+    group_max = z[:, : groups * per_group].unflatten(1, (per_group, groups)).amax(dim=1)  # [n, G]; NaN propagates
     best_groups = torch.topk(group_max, top_k, dim=1, sorted=False).indices  # [n, k]
-    members = torch.arange(0, width, groups, device=buf.device)  # [g] column of each group member
+    members = torch.arange(0, groups * per_group, groups, device=z.device)  # [g]: the columns of group 0
     cand_ids = (best_groups[:, :, None] + members).reshape(n, -1)  # [n, k*g]
-    values, where = torch.topk(buf.gather(1, cand_ids), top_k, dim=1, sorted=True)
-    return values, cand_ids.gather(1, where), group_max.amax(dim=1)
+    row_max = group_max.amax(dim=1)
+    if groups * per_group < vocab:
+        rest = torch.arange(groups * per_group, vocab, device=z.device)
+        cand_ids = torch.cat([cand_ids, rest.expand(n, -1)], dim=1)
+        row_max = torch.maximum(row_max, z[:, groups * per_group :].amax(dim=1))  # (NaN propagates)
+    values, where = torch.topk(z.gather(1, cand_ids), top_k, dim=1, sorted=True)
+    return values, cand_ids.gather(1, where), row_max
 
 
 # ----------------------------------------------------------------------------- tail sums
@@ -138,9 +148,9 @@ def _merge_tails(tail_max, tail_sum, new_max, new_sum, inv_t):
     return top, tail_sum
 
 
-def _finish(values, ids, tail_max, tail_sum, temperatures) -> SparseView:
+def _finish(values, ids, tail_max, tail_sum, temperatures, finite) -> SparseView:
     """The view from the top-k ``values`` (fp32, best first) and the tail ``(max, sum)`` as in
-    :func:`_tail_sums`. The [n]-sized arithmetic is done in fp64."""
+    :func:`_tail_sums`; rows not ``finite`` get a NaN logsumexp. The [n]-sized arithmetic is in fp64."""
     temps = torch.tensor(temperatures, dtype=torch.float64, device=values.device)
     row_max = values[:, :1]
     top = values - row_max  # fp32 z_S - max z, as stored
@@ -149,6 +159,7 @@ def _finish(values, ids, tail_max, tail_sum, temperatures) -> SparseView:
     shift = tail_max.double() - row_max[:, 0].double()
     tail = torch.where(tail_sum > 0, shift[:, None] / temps + torch.log(tail_sum.double()), float("-inf"))
     lse = torch.logaddexp(head, tail)
+    lse = torch.where(finite[:, None], lse, float("nan"))
     return SparseView(ids, top, lse.float(), (tail - lse).float())
 
 
@@ -159,50 +170,49 @@ def sparse_view_of_logits(
     top_k: int,
     temperatures: tuple[float, ...],
     chunk_bytes: int | None = None,
+    check_finite: bool = True,
 ) -> SparseView:
     """Sparse view of ``logits [N, V]`` (any float dtype), never holding more than one fp32 chunk
-    (plus one scratch buffer of the same size).
+    (plus one scratch buffer of the same size). The result is on the logits' device.
 
-    Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite.
+    Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite (or all
+    ``-inf``). ``check_finite=False`` skips that check, the only point where the host waits for a
+    GPU: such positions get a NaN ``logsumexp`` instead, for the caller to look for in its host copy.
     """
     n, vocab = logits.shape
     _check_top_k(top_k, vocab)
     if n == 0:  # a batch of chat rows whose assistant turns all fall past --seq-len
         return _empty_view(top_k, temperatures, logits.device)
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
-    groups, width = _grouping(vocab, top_k)  # width >= vocab: padded with -inf to G * g
-    chunk = max(1, min(n, chunk_bytes // (4 * width)))
-    buf = torch.empty(chunk, width, dtype=torch.float32, device=logits.device)
-    scratch = torch.empty(chunk, width, dtype=torch.float32, device=logits.device) if top_k < vocab else None
-    if width > vocab:
-        buf[:, vocab:] = _NEG_INF
+    per_group = _group_size(vocab, top_k)
+    chunk = max(1, min(n, chunk_bytes // (4 * vocab)))
+    buf = torch.empty(chunk, vocab, dtype=torch.float32, device=logits.device)
+    scratch = torch.empty(chunk, vocab, dtype=torch.float32, device=logits.device) if top_k < vocab else None
     parts = []
     for start in range(0, n, chunk):
         part = logits[start : start + chunk]
         rows = part.shape[0]
         parts.append(_view_chunk(part, buf[:rows], None if scratch is None else scratch[:rows],
-                                 top_k, temperatures, groups, offset=start))
+                                 top_k, temperatures, per_group, offset=start, check_finite=check_finite))
     if len(parts) == 1:
         return parts[0]
     return SparseView(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(SparseView)))
 
 
-def _view_chunk(logits, buf, scratch, top_k, temperatures, groups, *, offset) -> SparseView:
-    vocab = logits.shape[1]
-    buf[:, :vocab].copy_(logits)  # the only fp32 copy; padding columns stay -inf
-    values, ids, row_max = _exact_topk(buf, top_k, groups)
+def _view_chunk(logits, buf, scratch, top_k, temperatures, per_group, *, offset, check_finite) -> SparseView:
+    buf.copy_(logits)  # the one fp32 copy
+    values, ids, row_max = _exact_topk(buf, top_k, per_group)
     # NaN anywhere in a row reaches its max; so does +inf. A row of -inf has no distribution.
-    _raise_non_finite(torch.isfinite(row_max), offset)
-    if groups and bool((values[:, -1] == _NEG_INF).any()):
-        # fewer than k finite logits in a row: the -inf padding columns could tie with real ids
-        values, ids = torch.topk(buf[:, :vocab], top_k, dim=1, sorted=True)
-    if top_k == vocab:
+    finite = torch.isfinite(row_max)
+    if check_finite:
+        _raise_non_finite(finite, offset)
+    if top_k == buf.shape[1]:
         tail_max = torch.full_like(row_max, _NEG_INF)
         tail_sum = torch.zeros(len(values), len(temperatures), device=values.device)
     else:
         buf.scatter_(1, ids, _NEG_INF)  # keep only the tail
         tail_max, tail_sum = _tail_sums(buf, temperatures, scratch)
-    return _finish(values, ids, tail_max, tail_sum, temperatures)
+    return _finish(values, ids, tail_max, tail_sum, temperatures, finite)
 
 
 def sparse_view_of_logits_reference(
@@ -242,18 +252,23 @@ def sparse_view_of_hidden(
     temperatures: tuple[float, ...],
     vocab_block: int | None = None,
     chunk_bytes: int | None = None,
+    check_finite: bool = True,
 ) -> SparseView:
     """Sparse view of ``logits = hidden @ head_weight.T + head_bias`` without materialising them.
 
     ``hidden [N, H]`` and ``head_weight [V, H]`` (``head_bias [V]``) in the teacher's dtype: each
-    block of logits is computed as the teacher's head would (``F.linear`` in that dtype, so bf16
-    logits stay bf16-rounded), then turned to fp32. Vocabulary blocks of ``vocab_block`` ids (the
-    first one at least ``top_k``) are taken in order; positions are processed in row chunks whose fp32
-    ``[rows, vocab_block]`` buffer stays under ``chunk_bytes``. Per position the state is the running
-    top-k (values, ids) and, per temperature, the running tail ``(max, sum exp((z - max) / T))`` in
-    fp64: a block's values outside its own top-k go to the tail at once, and the merge of the block's
-    top-k with the running one sends the evicted values there too. The result equals
-    :func:`sparse_view_of_logits` of the same logits up to the order of ties and rounding.
+    block of logits is computed as the teacher's head computes them (``F.linear`` in that dtype, so
+    bf16 logits stay bf16-rounded; fp32 straight into the working buffer), then handled in fp32.
+    Vocabulary blocks of ``vocab_block`` ids (at least ``top_k``) are taken in order; positions in
+    row chunks whose fp32 ``[rows, block]`` buffer stays under ``chunk_bytes``. Per position the
+    state is the running top-k (values, ids) and the running tail ``(max, sum exp((z - max) / T))``
+    per temperature, in fp64: a block's values outside its own top-k go to the tail at once, and
+    merging the block's top-k into the running one sends the evicted values there too. So the tail
+    is summed from the tail values themselves, exactly as :func:`sparse_view_of_logits` does, and the
+    result equals it on the same logits up to the order of ties and rounding.
+
+    Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite (or all
+    ``-inf``), unless ``check_finite=False`` (see :func:`sparse_view_of_logits`).
     """
     n, hidden_size = hidden.shape
     vocab = head_weight.shape[0]
@@ -267,8 +282,8 @@ def sparse_view_of_hidden(
     block = min(vocab, max(top_k, vocab_block or DEFAULT_VOCAB_BLOCK[kind]))
     rows = max(1, min(n, (chunk_bytes or DEFAULT_HEAD_CHUNK_BYTES[kind]) // (4 * block)))
     inv_t = 1.0 / torch.tensor(temperatures, dtype=torch.float64, device=device)
-    # fp32 logits can go straight from the matmul into the working buffer; others are computed in
-    # their own dtype (as the teacher's head rounds them) and copied
+    # fp32 logits go straight from the matmul into the working buffer (F.linear is this addmm);
+    # other dtypes are computed in their own dtype, as the teacher's head rounds them, and copied
     direct = head_weight.dtype == torch.float32 and hidden.dtype == torch.float32
 
     best_values = torch.empty(n, top_k, dtype=torch.float32, device=device)
@@ -276,32 +291,27 @@ def sparse_view_of_hidden(
     tail_max = torch.full((n,), _NEG_INF, dtype=torch.float64, device=device)
     tail_sum = torch.zeros(n, len(temperatures), dtype=torch.float64, device=device)
     bad = torch.zeros(n, dtype=torch.bool, device=device)
-    width = max(_grouping(block, top_k)[1], _grouping(vocab - (vocab // block) * block or block, top_k)[1])
-    buf = torch.empty(rows * width, dtype=torch.float32, device=device)  # flat: views of any shape
-    scratch = torch.empty(rows * width, dtype=torch.float32, device=device)
+    buf = torch.empty(rows * block, dtype=torch.float32, device=device)  # flat: views of any shape
+    scratch = torch.empty(rows * block, dtype=torch.float32, device=device)
 
     for v0 in range(0, vocab, block):  # the first block has at least top_k ids
         v1 = min(vocab, v0 + block)
         cols = v1 - v0
         weight = head_weight[v0:v1]
         bias = None if head_bias is None else head_bias[v0:v1]
-        groups, block_width = _grouping(cols, top_k)
+        per_group = _group_size(cols, top_k)
         k_block = min(top_k, cols)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            b = buf[: (r1 - r0) * block_width].view(r1 - r0, block_width)
-            if direct and block_width == cols:
-                if bias is None:
-                    torch.mm(hidden[r0:r1], weight.t(), out=b)
-                else:
-                    torch.addmm(bias, hidden[r0:r1], weight.t(), out=b)
+            b = buf[: (r1 - r0) * cols].view(r1 - r0, cols)
+            if not direct:
+                b.copy_(torch.nn.functional.linear(hidden[r0:r1], weight, bias))
+            elif bias is None:
+                torch.mm(hidden[r0:r1], weight.t(), out=b)
             else:
-                b[:, :cols].copy_(torch.nn.functional.linear(hidden[r0:r1], weight, bias))
-                b[:, cols:] = _NEG_INF
-            values, ids, row_max = _exact_topk(b, k_block, groups)
+                torch.addmm(bias, hidden[r0:r1], weight.t(), out=b)
+            values, ids, row_max = _exact_topk(b, k_block, per_group)
             bad[r0:r1] |= torch.isnan(row_max) | (row_max == float("inf"))  # a block of -inf is fine
-            if groups and bool((values[:, -1] == _NEG_INF).any()):
-                values, ids = torch.topk(b[:, :cols], k_block, dim=1, sorted=True)
             if k_block < cols:  # the block's values outside its top-k: straight to the tail
                 b.scatter_(1, ids, _NEG_INF)
                 part_max, part_sum = _tail_sums(b, temperatures, scratch[: b.numel()].view_as(b))
@@ -318,5 +328,7 @@ def sparse_view_of_hidden(
             cand.scatter_(1, kept, _NEG_INF)
             part_max, part_sum = _tail_sums(cand, temperatures, torch.empty_like(cand))
             tail_max[r0:r1], tail_sum[r0:r1] = _merge_tails(tail_max[r0:r1], tail_sum[r0:r1], part_max, part_sum, inv_t)
-    _raise_non_finite(~bad & torch.isfinite(best_values[:, 0]), 0)  # (a row of -inf has no distribution)
-    return _finish(best_values, best_ids, tail_max, tail_sum, temperatures)
+    finite = ~bad & torch.isfinite(best_values[:, 0])  # (a row of -inf has no distribution)
+    if check_finite:
+        _raise_non_finite(finite, 0)
+    return _finish(best_values, best_ids, tail_max, tail_sum, temperatures, finite)
