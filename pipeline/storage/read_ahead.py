@@ -1,9 +1,10 @@
 """Downloading a remote cache's shards ahead of the reader.
 
 The reader says in which order it will read shards (:meth:`ShardReadAhead.schedule`, e.g. once per
-epoch); a few background threads keep the next ``read_ahead`` shards of that order downloaded (and
-checked) into :class:`~kdpipe.pipeline.storage.local_copies.LocalCopies`, so the reader does not wait
-on the store's per-request latency. :meth:`ShardReadAhead.get` blocks until a shard is there (an
+epoch); background threads keep the next ``read_ahead`` shards of that order downloaded and checked
+(:data:`PARALLEL_DOWNLOADS` at a time) into
+:class:`~kdpipe.pipeline.storage.local_copies.LocalCopies`, so the reader does not wait on the
+store's per-request latency. :meth:`ShardReadAhead.get` blocks until a shard is there (an
 unscheduled shard is downloaded then); :meth:`ShardReadAhead.release` lets it be evicted once it is
 neither in use nor among the next ones.
 
@@ -19,6 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from kdpipe.pipeline.storage.local_copies import LocalCopies
+
+# Downloads in flight at once, in the order of the schedule: the next shard the reader needs arrives
+# first instead of sharing the bandwidth (and, on a busy machine, the CPU) with those after it.
+PARALLEL_DOWNLOADS = 2
 
 
 class ShardReadAhead:
@@ -125,7 +130,8 @@ class ShardReadAhead:
 
     def _fetch(self, index: int) -> Future:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, self.read_ahead), thread_name_prefix="kdpipe-read-ahead")
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.read_ahead, PARALLEL_DOWNLOADS)),
+                                            thread_name_prefix="kdpipe-read-ahead")
         entry = self.shards[index]
         future = self._pool.submit(self.copies.fetch, self.location, entry["name"], sha256=entry["sha256"],
                                    size=entry["bytes"], suffix=self.suffix)
