@@ -50,7 +50,6 @@ from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.storage.location import CacheLocation
-from kdpipe.pipeline.topk import sparse_view_of_logits
 
 
 def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -62,13 +61,9 @@ def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[s
     attention = None
     if rows.attention_mask is not None:
         attention = torch.from_numpy(rows.attention_mask[index]).to(teacher.device)
-    logits = teacher.logits(inputs, attention)  # [B, P, V]
-    if logits.shape[1:] != (schema.positions, teacher.vocab_size):
-        raise TeacherError(f"teacher output has shape {tuple(logits.shape)}, expected [batch, {schema.positions}, {teacher.vocab_size}]")
     mask = rows.mask[index]  # [B, P]
-    flat_mask = torch.from_numpy(mask.reshape(-1)).to(logits.device)  # (a device map's last GPU)
-    try:
-        view = sparse_view_of_logits(logits.reshape(-1, teacher.vocab_size)[flat_mask], top_k=schema.top_k, temperatures=schema.temperatures)
+    try:  # the head-fused path where the teacher allows it: its [B*P, V] logits never exist
+        view = teacher.sparse_view(inputs, attention, mask, top_k=schema.top_k, temperatures=schema.temperatures)
     except FloatingPointError as exc:
         position = int(str(exc).rsplit(" ", 1)[-1])
         row = int(block.sample_index[index[np.nonzero(mask.reshape(-1))[0][position] // schema.positions]])
@@ -187,11 +182,20 @@ def manifest_header(plan: CapturePlan) -> dict:
                     "batch_size": s.batch_size, "device_map": s.device_map, "id_dtype": plan.schema.id_dtype,
                     "teacher_vocab_size": plan.teacher.vocab_size,
                     "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
+                    "sparse_view": sparse_view_path(plan.teacher),
                     "value_space": "logits minus the position's max logit"},
         "schema": plan.schema.to_dict(),
         "software": software_versions(),
         "device": device_name,
     }
+
+
+def sparse_view_path(teacher) -> str:
+    """How the sparse view was made (recorded in the manifest)."""
+    if teacher.fused_head:
+        return "head-fused: the lm-head in vocabulary blocks, logits never materialised"
+    reason = f" ({teacher.fused_head_reason})" if teacher.fused_head_reason else ""
+    return f"from the teacher's logits{reason}"
 
 
 class _ShardWriter:
