@@ -16,8 +16,8 @@ alike; ``capture`` once per repeat), over the target positions of the rows the c
 - ``view``: forward + the current ``sparse_view_of_logits`` (one pass per temperature over the tail);
 - ``fused_head``: ``Teacher.sparse_view`` on the head-fused path (decoder + the head in vocabulary
   blocks with a running top-k and tail: the logits are never materialised), when the teacher allows it;
-- ``capture``: ``run_capture`` (as ``pipeline/capture/run.py`` does it today, with the shard writer,
-  into a temporary cache),
+- ``capture``: ``run_capture`` (as ``pipeline/capture/run.py`` does it, with the shard writer, into
+  a temporary cache; the report's ``capture_sparse_view`` is the path its manifest records),
 
 in tokens/s, with the ratios to the bare forward and the cache's bytes/token. ``--out FILE`` also
 writes the report (with the command, machine, versions, git commit and the raw timings) as JSON.
@@ -226,11 +226,12 @@ def main():
             for k in ("view_reference", "view") if k in medians and "forward" in medians
         },
         "bytes_per_token": manifest["totals"]["bytes_per_token"] if manifest else None,
+        "capture_sparse_view": manifest["capture"].get("sparse_view") if manifest else None,
         "seconds": results,
         "load_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "machine": machine(), "versions": versions(), "git": git_state(),
         "note": "medians of interleaved runs in one process; capture = run_capture as run.py does it "
-                "(logits path + sparse_view_of_logits, shard writer on a thread)",
+                "(Teacher.sparse_view, shard writer on a thread)",
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -73,8 +73,8 @@ class Teacher:
         rounding) as ``sparse_view_of_logits(logits(inputs, attention_mask).reshape(-1, V)[mask])``.
 
         ``fused=None`` (default): the head-fused path when :meth:`fused_head_problem` finds nothing
-        against it and a one-time check on the first call passes (the model's own logits of that
-        batch are its head applied to the decoder's last hidden state), else the logits path;
+        against it and a one-time check passes (on the first batch row with target positions, the
+        model's own logits are its head applied to the decoder's last hidden state), else the logits path;
         ``False``: the logits path; ``True``: the head-fused path without the check (ConfigError when
         the teacher cannot). Afterwards :attr:`fused_head` says which path this call took and
         :attr:`fused_head_reason` why it was not the fused one. Raises ``FloatingPointError`` naming
@@ -151,22 +151,40 @@ class Teacher:
         """``(view, None)`` from the head-fused path, or ``(view, problem)`` from the logits path when
         ``check`` finds the model's logits are not its head applied to the last hidden state."""
         head = self.model.get_output_embeddings()
+        if check:
+            problem = self._check_head(inputs, attention_mask, mask, head)
+            if problem is not None:
+                logits = self._checked_logits(inputs, attention_mask, mask)
+                return self._view_of_logits(logits, mask, top_k, temperatures, check_finite), problem
+        hidden = self._last_hidden(inputs, attention_mask, mask, head)
+        view = sparse_view_of_hidden(hidden, head.weight, head.bias, top_k=top_k, temperatures=temperatures,
+                                     check_finite=check_finite)
+        return view, None
+
+    def _last_hidden(self, inputs, attention_mask, mask, head) -> torch.Tensor:
+        """The decoder's last hidden states of the target positions, ``[N, H]`` on the head's device."""
         out = self.model.get_decoder()(input_ids=inputs, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, L, H]
         if hidden.ndim != 3 or hidden.shape[:2] != mask.shape or hidden.shape[2] != head.in_features:
             raise TeacherError(f"teacher decoder output has shape {tuple(hidden.shape)}, expected "
                                f"[{mask.shape[0]}, {mask.shape[1]}, {head.in_features}]")
-        hidden = _masked_rows(hidden.to(head.weight.device).reshape(-1, hidden.shape[2]), mask)  # [N, H]
-        if check and hidden.shape[0]:
-            logits = self._checked_logits(inputs, attention_mask, mask)
-            decided, problem = _head_mismatch(_masked_rows(logits.reshape(-1, self.vocab_size), mask), hidden, head)
-            self._head_checked = decided
-            if problem is not None:
-                return self._view_of_logits(logits, mask, top_k, temperatures, check_finite), problem
-        view = sparse_view_of_hidden(hidden, head.weight, head.bias, top_k=top_k, temperatures=temperatures,
-                                     check_finite=check_finite)
-        return view, None
+        return _masked_rows(hidden.to(head.weight.device).reshape(-1, hidden.shape[2]), mask)
 
+    def _check_head(self, inputs, attention_mask, mask, head) -> str | None:
+        """The one-time check, on the batch's first row with target positions (two one-row forwards,
+        the model's and the decoder's, so that both see the same shapes): None when it passes or
+        cannot decide yet (no target position, non-finite logits), else the problem."""
+        rows = torch.nonzero(mask.reshape(mask.shape[0], -1).any(dim=1)).flatten()
+        if len(rows) == 0:
+            return None
+        r = int(rows[0])
+        one = slice(r, r + 1)
+        attention = None if attention_mask is None else attention_mask[one]
+        logits = self._checked_logits(inputs[one], attention, mask[one])
+        hidden = self._last_hidden(inputs[one], attention, mask[one], head)
+        decided, problem = _head_mismatch(_masked_rows(logits.reshape(-1, self.vocab_size), mask[one]), hidden, head)
+        self._head_checked = decided
+        return problem
 
 
 def _masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
