@@ -192,9 +192,13 @@ def manifest_header(plan: CapturePlan) -> dict:
 
 def sparse_view_path(teacher) -> str:
     """How the sparse view was made (recorded in the manifest)."""
-    if teacher.fused_head:
+    fused, reason = teacher.fused_head, teacher.fused_head_reason
+    if fused is None:  # this process ran no batch (a resumed or empty share): what it would have done
+        reason = teacher.fused_head_problem() if teacher.model is not None else "no weights loaded"
+        fused = reason is None
+    if fused:
         return "head-fused: the lm-head in vocabulary blocks, logits never materialised"
-    reason = f" ({teacher.fused_head_reason})" if teacher.fused_head_reason else ""
+    reason = f" ({reason})" if reason else ""
     return f"from the teacher's logits{reason}"
 
 
