@@ -261,6 +261,26 @@ def test_local_cache_folder_keeps_shards_between_epochs_within_its_limit(remote_
     assert again.downloads == 0 and again.hits == 16  # another process, the same folder
 
 
+def test_dataloader_workers_share_the_downloads(s3_server, remote_cache, tmp_path):
+    from torch.utils.data import DataLoader
+
+    def epoch(cache):
+        dataset = CacheDataset(cache, batch_size=4, seed=0)
+        assert sum(len(batch["mask"]) for batch in DataLoader(dataset, batch_size=None, num_workers=2)) == 48
+        cache.close()
+        return cache
+
+    shards = f"{prefix_of(remote_cache)}/shards/"
+    gets = s3_server.count("GET", shards)
+    epoch(TeacherCache(remote_cache, read_ahead=2, local_cache=tmp_path / "shared"))
+    assert s3_server.count("GET", shards) - gets == 16  # each shard once for both workers
+    private = epoch(TeacherCache(remote_cache, read_ahead=2))
+    folder = private.local_copies.folder
+    assert not [p for p in folder.iterdir() if not p.name.endswith(".lock")]  # nothing kept once read
+    del private
+    assert not folder.exists()  # the private folder goes with its cache
+
+
 # ---------------------------------------------------------------------------- one-line errors, fast
 def _one_line_error(*args, contains: str, within_s: float = 8.0):
     started = time.monotonic()
