@@ -168,11 +168,14 @@ _EMPTY = PackedBlock(Rows(np.zeros((0, 0), np.int64), np.zeros((0, 0), bool), No
 _WORKER_SPEC: PackingSpec | None = None
 
 
-def _init_worker(spec: PackingSpec) -> None:
+def _init_worker(spec: PackingSpec, parent: int) -> None:
+    """``parent`` is the capture's pid, given by the capture itself: a worker that starts after its
+    capture was killed finds another parent and exits at once (``os.getppid()`` here would name the
+    process it was handed to, and the worker would wait for that one forever)."""
     global _WORKER_SPEC
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
     _WORKER_SPEC = spec
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -197,7 +200,7 @@ class _Pool:
         if num_workers > 0:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(spec,),
+                initializer=_init_worker, initargs=(spec, os.getpid()),
             )
 
     def submit(self, docs: list, max_rows: int | None, max_tokens: int | None) -> concurrent.futures.Future:
