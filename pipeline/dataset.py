@@ -129,6 +129,7 @@ class CacheDataset(IterableDataset):
         self.world_size = default_world if world_size is None else world_size
         self.epoch, self.start_batch = 0, 0
         self._chunks = self._selected_chunks(selected)
+        self._shard_starts = np.asarray(self.cache._starts)  # [shards + 1] first global row of each shard
         self.num_rows = int(selected.sum())
         if "input_ids" not in self.cache.schema.fields() and inputs is None:
             raise IntegrityError(
@@ -186,9 +187,8 @@ class CacheDataset(IterableDataset):
                 release_shard(self.cache, shard)
 
     def _chunk_ids(self, rows: np.ndarray) -> np.ndarray:
-        starts = np.asarray(self.cache._starts)
-        shard = np.searchsorted(starts, rows, side="right") - 1
-        return (shard.astype(np.int64) << 32) | ((rows - starts[shard]) // self.cache.manifest["capture"]["chunk_rows"])
+        shard = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        return (shard.astype(np.int64) << 32) | ((rows - self._shard_starts[shard]) // self.cache.manifest["capture"]["chunk_rows"])
 
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:

@@ -45,8 +45,9 @@ import torch
 from kdpipe.pipeline.losses import (
     TAIL_LOGPROB_FLOOR,
     _check_kind,
+    _check_labels,
     _check_mask,
-    _check_rows,
+    _check_sparse_targets,
     _check_temperature,
     _check_unit,
     _divergence,
@@ -175,22 +176,14 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
     if alpha < 1.0:
         if labels is None:
             raise ValueError("labels is None: pass [N] int64 hard labels (needed when alpha < 1)")
-        _check_rows("labels", labels, n, 1)
-        if labels.dtype != torch.int64:
-            raise ValueError(f"labels has dtype {labels.dtype}: pass int64 class ids (e.g. labels.long())")
+        _check_labels(labels, n)
         labels = labels.to(device)
     else:
         labels = None
     if alpha > 0.0:
         if topk_ids is None or teacher_topk_logprobs is None or teacher_tail_logprob is None:
             raise ValueError("topk_ids, teacher_topk_logprobs and teacher_tail_logprob are needed when alpha > 0")
-        _check_rows("topk_ids", topk_ids, n, 2)
-        if topk_ids.dtype != torch.int64:
-            raise ValueError(f"topk_ids has dtype {topk_ids.dtype}: pass int64 ids (e.g. topk_ids.long())")
-        if teacher_topk_logprobs.shape != topk_ids.shape:
-            raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
-                             f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
-        _check_rows("teacher_tail_logprob", teacher_tail_logprob, n, 1)
+        _check_sparse_targets(topk_ids, teacher_topk_logprobs, teacher_tail_logprob, n)
         topk_ids = topk_ids.to(device)
         teacher_topk_logprobs = teacher_topk_logprobs.to(device)
         teacher_tail_logprob = teacher_tail_logprob.to(device)

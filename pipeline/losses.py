@@ -57,6 +57,23 @@ def _check_mask(mask, n: int):
     return mask
 
 
+def _check_labels(labels: torch.Tensor, n: int) -> None:
+    _check_rows("labels", labels, n, 1)
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels has dtype {labels.dtype}: pass int64 class ids (e.g. labels.long())")
+
+
+def _check_sparse_targets(topk_ids, teacher_topk_logprobs, teacher_tail_logprob, n: int) -> None:
+    """Cached targets of ``n`` positions: ids [n, k] int64, log-probs [n, k], tail log-prob [n]."""
+    _check_rows("topk_ids", topk_ids, n, 2)
+    if topk_ids.dtype != torch.int64:
+        raise ValueError(f"topk_ids has dtype {topk_ids.dtype}: pass int64 ids (e.g. topk_ids.long())")
+    if teacher_topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
+                         f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
+    _check_rows("teacher_tail_logprob", teacher_tail_logprob, n, 1)
+
+
 # ----------------------------------------------------------------------------- log-space helpers
 def _scaled_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / T`` in fp32 with at most one new [N, V] tensor; never modifies ``logits``."""
@@ -165,15 +182,9 @@ def sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
     n, v = student_logits.shape
-    _check_rows("topk_ids", topk_ids, n, 2)
-    if topk_ids.dtype != torch.int64:
-        raise ValueError(f"topk_ids has dtype {topk_ids.dtype}: pass int64 ids (e.g. topk_ids.long())")
+    _check_sparse_targets(topk_ids, teacher_topk_logprobs, teacher_tail_logprob, n)
     if topk_ids.shape[1] > v:
         raise ValueError(f"topk_ids has k={topk_ids.shape[1]} > V={v}: pass at most V distinct ids per row")
-    if teacher_topk_logprobs.shape != topk_ids.shape:
-        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
-                         f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
-    _check_rows("teacher_tail_logprob", teacher_tail_logprob, n, 1)
     mask = _check_mask(mask, n)
 
     log_q = student_bin_logprobs(student_logits, topk_ids.to(student_logits.device), temperature)
@@ -214,9 +225,7 @@ def hard_label_ce(student_logits, labels, *, mask=None, ignore_index=-100) -> to
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
     n = student_logits.shape[0]
-    _check_rows("labels", labels, n, 1)
-    if labels.dtype != torch.int64:
-        raise ValueError(f"labels has dtype {labels.dtype}: pass int64 class ids (e.g. labels.long())")
+    _check_labels(labels, n)
     mask = _check_mask(mask, n)
     if mask is not None:
         labels = labels.masked_fill(~mask, ignore_index)
