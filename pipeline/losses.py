@@ -251,3 +251,93 @@ def distillation_loss(student_logits, labels, topk_ids, teacher_topk_logprobs, t
         temperature=temperature, kind=kind, mask=kd_mask, skew_lambda=skew_lambda)
     ce = zero if alpha == 1.0 else hard_label_ce(student_logits, labels, mask=ce_mask, ignore_index=ignore_index)
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+
+
+# ----------------------------------------------------------------------------- sampled targets
+# Divergences that are expectations under the teacher p, hence estimable from draws of p
+# (pipeline.sampling); reverse KL, JS and TVD need p where the student puts mass.
+SAMPLED_KINDS = ("forward-kl", "skew-kl")
+
+
+def _check_sampled_kind(kind) -> None:
+    if kind not in SAMPLED_KINDS:
+        raise ValueError(f"loss kind {kind!r} is not defined on sampled targets (the samples give the teacher's "
+                         f"probabilities only where the teacher puts mass): use one of {', '.join(SAMPLED_KINDS)}, "
+                         "or sparse_kd_loss on the top-k + tail bins of a mixed capture")
+
+
+def _check_id_rows(name: str, ids: torch.Tensor, n: int) -> None:
+    _check_rows(name, ids, n, 2)
+    if ids.dtype != torch.int64:
+        raise ValueError(f"{name} has dtype {ids.dtype}: pass int64 ids (e.g. {name}.long())")
+
+
+def _student_logprobs_at(student_logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log q_T`` at ``ids [N, n]`` from raw logits ``[N, V]``, with the numerics of
+    ``student_bin_logprobs`` (shift by the detached row max first; at most two [N, V] fp32 temporaries)."""
+    s = _scaled_fp32(student_logits, temperature)
+    with torch.no_grad():
+        m = s.amax(dim=-1, keepdim=True)
+        m.masked_fill_(~torch.isfinite(m), 0.0)
+    shifted = s - m if s is student_logits else s.sub_(m)  # never modify the caller's logits
+    return shifted.gather(1, ids) - torch.logsumexp(shifted, dim=-1, keepdim=True)
+
+
+def _weighted_log_ratio(weights, log_p, log_q, kind: str, skew_lambda: float) -> torch.Tensor:
+    """``sum_j w_j (log p_j - log t_j)`` over the last dim, ``t = q`` (forward-kl) or ``lam p + (1-lam) q``
+    (skew-kl). Slots with ``w_j = 0`` or ``log p_j = -inf`` (padding) add exactly 0 to value and gradient."""
+    pos = (weights > 0) & (log_p != _NEG_INF)
+    log_p = log_p.masked_fill(~pos, 0.0)
+    if kind == "skew-kl":
+        log_lam = math.log(skew_lambda) if skew_lambda > 0 else _NEG_INF
+        log_1m = math.log1p(-skew_lambda) if skew_lambda < 1 else _NEG_INF
+        log_q = _safe_logaddexp(log_p + log_lam, log_q + log_1m)
+    return torch.where(pos, weights * (log_p - log_q), 0.0).sum(-1)
+
+
+def sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs, sample_weights, *,
+                    temperature, kind="forward-kl", mask=None, skew_lambda=0.1) -> torch.Tensor:
+    """Unbiased KD loss against sampled (``k = 0``) or mixed (exact top-k + sampled tail) teacher targets.
+
+    Per position the estimate is
+    ``D = sum_{i in S} p_T(i) (log p_T(i) - log t(i)) + sum_j w_j (log p_T(j) - log t(j))`` with ``t = q_T``
+    (forward-kl) or ``t = lam p_T + (1 - lam) q_T`` (skew-kl, ``lam = skew_lambda``). With the importance
+    weights of ``pipeline.sampling.sample_weights``, ``E[D]`` is the dense divergence over the whole
+    vocabulary and ``E[grad D]`` its gradient. Reverse KL, JS and TVD are refused (ValueError).
+
+    Args:
+        student_logits: [N, V] raw student logits (any float dtype; computed in fp32).
+        topk_ids: [N, k] int64 ids of the exact top-k set S (k may be 0).
+        teacher_topk_logprobs: [N, k] teacher log-probs ``log p_T`` at ``topk_ids``.
+        sample_ids: [N, M] int64 sampled ids (outside S); padding slots may hold any valid id.
+        sample_logprobs: [N, M] teacher log-probs ``log p_T`` at ``sample_ids`` (``-inf`` at padding).
+        sample_weights: [N, M] importance weights ``count / M * p_T / pi`` (0 at padding).
+        temperature: ``T > 0``, the temperature of the teacher log-probs and weights.
+        mask: optional [N] bool, True for positions that count (others get exactly zero gradient).
+
+    Returns: scalar ``T**2 * mean over counted positions`` (0, connected to ``student_logits``, if none).
+    """
+    temperature = _check_temperature(temperature)
+    _check_sampled_kind(kind)
+    skew_lambda = _check_unit("skew_lambda", skew_lambda)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
+    n, v = student_logits.shape
+    _check_id_rows("topk_ids", topk_ids, n)
+    if topk_ids.shape[1] > v:
+        raise ValueError(f"topk_ids has k={topk_ids.shape[1]} > V={v}: pass at most V distinct ids per row")
+    if teacher_topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
+                         f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
+    _check_id_rows("sample_ids", sample_ids, n)
+    for name, t in (("sample_logprobs", sample_logprobs), ("sample_weights", sample_weights)):
+        if t.shape != sample_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: pass the same shape as sample_ids {tuple(sample_ids.shape)}")
+    mask = _check_mask(mask, n)
+
+    ids = torch.cat([topk_ids, sample_ids], dim=1).to(student_logits.device)
+    log_q = _student_logprobs_at(student_logits, ids, temperature)  # [N, k + M]
+    top = teacher_topk_logprobs.float()
+    log_p = torch.cat([top, sample_logprobs.float()], dim=1)
+    weights = torch.cat([top.exp(), sample_weights.float()], dim=1)  # the exact head weighs by p_T itself
+    return _reduce(_weighted_log_ratio(weights, log_p, log_q, kind, skew_lambda), mask, temperature)

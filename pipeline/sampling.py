@@ -1,0 +1,160 @@
+"""Sampled teacher targets: draws from the teacher's tail and their importance weights.
+
+A cached position keeps an exact top-k set ``S`` (``k >= 0``; ``k = 0`` is "sampled only") plus ``M``
+draws with replacement from one proposal ``pi``: ``p_T0`` restricted to the complement of ``S`` and
+renormalised (``pi = p_T0`` when ``k = 0``), at one sampling temperature ``T0`` (KD-NOTES.md, "Biased
+top-k vs unbiased sampling"). Stored per position: the unique sampled ids, how often each was drawn,
+and their exact values ``z_i - max z``. With the exact ``lse_T`` and log tail mass of each captured
+temperature ``T`` (as :mod:`pipeline.topk` stores them) every sampled id gets
+
+    log p_T(i) = (z_i - max z) / T  - lse_T
+    log pi(i)  = (z_i - max z) / T0 - lse_T0 - tail_logprob_T0      (tail_logprob_T0 = 0 when k = 0)
+    w_i        = (count_i / M) * p_T(i) / pi(i)
+
+and ``E[sum_i w_i f(i)] = sum_{v not in S} p_T(v) f(v)`` for any ``f``: plain importance sampling with
+exact probabilities, unbiased at every captured ``T`` (at ``T = T0``, ``w_i = count_i / M * r_T0``).
+:func:`pipeline.losses.sampled_kd_loss` turns these into an unbiased KD loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import torch
+
+from .losses import _check_temperature
+
+# fp32 working memory per chunk of rows: the [rows, V] proposal weights plus the copy torch.multinomial
+# may make of them stay under this.
+CHUNK_BYTES = 64 * 2**20
+MAX_DRAWS = 255  # counts fit uint8
+
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass
+class Samples:
+    """Unique sampled ids of ``n`` positions, ``M`` slots each; real slots first, then padding."""
+
+    ids: torch.Tensor  # [n, M] int64, unique per row, largest logit first (ties: smaller id first); padding 0
+    counts: torch.Tensor  # [n, M] int64, draws of each id (a row sums to M, or 0 if its tail is empty); padding 0
+    logits: torch.Tensor  # [n, M] fp32, z - max z at the ids (<= 0); padding: the last real slot's (0 if none)
+
+
+def _check_draws(draws) -> int:
+    if isinstance(draws, bool) or not isinstance(draws, numbers.Integral) or not 1 <= draws <= MAX_DRAWS:
+        raise ValueError(f"draws={draws!r} is invalid: pass an integer between 1 and {MAX_DRAWS} (counts are stored as uint8)")
+    return int(draws)
+
+
+def _unique_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique ids per row of ``drawn [n, M]`` (ascending, then zeros) and their counts (then zeros)."""
+    ids = drawn.sort(dim=1).values
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    slot = new.cumsum(dim=1) - 1  # [n, M]: the unique slot of each draw
+    unique = torch.zeros_like(ids).scatter_(1, slot, ids)
+    counts = torch.zeros_like(ids).scatter_add_(1, slot, torch.ones_like(ids))
+    return unique, counts
+
+
+def _draw_chunk(logits, topk_ids, temperature, draws, generator) -> Samples:
+    row_max = logits.amax(dim=1, keepdim=True).float()  # [n, 1]
+    row_max.masked_fill_(row_max == _NEG_INF, 0.0)  # a row of -inf: an empty tail, no NaN
+    w = logits.to(torch.float32, copy=True).sub_(row_max).div_(temperature)  # [n, V]: (z - max z) / T0
+    w.scatter_(1, topk_ids, _NEG_INF)  # the proposal lives on the tail only
+    tail_max = w.amax(dim=1, keepdim=True)
+    empty = tail_max == _NEG_INF  # [n, 1]: nothing (with probability > 0) left to draw
+    w.sub_(tail_max.masked_fill(empty, 0.0)).exp_()  # largest weight 1: no overflow, no all-zero row
+    w.masked_fill_(empty, 1.0)  # any valid distribution; these rows become padding below
+    drawn = torch.multinomial(w, draws, replacement=True, generator=generator)  # [n, M]
+    del w
+    ids, counts = _unique_counts(drawn)
+    values = logits.gather(1, ids).float() - row_max  # the same fp32 z - max z as the cache's top-k
+    real = (counts > 0) & ~empty
+    # most probable first; the stable sort keeps ascending ids among equal logits; padding last
+    order = torch.where(real, -values, float("inf")).sort(dim=1, stable=True).indices
+    ids, counts, values, real = (t.gather(1, order) for t in (ids, counts, values, real))
+    n_real = real.sum(dim=1, keepdim=True)
+    last = values.gather(1, (n_real - 1).clamp_min(0)).masked_fill(n_real == 0, 0.0)
+    return Samples(ids.masked_fill(~real, 0), counts.masked_fill(~real, 0), torch.where(real, values, last))
+
+
+@torch.no_grad()
+def draw_samples(logits, topk_ids, *, temperature, draws, generator) -> Samples:
+    """Draw ``draws`` ids per row, with replacement, from ``softmax(logits / T0)`` outside the top-k.
+
+    Args:
+        logits: [n, V] raw teacher logits (any shift, any float dtype; handled in fp32). Finite, or
+            ``-inf`` for ids the teacher never predicts.
+        topk_ids: [n, k] int64 ids of the exact top-k set to exclude (distinct per row; ``k = 0`` to
+            draw from the whole distribution).
+        temperature: the sampling temperature ``T0 > 0``.
+        draws: ``M``, between 1 and 255.
+        generator: a ``torch.Generator`` on the logits' device. The draws of a row depend on its
+            state when the row's chunk is reached (and on the chunking, fixed by ``V`` and
+            ``CHUNK_BYTES``), so output is reproducible for a given generator state and input; a
+            caller seeds one generator per shard so that shards do not depend on each other.
+
+    Returns: :class:`Samples` of ``[n, M]`` tensors. Each row holds its unique drawn ids, sorted by
+    logit descending (ties: by id), with their counts and values ``z - max z`` (``max`` over the whole
+    row, top-k included, as the cache stores the top-k values), then padding slots (id 0, count 0,
+    the last real slot's value, so values never increase along a row). A row whose tail is empty
+    (``k = V``) or has probability 0 (every id outside the top-k is ``-inf``) is all padding and
+    has no counts.
+
+    Works in chunks of rows whose fp32 ``[rows, V]`` temporaries stay under ``CHUNK_BYTES``.
+    """
+    temperature = _check_temperature(temperature)
+    draws = _check_draws(draws)
+    if logits.dim() != 2:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: pass [n, V] (flatten batch/time first)")
+    n, vocab = logits.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] > vocab or topk_ids.dtype != torch.int64:
+        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)} and dtype {topk_ids.dtype}: "
+                         f"pass int64 ids of shape [n, k] with n={n} and k <= V={vocab}")
+    if n == 0:
+        empty = torch.zeros(0, draws, dtype=torch.int64, device=logits.device)
+        return Samples(empty, empty.clone(), torch.zeros(0, draws, device=logits.device))
+    rows = max(1, CHUNK_BYTES // (2 * 4 * vocab))
+    parts = [_draw_chunk(logits[i : i + rows], topk_ids[i : i + rows], temperature, draws, generator)
+             for i in range(0, n, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return Samples(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Samples)))
+
+
+@torch.no_grad()
+def sample_weights(sample_logits, counts, *, logsumexp, logsumexp_t0, tail_logprob_t0, temperature,
+                   sample_temperature, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs and importance weights at the sampled ids for one captured temperature ``T``.
+
+    Args:
+        sample_logits: [N, M] the stored ``z - max z`` at the sampled ids (fp32).
+        counts: [N, M] draws of each id; 0 marks a padding slot.
+        logsumexp: [N] ``lse_T = log sum_v exp((z_v - max z) / T)`` at the captured ``T``.
+        logsumexp_t0: [N] the same at the sampling temperature ``T0``.
+        tail_logprob_t0: [N] log of the teacher's mass outside the top-k at ``T0`` (0 when k = 0).
+        temperature: ``T``; sample_temperature: ``T0``; draws: ``M``.
+
+    Returns: ``(log_p, weights)``, fp32 ``[N, M]`` each: ``log p_T`` at the ids (``-inf`` at padding) and
+    ``w = count / M * p_T / pi`` (0 at padding), so that ``sum_i w_i f(i)`` estimates the tail sum
+    ``sum_{v not in S} p_T(v) f(v)`` without bias. At ``T = T0`` the weight is ``count / M * r_T0``.
+    The arithmetic is in fp64.
+    """
+    t, t0 = _check_temperature(temperature), _check_temperature(sample_temperature)
+    draws = _check_draws(draws)
+    if sample_logits.dim() != 2 or counts.shape != sample_logits.shape:
+        raise ValueError(f"sample_logits {tuple(sample_logits.shape)} and counts {tuple(counts.shape)}: "
+                         "pass two [N, M] tensors of the same shape")
+    n = sample_logits.shape[0]
+    for name, x in (("logsumexp", logsumexp), ("logsumexp_t0", logsumexp_t0), ("tail_logprob_t0", tail_logprob_t0)):
+        if x.shape != (n,):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: pass shape [N] with N={n} (one value per position)")
+    z = sample_logits.double()
+    log_p = z / t - logsumexp.double()[:, None]
+    # log p_T - log pi, grouped so that it is exactly tail_logprob_t0 at T = T0 (lse_T = lse_T0)
+    log_ratio = (z / t - z / t0) + (logsumexp_t0.double() + tail_logprob_t0.double() - logsumexp.double())[:, None]
+    real = counts > 0
+    weights = torch.where(real, counts.double() / draws * log_ratio.exp(), 0.0)
+    return log_p.masked_fill(~real, _NEG_INF).float(), weights.float()
