@@ -19,7 +19,7 @@ import numpy as np
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
-from kdpipe.pipeline.schema import CacheSchema, values_to_float32
+from kdpipe.pipeline.schema import CacheSchema, decode_rows
 from kdpipe.pipeline.storage.base import ShardReader, get_format
 from kdpipe.pipeline.storage.local_copies import LocalCopies
 from kdpipe.pipeline.storage.location import CacheLocation
@@ -31,7 +31,8 @@ DEFAULT_READ_AHEAD = 4  # remote shards downloaded ahead of the reader (benchmar
 def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature: float) -> np.ndarray:
     """``log p_T`` of the cached ids: ``topk_logits / T - logsumexp_T`` (both max-shifted), fp32.
 
-    topk_logits: [..., k] float32 (see :func:`values_to_float32`); logsumexp: [...] at ``T``.
+    topk_logits: [..., k] float32 (decoded, see :func:`~kdpipe.pipeline.schema.decode_rows`);
+    logsumexp: [...] at ``T``.
     """
     return topk_logits / np.float32(temperature) - logsumexp[..., None]
 
@@ -180,36 +181,42 @@ class TeacherCache:
         shard = bisect.bisect_right(self._starts, i) - 1
         return shard, i - self._starts[shard]
 
+    def read_rows(self, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of shard ``shard``, decoded into the logical fields of
+        :mod:`kdpipe.pipeline.schema` (ids int64, values float32), with a leading row axis."""
+        return decode_rows(self.schema, self.shard_reader(shard).read(start, stop))
+
     def read_raw(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i`` exactly as stored (see :mod:`kdpipe.pipeline.schema`)."""
+        """Row ``i`` in the logical fields of :mod:`kdpipe.pipeline.schema`, at no temperature."""
         shard, row = self.locate(int(i))
-        return {k: v[0] for k, v in self.shard_reader(shard).read(row, row + 1).items()}
+        return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
 
     def read(self, i: int, *, temperature: float = 1.0) -> dict[str, np.ndarray]:
         """Row ``i`` at a captured temperature.
 
         Returns ``input_ids [L]`` (text teachers), ``topk_ids [P, k]`` (int64),
         ``topk_logprobs [P, k]`` (``log p_T`` of those ids, fp32), ``tail_mass [P]``
-        (``1 - sum p_T`` over the top-k), ``mask [P]``, ``sample_index``, ``input_hash`` and, for
-        classifiers, ``label``. Position ``t`` of a causal LM row is the teacher's distribution of
+        (``1 - sum p_T`` over the top-k), ``mask [P]``, ``sample_index``, ``input_hash``, for
+        classifiers ``label`` and, for sampled caches, ``sample_ids [P, m]``, ``sample_counts [P, m]``
+        and ``sample_logprobs [P, m]`` (exact ``log p_T`` of the drawn ids; ``-inf`` at empty slots). Position ``t`` of a causal LM row is the teacher's distribution of
         the token after ``input_ids[: t + 1]`` (Hugging Face ``logits[:, t]``).
         """
         j = self.schema.temperature_index(temperature)
         raw = self.read_raw(i)
         out = {
-            "topk_ids": raw["topk_ids"].astype(np.int64),
-            "topk_logprobs": topk_logprobs_at(
-                values_to_float32(raw["topk_logits"], self.schema.value_dtype),
-                raw["logsumexp"][:, j],
-                temperature,
-            ),
+            "topk_ids": raw["topk_ids"],
+            "topk_logprobs": topk_logprobs_at(raw["topk_logits"], raw["logsumexp"][:, j], temperature),
             "tail_mass": np.exp(raw["tail_logprob"][:, j]),
             "mask": raw["mask"],
             "sample_index": raw["sample_index"],
             "input_hash": raw["input_hash"],
         }
         if "input_ids" in raw:
-            out["input_ids"] = raw["input_ids"].astype(np.int64)
+            out["input_ids"] = raw["input_ids"]
+        if "sample_ids" in raw:
+            out.update({k: raw[k] for k in ("sample_ids", "sample_counts")})
+            logprobs = topk_logprobs_at(raw["sample_logits"], raw["logsumexp"][:, j], temperature)
+            out["sample_logprobs"] = np.where(raw["sample_counts"] > 0, logprobs, -np.inf).astype(np.float32)
         if "label" in raw:
             out["label"] = raw["label"]
         return out

@@ -34,7 +34,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdpipe.pipeline.cache import TeacherCache, release_shard
 from kdpipe.pipeline.data import input_hash
 from kdpipe.pipeline.errors import IntegrityError
-from kdpipe.pipeline.schema import values_to_float32
 
 
 def heldout_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -131,7 +130,7 @@ class CacheDataset(IterableDataset):
         self._chunks = self._selected_chunks(selected)
         self._shard_starts = np.asarray(self.cache._starts)  # [shards + 1] first global row of each shard
         self.num_rows = int(selected.sum())
-        if "input_ids" not in self.cache.schema.fields() and inputs is None:
+        if self.cache.schema.input_len is None and inputs is None:
             raise IntegrityError(
                 "this cache holds no token ids (module teacher): pass the capture's .npz data "
                 "(--data) so the student sees the same inputs"
@@ -198,7 +197,7 @@ class CacheDataset(IterableDataset):
         """One row: ``input_ids [L]`` or ``inputs [...]``, ``topk_ids [P,k]`` int64, ``topk_logits
         [P,k]`` fp32 (max-shifted logits), ``logsumexp``/``tail_logprob [P,nT]``, ``mask [P]``."""
         if "input_ids" in raw:
-            model_input = raw["input_ids"].astype(np.int64)
+            model_input = raw["input_ids"]
             key = "input_ids"
         else:
             model_input = self.inputs[int(raw["sample_index"])]
@@ -210,13 +209,16 @@ class CacheDataset(IterableDataset):
             )
         out = {
             key: torch.from_numpy(np.ascontiguousarray(model_input)),
-            "topk_ids": torch.from_numpy(raw["topk_ids"].astype(np.int64)),
-            "topk_logits": torch.from_numpy(values_to_float32(raw["topk_logits"], self.cache.schema.value_dtype)),
+            "topk_ids": torch.from_numpy(raw["topk_ids"]),
+            "topk_logits": torch.from_numpy(raw["topk_logits"]),
             "logsumexp": torch.from_numpy(raw["logsumexp"]),
             "tail_logprob": torch.from_numpy(raw["tail_logprob"]),
             "mask": torch.from_numpy(raw["mask"]),
             "sample_index": torch.tensor(int(raw["sample_index"])),
         }
+        for key in ("sample_ids", "sample_counts", "sample_logits"):  # sampled caches
+            if key in raw:
+                out[key] = torch.from_numpy(raw[key])
         if "label" in raw:
             out["label"] = torch.tensor(int(raw["label"]))
         return out
@@ -237,7 +239,7 @@ class _ChunkReader:
         if key not in self._decoded:
             start = chunk * self.chunk_rows
             stop = min(start + self.chunk_rows, self.cache.shards[shard]["rows"])
-            self._decoded[key] = self.cache.shard_reader(shard).read(start, stop)
+            self._decoded[key] = self.cache.read_rows(shard, start, stop)
         return {k: v[offset] for k, v in self._decoded[key].items()}
 
     def forget(self, key: int) -> None:

@@ -18,7 +18,8 @@ from kdpipe.pipeline.errors import CacheFormatError
 from kdpipe.pipeline.schema import CacheSchema
 
 FORMAT_NAME = "kdpipe-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this kdpipe writes: packed ids, optionally quantized values, samples
+READABLE_VERSIONS = (1, 2)  # 1: ids as unsigned arrays, float values (see kdpipe.pipeline.schema)
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 
@@ -137,10 +138,10 @@ def parse_manifest(data: bytes, where: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheFormatError(f"{where} is not a kdpipe cache manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CacheFormatError(
-            f"{where} has cache format version {version!r}, but this kdpipe reads version "
-            f"{FORMAT_VERSION}; use the kdpipe version that wrote it or re-create the cache"
+            f"{where} has cache format version {version!r}, but this kdpipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the kdpipe version that wrote it or re-create the cache"
         )
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise CacheFormatError(
@@ -150,7 +151,9 @@ def parse_manifest(data: bytes, where: str) -> dict:
     for key in ("schema", "shards", "capture", "totals"):
         if key not in manifest:
             raise CacheFormatError(f"{where} lacks the {key!r} section; re-create the cache")
-    CacheSchema.from_dict(manifest["schema"])
+    schema = CacheSchema.from_dict(manifest["schema"])
+    if schema.packed != (version >= 2):
+        raise CacheFormatError(f"{where}: format version {version} does not match its schema; re-create the cache")
     for shard in manifest["shards"]:
         resolve_shard_path(Path(), shard.get("name", ""))
     return manifest

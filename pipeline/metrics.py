@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline.losses import sparse_kd_loss
+from kdpipe.pipeline.losses import sampled_kd_loss, sparse_kd_loss
 
 
 # ----------------------------------------------------------------------------- per-batch functions
@@ -83,6 +83,21 @@ def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teache
     count = int(mask.sum())
     mean = sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
                           temperature=temperature, kind="forward-kl", mask=mask)
+    return mean.detach() * count / temperature**2, count
+
+
+def sampled_kl_to_teacher(student_logits, targets, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) of a sampled cache's targets, and the number of positions.
+
+    ``targets``: :class:`~kdpipe.pipeline.targets.Targets` with draws (exact top-k, possibly none, plus
+    importance-weighted draws). An unbiased estimate of the full-vocabulary KL (not a bound): its
+    expectation over the capture's draws is the KL, computed by
+    :func:`kdpipe.pipeline.losses.sampled_kd_loss` (plain KL, without the loss's T^2 factor).
+    """
+    count = int(targets.kd_mask.sum())
+    mean = sampled_kd_loss(student_logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids,
+                           targets.sample_logprobs, targets.sample_weights, temperature=temperature,
+                           kind="forward-kl", mask=targets.kd_mask)
     return mean.detach() * count / temperature**2, count
 
 

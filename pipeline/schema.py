@@ -9,16 +9,26 @@ field               shape          dtype       meaning
 ==================  =============  ==========  ================================================
 ``sample_index``    ``[]``         int64       row key: ``block << 32 | row in block`` (alignment key)
 ``input_hash``      ``[]``         uint64      blake2b-64 of the row's model input (alignment key)
-``input_ids``       ``[L]``        id dtype    the tokens fed to the teacher (text teachers only)
+``input_ids``       ``[L]``        int64       the tokens fed to the teacher (text teachers only)
 ``mask``            ``[P]``        bool        True where the position's prediction is a target
-``topk_ids``        ``[P, k]``     id dtype    top-k vocabulary ids by raw logit, best first
-``topk_logits``     ``[P, k]``     value dt.   raw logits minus the position's max logit (<= 0)
+``topk_ids``        ``[P, k]``     int64       top-k vocabulary ids by raw logit, best first
+``topk_logits``     ``[P, k]``     float32     raw logits minus the position's max logit (<= 0)
 ``logsumexp``       ``[P, nT]``    float32     ``log sum_v exp((z_v - max z) / T)`` per temperature
 ``tail_logprob``    ``[P, nT]``    float32     ``log(1 - sum_{i in top-k} p_T(i))`` per temperature
+``sample_ids``      ``[P, m]``     int64       sampled caches: unique ids drawn, most probable first
+``sample_counts``   ``[P, m]``     int64       how often each was drawn (0: an empty slot, id 0)
+``sample_logits``   ``[P, m]``     float32     their raw logits minus the position's max logit
 ``label``           ``[]``         int64       gold label (classification only)
 ==================  =============  ==========  ================================================
 
-Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]``.
+Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]`` (and the same for a
+sampled id). Sampled caches (``sample_draws = m > 0``) drew ``m`` ids with replacement per position
+from the teacher at ``sample_temperature``, outside the top-k (``top_k`` may be 0: sampled only).
+
+That is the *logical* row, what :meth:`~kdpipe.pipeline.cache.TeacherCache.read_rows` returns.
+How it is stored depends on the format version (:meth:`CacheSchema.fields` lists the stored fields):
+format 1 keeps the ids as the narrowest unsigned dtype and the values as ``value_dtype``; format 2
+(``id_bits`` set) bit-packs every id and may quantize the values (:mod:`kdpipe.pipeline.encoding`).
 
 ``mask_meaning`` says what ``mask`` marks: ``"real-token"`` (text and classification: every real
 token; the hard label at ``t`` also needs ``mask[t + 1]``) or ``"next-token-target"`` (chat data:
@@ -34,10 +44,11 @@ import math
 
 import numpy as np
 
+from kdpipe.pipeline import encoding
 from kdpipe.pipeline.errors import CacheFormatError
 
 TASKS = ("causal-lm", "classification")
-VALUE_DTYPES = ("float16", "bfloat16", "float32")
+VALUE_DTYPES = encoding.VALUE_ENCODINGS  # how top-k (and sampled) values are stored
 MASK_MEANINGS = ("real-token", "next-token-target")
 
 
@@ -49,11 +60,6 @@ def narrowest_id_dtype(vocab_size: int) -> str:
     return "int64"
 
 
-def numpy_value_dtype(value_dtype: str):
-    """numpy has no bfloat16: bf16 values are stored as their raw 16 bits (uint16)."""
-    return np.dtype("uint16") if value_dtype == "bfloat16" else np.dtype(value_dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class CacheSchema:
     task: str
@@ -61,10 +67,14 @@ class CacheSchema:
     top_k: int
     temperatures: tuple[float, ...]
     id_dtype: str
-    value_dtype: str = "float16"
+    value_dtype: str = "float16"  # "quantized" or a float dtype (format 1: a float dtype)
     input_len: int | None = None  # length of ``input_ids``; None when the teacher is not text
     has_label: bool = False
     mask_meaning: str = "real-token"
+    id_bits: int | None = None  # format 2: bits per packed output id; None: format 1's id_dtype arrays
+    input_id_bits: int | None = None  # format 2: bits per packed input id
+    sample_draws: int = 0  # draws per position of a sampled (or mixed) cache; 0: none
+    sample_temperature: float | None = None  # the temperature the draws were made at
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -75,21 +85,64 @@ class CacheSchema:
             )
         if self.mask_meaning not in MASK_MEANINGS:
             raise CacheFormatError(f"unknown mask meaning {self.mask_meaning!r}; expected one of {MASK_MEANINGS} (a newer kdpipe wrote this cache?)")
+        if self.id_bits is None and (self.value_dtype == "quantized" or self.sample_draws):
+            raise CacheFormatError("quantized values and sampled ids need format 2 (packed ids); the manifest is inconsistent")
+
+    @property
+    def packed(self) -> bool:
+        """Format 2: ids bit-packed (see :mod:`kdpipe.pipeline.encoding`)."""
+        return self.id_bits is not None
+
+    def logical_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Field name -> (per-row shape, dtype) of a decoded row (the table in the module doc)."""
+        P, k, m, nT = self.positions, self.top_k, self.sample_draws, len(self.temperatures)
+        i64, f32 = np.dtype("int64"), np.dtype("float32")
+        out = {"sample_index": ((), i64), "input_hash": ((), np.dtype("uint64"))}
+        if self.input_len is not None:
+            out["input_ids"] = ((self.input_len,), i64)
+        out["mask"] = ((P,), np.dtype("bool"))
+        out["topk_ids"] = ((P, k), i64)
+        out["topk_logits"] = ((P, k), f32)
+        out["logsumexp"] = ((P, nT), f32)
+        out["tail_logprob"] = ((P, nT), f32)
+        if m:
+            out.update(sample_ids=((P, m), i64), sample_counts=((P, m), i64), sample_logits=((P, m), f32))
+        if self.has_label:
+            out["label"] = ((), i64)
+        return out
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Field name -> (per-row shape, numpy dtype), in storage order."""
-        P, k, nT = self.positions, self.top_k, len(self.temperatures)
+        """Stored field name -> (per-row shape, numpy dtype), in storage order."""
+        P, k, m, nT = self.positions, self.top_k, self.sample_draws, len(self.temperatures)
+        u8 = np.dtype("uint8")
         out = {"sample_index": ((), np.dtype("int64")), "input_hash": ((), np.dtype("uint64"))}
-        if self.input_len is not None:
-            out["input_ids"] = ((self.input_len,), np.dtype(self.id_dtype))
-        out["mask"] = ((P,), np.dtype("bool"))
-        out["topk_ids"] = ((P, k), np.dtype(self.id_dtype))
-        out["topk_logits"] = ((P, k), numpy_value_dtype(self.value_dtype))
+        if not self.packed:  # format 1
+            if self.input_len is not None:
+                out["input_ids"] = ((self.input_len,), np.dtype(self.id_dtype))
+            out["mask"] = ((P,), np.dtype("bool"))
+            out["topk_ids"] = ((P, k), np.dtype(self.id_dtype))
+            out["topk_logits"] = ((P, k), encoding.float_storage_dtype(self.value_dtype))
+        else:
+            if self.input_len is not None:
+                out["input_ids_packed"] = ((encoding.packed_nbytes(self.input_len, self.input_id_bits),), u8)
+            out["mask"] = ((P,), np.dtype("bool"))
+            if k:
+                out["topk_ids_packed"] = ((encoding.packed_nbytes(P * k, self.id_bits),), u8)
+                out.update(self._value_field("topk", k))
         out["logsumexp"] = ((P, nT), np.dtype("float32"))
         out["tail_logprob"] = ((P, nT), np.dtype("float32"))
+        if m:
+            out["sample_ids_packed"] = ((encoding.packed_nbytes(P * m, self.id_bits),), u8)
+            out["sample_counts"] = ((m, P), u8)  # draws <= 255; ranks major, like the values
+            out.update(self._value_field("sample", m))
         if self.has_label:
             out["label"] = ((), np.dtype("int64"))
         return out
+
+    def _value_field(self, prefix: str, n: int) -> dict:
+        if self.value_dtype == "quantized":
+            return {f"{prefix}_logit_steps": ((2, n, self.positions), np.dtype("uint8"))}
+        return {f"{prefix}_logits": ((self.positions, n), encoding.float_storage_dtype(self.value_dtype))}
 
     def row_nbytes(self) -> int:
         """Uncompressed bytes of one row."""
@@ -111,6 +164,11 @@ class CacheSchema:
         d["temperatures"] = list(self.temperatures)
         if self.mask_meaning == "real-token":
             del d["mask_meaning"]
+        for key in ("id_bits", "input_id_bits", "sample_temperature"):  # format 1 had none of these
+            if d[key] is None:
+                del d[key]
+        if not d["sample_draws"]:
+            del d["sample_draws"]
         return d
 
     @classmethod
@@ -138,8 +196,70 @@ class CacheSchema:
         return rows.pop()
 
 
-def values_to_float32(values: np.ndarray, value_dtype: str) -> np.ndarray:
-    """Stored ``topk_logits`` -> float32 (bf16 is kept as raw bits in uint16)."""
-    if value_dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32)
+def encode_rows(schema: CacheSchema, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Logical rows (``[rows, ...]``, see the module doc) -> the stored fields of ``schema``."""
+    stored = {"sample_index": rows["sample_index"], "input_hash": rows["input_hash"]}
+    fields = schema.fields()
+    if not schema.packed:
+        if "input_ids" in rows:
+            stored["input_ids"] = rows["input_ids"].astype(fields["input_ids"][1])
+        stored["mask"] = rows["mask"]
+        stored["topk_ids"] = rows["topk_ids"].astype(fields["topk_ids"][1])
+        stored["topk_logits"] = encoding.encode_float_values(rows["topk_logits"], schema.value_dtype)
+    else:
+        if "input_ids" in rows:
+            stored["input_ids_packed"] = encoding.pack_ids(rows["input_ids"], schema.input_id_bits)
+        stored["mask"] = rows["mask"]
+        if schema.top_k:
+            stored["topk_ids_packed"] = encoding.pack_ids(rows["topk_ids"], schema.id_bits)
+            stored.update(_encode_values(schema, "topk", rows["topk_logits"]))
+    stored["logsumexp"], stored["tail_logprob"] = rows["logsumexp"], rows["tail_logprob"]
+    if schema.sample_draws:
+        stored["sample_ids_packed"] = encoding.pack_ids(rows["sample_ids"], schema.id_bits)
+        stored["sample_counts"] = rows["sample_counts"].astype(np.uint8).transpose(0, 2, 1)
+        stored.update(_encode_values(schema, "sample", rows["sample_logits"]))
+    if schema.has_label:
+        stored["label"] = rows["label"]
+    return {name: np.ascontiguousarray(stored[name]) for name in fields}
+
+
+def decode_rows(schema: CacheSchema, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored fields (``[rows, ...]``, any format version) -> logical rows (the module doc's table)."""
+    P, k, m = schema.positions, schema.top_k, schema.sample_draws
+    n = len(stored["sample_index"])
+    rows = {"sample_index": stored["sample_index"], "input_hash": stored["input_hash"]}
+    if not schema.packed:
+        if "input_ids" in stored:
+            rows["input_ids"] = stored["input_ids"].astype(np.int64)
+        rows["topk_ids"] = stored["topk_ids"].astype(np.int64)
+        rows["topk_logits"] = encoding.decode_float_values(stored["topk_logits"], schema.value_dtype)
+    else:
+        if "input_ids_packed" in stored:
+            rows["input_ids"] = encoding.unpack_ids(stored["input_ids_packed"], schema.input_id_bits, (schema.input_len,))
+        if k:
+            rows["topk_ids"] = encoding.unpack_ids(stored["topk_ids_packed"], schema.id_bits, (P, k))
+            rows["topk_logits"] = _decode_values(schema, "topk", stored)
+        else:
+            rows["topk_ids"] = np.zeros((n, P, 0), np.int64)
+            rows["topk_logits"] = np.zeros((n, P, 0), np.float32)
+    rows["mask"] = stored["mask"]
+    rows["logsumexp"], rows["tail_logprob"] = stored["logsumexp"], stored["tail_logprob"]
+    if m:
+        rows["sample_ids"] = encoding.unpack_ids(stored["sample_ids_packed"], schema.id_bits, (P, m))
+        rows["sample_counts"] = stored["sample_counts"].transpose(0, 2, 1).astype(np.int64)
+        rows["sample_logits"] = _decode_values(schema, "sample", stored)
+    if "label" in stored:
+        rows["label"] = stored["label"]
+    return rows
+
+
+def _encode_values(schema: CacheSchema, prefix: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    if schema.value_dtype == "quantized":
+        return {f"{prefix}_logit_steps": encoding.quantize_values(values)}
+    return {f"{prefix}_logits": encoding.encode_float_values(values, schema.value_dtype)}
+
+
+def _decode_values(schema: CacheSchema, prefix: str, stored: dict) -> np.ndarray:
+    if schema.value_dtype == "quantized":
+        return encoding.dequantize_values(stored[f"{prefix}_logit_steps"])
+    return encoding.decode_float_values(stored[f"{prefix}_logits"], schema.value_dtype)

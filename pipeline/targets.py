@@ -12,7 +12,8 @@ the row's label.
 Padded vocabulary: a teacher whose logits have more rows than its tokenizer has tokens (Qwen: 151,936
 logits for 151,665 tokens) may put a padded id in the top-k. A student sized to the tokenizer cannot
 score such ids: their teacher mass is moved into the tail bucket and they drop out of the top-k
-(``fold_padded_vocab``); a student smaller than the tokenizer's real vocabulary is refused.
+(``fold_padded_vocab``; a drawn id of a sampled cache is dropped); a student smaller than the
+tokenizer's real vocabulary is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import torch
 
 from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.sampling import sample_weights
 
 IGNORE = -100
 
@@ -34,15 +36,42 @@ class Targets:
     kd_mask: torch.Tensor  # [N] bool
     labels: torch.Tensor  # [N] int64, IGNORE where there is none
     ce_mask: torch.Tensor  # [N] bool
+    sample_ids: torch.Tensor | None = None  # [N, m] int64, sampled caches: ids drawn outside the top-k
+    sample_logprobs: torch.Tensor | None = None  # [N, m] exact log p_T of those ids (-inf: empty slot)
+    sample_weights: torch.Tensor | None = None  # [N, m] importance weights (0: empty slot), see sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a sampled cache's draws were made: at captured temperature index ``index`` (``T0``), ``draws`` each."""
+    index: int
+    temperature: float
+    draws: int
+
+    @classmethod
+    def of(cls, schema) -> "Sampling | None":
+        if not schema.sample_draws:
+            return None
+        return cls(schema.temperature_index(schema.sample_temperature), schema.sample_temperature, schema.sample_draws)
 
 
 def teacher_targets(
     batch: dict, *, temperature_index: int, temperature: float, task: str, mask_meaning: str = "real-token",
+    sampling: Sampling | None = None, renormalize: bool = False,
 ) -> Targets:
-    """Flatten a collated batch (``[B, P, ...]``) into per-position targets at one temperature."""
+    """Flatten a collated batch (``[B, P, ...]``) into per-position targets at one temperature.
+
+    ``sampling`` (sampled caches, see :class:`Sampling`): also the drawn ids with their exact
+    log-probabilities and unbiased importance weights at this temperature.
+    ``renormalize``: rescale the top-k so that it and the tail bucket sum to 1 (quantized values:
+    their rounding leaves the sum a little off 1).
+    """
     k = batch["topk_ids"].shape[-1]
     logsumexp = batch["logsumexp"][..., temperature_index]  # [B, P]
     logprobs = batch["topk_logits"] / temperature - logsumexp[..., None]  # [B, P, k]
+    if renormalize and k:
+        tail = batch["tail_logprob"][..., temperature_index]
+        logprobs = logprobs - torch.logaddexp(torch.logsumexp(logprobs, dim=-1), tail)[..., None]
     mask = batch["mask"]  # [B, P]
     if task == "causal-lm":
         ids = batch["input_ids"]
@@ -53,11 +82,23 @@ def teacher_targets(
     else:
         labels = batch["label"][:, None]
         ce_mask = mask
-    return Targets(
-        batch["topk_ids"].reshape(-1, k), logprobs.reshape(-1, k),
+    n = mask.numel()
+    targets = Targets(
+        batch["topk_ids"].reshape(n, k), logprobs.reshape(n, k),
         batch["tail_logprob"][..., temperature_index].reshape(-1), mask.reshape(-1),
         labels.reshape(-1), ce_mask.reshape(-1),
     )
+    if sampling is None:
+        return targets
+    m = batch["sample_ids"].shape[-1]
+    flat = lambda t: t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.reshape(-1)  # noqa: E731
+    log_p, weights = sample_weights(
+        flat(batch["sample_logits"]), flat(batch["sample_counts"]), logsumexp=flat(logsumexp),
+        logsumexp_t0=flat(batch["logsumexp"][..., sampling.index]),
+        tail_logprob_t0=flat(batch["tail_logprob"][..., sampling.index]),
+        temperature=temperature, sample_temperature=sampling.temperature, draws=sampling.draws)
+    return dataclasses.replace(targets, sample_ids=batch["sample_ids"].reshape(-1, m), sample_logprobs=log_p,
+                               sample_weights=weights)
 
 
 def check_student_vocab(student_vocab: int, *, teacher_vocab: int, tokenizer_vocab: int | None, task: str) -> None:
@@ -78,6 +119,13 @@ def fold_padded_vocab(student_logits: torch.Tensor, targets: Targets) -> tuple[t
     probability 0 on both sides and contribute nothing to any divergence.
     """
     vocab = student_logits.shape[-1]
+    if targets.sample_ids is not None:  # a drawn id the student cannot score is dropped (weight 0)
+        gone = targets.sample_ids >= vocab
+        if bool(gone.any()):
+            targets = dataclasses.replace(
+                targets, sample_ids=targets.sample_ids.masked_fill(gone, 0),
+                sample_logprobs=targets.sample_logprobs.masked_fill(gone, float("-inf")),
+                sample_weights=targets.sample_weights.masked_fill(gone, 0.0))
     outside = targets.topk_ids >= vocab  # [N, k]
     if not bool(outside.any()):
         return student_logits, targets

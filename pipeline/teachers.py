@@ -100,6 +100,13 @@ class Teacher:
         logits = self._checked_logits(inputs, attention_mask, mask)
         return self._view_of_logits(logits, mask, top_k, temperatures, check_finite)
 
+    def masked_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None, mask) -> torch.Tensor:
+        """The raw logits ``[n, V]`` of the positions where ``mask [B, P]`` is True, in row-major order
+        (on the teacher's output device); the logits path, for callers that need more than the view."""
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        logits = self._checked_logits(inputs, attention_mask, mask)
+        return _masked_rows(logits.reshape(-1, self.vocab_size), mask)
+
     def _view_of_logits(self, logits, mask, top_k, temperatures, check_finite) -> SparseView:
         logits = _masked_rows(logits.reshape(-1, self.vocab_size), mask)
         return sparse_view_of_logits(logits, top_k=top_k, temperatures=temperatures, check_finite=check_finite)

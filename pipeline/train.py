@@ -31,10 +31,10 @@ from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss, output_head
 from kdpipe.pipeline import metrics
-from kdpipe.pipeline.losses import distillation_loss
+from kdpipe.pipeline.losses import SAMPLED_KINDS, distillation_loss, hard_label_ce, sampled_kd_loss
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
 from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
-from kdpipe.pipeline.targets import check_student_vocab, fold_padded_vocab, teacher_targets
+from kdpipe.pipeline.targets import Sampling, Targets, check_student_vocab, fold_padded_vocab, teacher_targets
 from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
 from kdpipe.pipeline.train_config import TrainConfig
 
@@ -63,6 +63,12 @@ class Trainer:
         self.phases = parse_schedule(c.schedule)
         for t in {c.temperature, *(p.temperature for p in self.phases if p.temperature is not None)}:
             self.cache.schema.temperature_index(t)  # each temperature used must have been captured
+        self.sampling = Sampling.of(self.cache.schema)  # a sampled (or mixed) cache's draws
+        self.estimator = self.sampling is not None and c.loss in SAMPLED_KINDS
+        if self.sampling is not None and not self.estimator and self.cache.schema.top_k == 0:
+            raise ConfigError(f"--loss {c.loss} is not defined on a sampled cache (its draws give the teacher's "
+                              f"probabilities only where the teacher puts mass); use --loss {' or '.join(SAMPLED_KINDS)}, "
+                              "or a cache captured with --top-k")
         inputs = rows_from_arrays(c.data).inputs if c.data else None
         if c.eval_cache:
             train_rows, eval_source = None, c.eval_cache
@@ -88,7 +94,7 @@ class Trainer:
         self._check_student()
         self.model = self.student.model.to(self.device)  # the student itself: saved, evaluated
         # The fused loss needs the student's last hidden states and its lm-head (weight, bias).
-        fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm"
+        fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm" and not self.estimator
         self.head = output_head(self.model) if fusable else None
         forward = _HiddenStates(self.model) if self.head is not None else self.model
         self.ddp = self._wrap(forward)  # what the training forward runs: ``forward``, or DDP around it
@@ -111,11 +117,25 @@ class Trainer:
     @property
     def loss_implementation(self) -> str:
         """What computes the training loss (recorded in run.json)."""
+        if self.estimator:
+            head = f"exact top-{self.cache.schema.top_k} + " if self.cache.schema.top_k else ""
+            return (f"unbiased estimator: {head}{self.sampling.draws} importance-weighted draws per position "
+                    "(losses.sampled_kd_loss), full student logits")
+        targets = "; the cache's draws unused: --loss " + self.config.loss + " takes the top-k + tail bins" \
+            if self.sampling is not None else ""
         if self.head is not None:
-            return "fused: lm-head and loss chunk by chunk (pipeline/fused_kd.py)"
+            return "fused: lm-head and loss chunk by chunk (pipeline/fused_kd.py)" + targets
         why = ("--no-fused-loss" if not self.config.fused_loss else
                "the student's output layer is not a plain nn.Linear of a causal LM")
-        return f"unfused: full student logits ({why})"
+        return f"unfused: full student logits ({why})" + targets
+
+    def targets(self, batch: dict, *, temperature: float) -> Targets:
+        """The batch's teacher targets at ``temperature`` (with the draws when the loss uses them)."""
+        schema = self.cache.schema
+        return teacher_targets(batch, temperature_index=schema.temperature_index(temperature),
+                               temperature=temperature, task=self.task, mask_meaning=schema.mask_meaning,
+                               sampling=self.sampling if self.estimator else None,
+                               renormalize=schema.value_dtype == "quantized")
 
     def distributed_record(self) -> dict:
         """How the run was spread (recorded in run.json)."""
@@ -223,10 +243,8 @@ class Trainer:
         return None
 
     def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
-        j = self.cache.schema.temperature_index(temperature)
         batch = _to(batch, self.device)  # once: targets and the student read the same tensors
-        targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
-                                  mask_meaning=self.cache.schema.mask_meaning)
+        targets = self.targets(batch, temperature=temperature)
         if self.head is not None:  # the student's [B*P, V] logits never exist
             with self._autocast():
                 hidden = self.ddp(batch["input_ids"], self._attention(batch))  # [B, P, H]
@@ -237,6 +255,9 @@ class Trainer:
                     kind=self.config.loss, kd_mask=targets.kd_mask, ce_mask=targets.ce_mask, head_bias=bias)
         logits = self.student_logits(batch)
         logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
+        if self.estimator:
+            return _estimated_distillation_loss(logits, targets, alpha=alpha, temperature=temperature,
+                                                kind=self.config.loss)
         return distillation_loss(
             logits, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
             alpha=alpha, temperature=temperature, kind=self.config.loss,
@@ -250,17 +271,19 @@ class Trainer:
             return {}
         self.model.eval()
         kl, agree, ce = metrics.Mean(), metrics.Mean(), metrics.Mean()
-        j = self.cache.schema.temperature_index(1.0) if 1.0 in self.cache.temperatures else 0
-        temperature = self.cache.temperatures[j]
+        temperature = 1.0 if 1.0 in self.cache.temperatures else self.cache.temperatures[0]
         for batch in DataLoader(self.eval_set, batch_size=None):
             batch = _to(batch, self.device)
-            targets = teacher_targets(batch, temperature_index=j, temperature=temperature, task=self.task,
-                                  mask_meaning=self.cache.schema.mask_meaning)
+            targets = self.targets(batch, temperature=temperature)
             logits = self.student_logits(batch, model=self.model)  # rank 0 alone: not through DDP
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
-            kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,
-                                                 targets.tail_logprob, targets.kd_mask, temperature=temperature))
-            agree.add(*metrics.top1_agreement(logits, targets.topk_ids, targets.kd_mask))
+            if self.estimator:  # an unbiased estimate of the full KL
+                kl.add(*metrics.sampled_kl_to_teacher(logits, targets, temperature=temperature))
+            else:
+                kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,
+                                                     targets.tail_logprob, targets.kd_mask, temperature=temperature))
+            if targets.topk_ids.shape[1]:  # the teacher's best id is known only with a top-k
+                agree.add(*metrics.top1_agreement(logits, targets.topk_ids, targets.kd_mask))
             ce.add(*metrics.token_cross_entropy(logits, targets.labels.clamp(min=0), targets.ce_mask))
         self.model.train()
         return {"kl_to_teacher": kl.value, "top1_agreement": agree.value, "ce": ce.value,
@@ -291,6 +314,16 @@ class _HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _estimated_distillation_loss(logits, targets: Targets, *, alpha: float, temperature: float, kind: str) -> dict:
+    """``alpha * kd + (1 - alpha) * ce`` with the unbiased sampled estimator as ``kd``."""
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    kd = zero if alpha == 0.0 else sampled_kd_loss(
+        logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids, targets.sample_logprobs,
+        targets.sample_weights, temperature=temperature, kind=kind, mask=targets.kd_mask)
+    ce = zero if alpha == 1.0 else hard_label_ce(logits, targets.labels, mask=targets.ce_mask)
+    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

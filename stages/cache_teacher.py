@@ -12,8 +12,10 @@ from kdpipe.pipeline.capture import (
     CaptureSettings, finished_capture, launch_from_env, plan_capture, process_group, run_capture, with_teacher_weights,
 )
 from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
+from kdpipe.pipeline.encoding import VALUE_ENCODINGS
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR
+from kdpipe.pipeline.capture.probe import probe_capture
+from kdpipe.pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR
 from kdpipe.pipeline.progress import PROGRESS_DIR
 from kdpipe.pipeline.storage.location import CacheLocation, parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
@@ -28,7 +30,7 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--targets", type=click.Choice(["assistant", "all"]), default="assistant", show_default=True, help="Chat data: distil on the assistant's tokens only, or on every token.")
 @click.option("--packing", is_flag=True, help="Chat data: pack several whole conversations into a row (default: one per row).")
 @click.option("--out", required=True, help="Cache directory to create (or resume), or an s3:// (gs://, az://) URL.")
-@click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept per position.")
+@click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept exactly per position, best first [default: 64, or 0 with --sample].")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per packed row.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
@@ -36,7 +38,9 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")
 @click.option("--device-map", type=click.Choice(["none", "auto"]), default="none", show_default=True, help="auto: spread a Hugging Face teacher over the machine's GPUs (accelerate; under torchrun over this process's group of GPU count / --nproc-per-node GPUs); without GPUs it all runs on the CPU.")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
-@click.option("--value-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Storage dtype of the top-k logits.")
+@click.option("--values", "--value-dtype", "value_dtype", type=click.Choice(VALUE_ENCODINGS), default="quantized", show_default=True, help="How the cached logits are stored: quantized (a 1/16-nat grid, error <= 1/(32 T) nats in log p_T, ~2.5 bits each) or a float dtype (format 1's fp16 costs ~12 bits).")
+@click.option("--sample", default=0, show_default=True, type=int, help="Draws per position from the teacher's distribution, stored as unique ids with counts (with --top-k: drawn outside the top-k, mixed targets; alone: sampled targets only). Trains with an unbiased estimator of the KD loss.")
+@click.option("--sample-temperature", default=None, type=float, help="Captured temperature the draws are made at [default: the first --temperature]; the others reuse them with exact importance weights.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows (stops reading there).")
 @click.option("--max-tokens", default=None, type=int, help="Capture only the first N tokens of the data (stops reading there; chat data keeps whole conversations, so it may end up to one conversation past N).")
@@ -49,10 +53,11 @@ from kdpipe.stages.cli import storage_options_flag, user_errors
 @click.option("--world-size", default=None, type=int, help="Number of writer processes [default: 1; under torchrun: its WORLD_SIZE].")
 @click.option("--dist-timeout", default=DEFAULT_TIMEOUT_MIN, show_default=True, type=float, help="Under torchrun: minutes a rank waits for the others (e.g. for the slowest to finish) before it fails.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out that has other settings.")
-@click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights.")
+@click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights (unless --probe-rows).")
+@click.option("--probe-rows", default=0, show_default=True, type=int, help="With --dry-run: load the teacher and capture this many rows into a throwaway shard to measure the size (e.g. 16).")
 @storage_options_flag
 @user_errors
-def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, device_map, dist_timeout,
+def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, world_size, device_map, dist_timeout,
                   storage_options, **options):
     """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
 
@@ -61,6 +66,8 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, d
     data blocks and rank 0 writes the manifest once all are done.
     """
     launch = launch_from_env(rank=rank, world_size=world_size)
+    if options["sample"] and click.get_current_context().get_parameter_source("top_k").name == "DEFAULT":
+        options["top_k"] = 0  # --sample alone: sampled targets only
     settings = CaptureSettings(
         format=storage, temperatures=tuple(temperatures), rank=launch.rank, world_size=launch.world_size,
         local_rank=launch.local_rank, local_world_size=launch.local_world_size,
@@ -71,9 +78,13 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, rank, world_size, d
     if not main:
         _quiet_transformers()
     plan = plan_capture(settings, load_weights=False)
+    if probe_rows and not dry_run:
+        raise ConfigError("--probe-rows measures a capture's size in a dry run; add --dry-run (or drop --probe-rows)")
+    if probe_rows < 0:
+        raise ConfigError(f"--probe-rows {probe_rows} must be 0 (no probe) or more")
     if dry_run:
         if main:
-            _print_plan(plan)
+            _print_plan(plan, probe_rows)
         return
     out = CacheLocation(settings.out, settings.storage_options)  # a folder, or a URL (shown without user info)
     if not overwrite and finished_capture(plan) is not None:
@@ -149,8 +160,14 @@ def _report_resume(log, bar) -> None:
         )
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan, probe_rows: int) -> None:
     s, estimate = plan.settings, plan.estimate()
+    probe = None
+    if probe_rows:
+        probe = probe_capture(with_teacher_weights(plan), probe_rows)
+        if probe["rows"]:
+            shards = max(1, -(-estimate["rows"] // plan.rows_per_shard))
+            estimate["bytes"] = int(estimate["rows"] * probe["bytes_per_row"] + shards * probe["shard_overhead"])
     how = ("exact: the whole data was read" if estimate["exact"] else
            f"extrapolated from the first {estimate['sample_bytes'] / 2**20:.1f} of {estimate['data_bytes'] / 2**20:.1f} MiB"
            if estimate["data_bytes"] else "from the first block only: a Hub dataset's size is not known before reading it")
@@ -160,8 +177,18 @@ def _print_plan(plan) -> None:
     click.echo(f"rows:      {estimate['rows']} (seq-len {s.seq_len}; {how})")
     click.echo(f"tokens:    {estimate['tokens']}")
     click.echo(f"shards:    at most {plan.rows_per_shard} rows each")
-    click.echo(f"estimated: {estimate['bytes'] / 2**20:.1f} MiB "
-               f"({estimate['bytes'] / max(estimate['tokens'], 1):.1f} B/token) in {s.format}")
+    schema = plan.schema
+    targets = (f"top-{schema.top_k}" if schema.top_k else "") + (" + " if schema.top_k and s.sample else "") + \
+        (f"{s.sample} draws at T={s.sampling_temperature:g}" if s.sample else "")
+    click.echo(f"encoding:  {targets}, ids {schema.id_bits} bits, values {schema.value_dtype}, "
+               f"{len(schema.temperatures)} temperatures, format {FORMAT_VERSION}")
+    how = (f"measured on {probe['rows']} probe rows" if probe and probe["rows"] else
+           "nominal compression; add --probe-rows 16 to measure it on the teacher")
+    click.echo(f"estimated: {estimate['bytes'] / 2**20:.1f} MiB ({estimate['bytes']:,} bytes, "
+               f"{estimate['bytes'] / max(estimate['tokens'], 1):.1f} B/token) in {s.format} ({how})")
+    if probe and probe["rows"]:
+        fields = ", ".join(f"{name} {bits:.2f}" for name, bits in probe["bits_per_entry"].items() if bits >= 0.01)
+        click.echo(f"bits per cached id, by field: {fields}")
 
 
 def _has_progress(out: CacheLocation) -> bool:

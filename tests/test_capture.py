@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from kdpipe import open_cache
+from kdpipe.pipeline.encoding import GRID_STEP
 from kdpipe.pipeline.errors import CacheFormatError
 from kdpipe.stages.cli import main
 
@@ -30,24 +31,28 @@ def capture(teacher, data, out, *extra):
     return out
 
 
-@pytest.fixture(scope="module", params=["zarr", "parquet"])
+@pytest.fixture(scope="module", params=[("zarr", "quantized"), ("parquet", "float16")], ids=["zarr", "parquet-fp16"])
 def lm_cache(request, tiny_lm_dir, text_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"lm_cache_{request.param}") / "cache"
+    fmt, values = request.param
+    out = tmp_path_factory.mktemp(f"lm_cache_{fmt}") / "cache"
     return capture(tiny_lm_dir, text_dir, out, "--top-k", 16, "--seq-len", 48, "--batch-size", 4,
-                   "--format", request.param, "--shard-size-mb", 0.05, "--limit-rows", 40)
+                   "--format", fmt, "--values", values, "--shard-size-mb", 0.05, "--limit-rows", 40)
 
 
-def assert_matches_dense(row, logits, temperature):
-    """Cached top-k ids/log-probs/tail equal the dense softmax of the teacher's logits."""
+def assert_matches_dense(row, logits, temperature, values):
+    """Cached top-k ids/log-probs/tail equal the dense softmax of the teacher's logits, within the
+    documented error of the cache's ``values`` encoding."""
     dense_logprobs = torch.log_softmax(logits.double() / temperature, dim=-1).numpy()  # [P, V]
     valid = row["mask"]
     ids = row["topk_ids"][valid]
     expected_ids = torch.topk(logits[valid], ids.shape[1], dim=-1).indices.numpy()
     np.testing.assert_array_equal(ids, expected_ids)
     expected = np.take_along_axis(dense_logprobs[valid], ids, axis=1)
-    # fp16 storage of (z - max z): half a unit in the last place of |z - max z|, divided by T.
-    shifted = np.abs(expected - expected[:, :1]) * temperature
-    tolerance = (shifted * 2.0**-11 + 1e-5) / temperature + 1e-5
+    if values == "quantized":  # half a grid step of (z - max z), divided by T
+        tolerance = GRID_STEP / 2 / temperature + 1e-5
+    else:  # fp16 storage of (z - max z): half a unit in the last place of |z - max z|, divided by T.
+        shifted = np.abs(expected - expected[:, :1]) * temperature
+        tolerance = (shifted * 2.0**-11 + 1e-5) / temperature + 1e-5
     assert np.all(np.abs(row["topk_logprobs"][valid] - expected) <= tolerance)
     expected_tail = 1.0 - np.exp(expected).sum(axis=1)
     np.testing.assert_allclose(row["tail_mass"][valid], expected_tail, atol=1e-3)
@@ -63,14 +68,14 @@ def test_lm_cache_matches_dense_teacher(lm_cache, tiny_lm_dir):
         with torch.no_grad():
             logits = model(torch.from_numpy(cache.read(i)["input_ids"])[None]).logits[0]
         for t in TEMPERATURES:
-            assert_matches_dense(cache.read(i, temperature=t), logits, t)
+            assert_matches_dense(cache.read(i, temperature=t), logits, t, cache.schema.value_dtype)
 
 
 def test_lm_cache_layout_and_manifest(lm_cache):
     cache = open_cache(lm_cache)
     m = cache.manifest
-    assert m["format_version"] == 1 and m["task"] == "causal-lm"
-    assert m["capture"]["id_dtype"] == "uint16"  # vocabulary of 300 needs 16 bits
+    assert m["format_version"] == 2 and m["task"] == "causal-lm"
+    assert m["capture"]["id_bits"] == m["schema"]["id_bits"] == 9  # vocabulary of 300 needs 9 bits
     assert m["totals"]["rows"] == 40 and m["totals"]["tokens"] == sum(s["tokens"] for s in m["shards"])
     assert [s["name"] for s in m["shards"]] == sorted(s["name"] for s in m["shards"])
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in m["shards"])
@@ -104,7 +109,7 @@ def test_module_teacher_cache_matches_dense(module_teacher, tmp_path):
         for t in TEMPERATURES:
             row = cache.read(i, temperature=t)
             assert row["label"] == y[i] and row["topk_ids"].shape == (1, 4)
-            assert_matches_dense(row, logits, t)
+            assert_matches_dense(row, logits, t, cache.schema.value_dtype)
 
 
 def test_verify_detects_one_flipped_byte(tiny_lm_dir, text_dir, tmp_path):
@@ -122,17 +127,22 @@ def test_verify_detects_one_flipped_byte(tiny_lm_dir, text_dir, tmp_path):
     assert shard in bad.output and "Checksum failure" in bad.output
 
 
-@pytest.mark.parametrize("storage", ["zarr", "parquet"])
-def test_dry_run_estimates_size_within_20_percent(tiny_lm_dir, text_dir, tmp_path, storage):
-    args = ["--top-k", 16, "--seq-len", 48, "--format", storage, "--limit-rows", 60]
-    dry = run_cli("cache-teacher", "--teacher", tiny_lm_dir, "--data", text_dir, "--out",
-                  tmp_path / "dry", "--dry-run", *args)
-    assert dry.exit_code == 0, dry.output
+@pytest.mark.parametrize("storage,extra", [("zarr", []), ("parquet", ["--values", "float16"]),
+                                           ("zarr", ["--sample", 8, "--top-k", 4])])
+def test_dry_run_estimates_size_within_20_percent_with_a_probe(tiny_lm_dir, text_dir, tmp_path, storage, extra):
+    args = ["--top-k", 16, "--seq-len", 48, "--format", storage, "--limit-rows", 60, *extra]
+    estimates = {}
+    for probe in (0, 8):
+        dry = run_cli("cache-teacher", "--teacher", tiny_lm_dir, "--data", text_dir, "--out",
+                      tmp_path / "dry", "--dry-run", "--probe-rows", probe, *args)
+        assert dry.exit_code == 0, dry.output
+        assert ("measured on 8 probe rows" in dry.output) == bool(probe), dry.output
+        estimates[probe] = int(dry.output.split("estimated:")[1].split("MiB (")[1].split(" bytes")[0].replace(",", ""))
     assert not (tmp_path / "dry").exists()
-    estimate = float(dry.output.split("estimated:")[1].split("MiB")[0]) * 2**20
     out = capture(tiny_lm_dir, text_dir, tmp_path / "real", *args)
     actual = json.loads((out / "manifest.json").read_text())["totals"]["bytes"]
-    assert abs(estimate - actual) / actual < 0.20, (estimate, actual)
+    assert abs(estimates[8] - actual) / actual < 0.20, (estimates, actual)
+    assert 0.5 < estimates[0] / actual < 2.0, (estimates, actual)  # without weights: nominal compression
 
 
 def test_dry_run_of_data_larger_than_a_block_extrapolates_from_the_first_and_says_so(tiny_lm_dir, text_dir, tmp_path):

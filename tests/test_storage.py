@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype, values_to_float32
+from kdpipe.pipeline.encoding import decode_float_values, encode_float_values
+from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
 
 
@@ -21,11 +22,18 @@ def random_columns(schema: CacheSchema, rows: int, seed: int = 0) -> dict:
     return out
 
 
+SCHEMAS = {
+    **{f"v1-{v}": dict(value_dtype=v) for v in ("float16", "bfloat16", "float32")},
+    **{f"v2-{v}": dict(value_dtype=v, id_bits=11, input_id_bits=11) for v in ("quantized", "float16")},
+    "v2-mixed": dict(value_dtype="quantized", id_bits=11, input_id_bits=11, sample_draws=5, sample_temperature=1.0),
+}
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
-@pytest.mark.parametrize("value_dtype", ["float16", "bfloat16", "float32"])
-def test_round_trip_any_row_range(tmp_path, fmt, value_dtype):
+@pytest.mark.parametrize("layout", SCHEMAS)
+def test_round_trip_any_row_range(tmp_path, fmt, layout):
     schema = CacheSchema(task="causal-lm", positions=6, top_k=4, temperatures=(1.0, 2.0),
-                         id_dtype="uint16", value_dtype=value_dtype, input_len=6)
+                         id_dtype="uint16", input_len=6, **SCHEMAS[layout])
     columns = random_columns(schema, 23)
     storage = get_format(fmt)
     path = tmp_path / f"s{storage.suffix}"
@@ -56,9 +64,10 @@ def test_narrowest_id_dtype_and_bf16_values():
     assert [narrowest_id_dtype(v) for v in (10, 256, 257, 65536, 151936)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
     import torch
 
-    values = torch.tensor([-0.0, -1.5, -17.25, -300.0])
+    values = torch.tensor([-0.0, -1.5, -17.25, -300.0, -1.00390625, -1.01171875, -3.1e-5, -7e20])  # incl. ties
     bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(values_to_float32(bits, "bfloat16"), values.to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(encode_float_values(values.numpy(), "bfloat16"), bits)  # torch's rounding
+    np.testing.assert_array_equal(decode_float_values(bits, "bfloat16"), values.to(torch.bfloat16).float().numpy())
 
 
 def test_unknown_format_names_the_choices():

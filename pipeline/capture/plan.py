@@ -20,6 +20,7 @@ from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
 from kdpipe.pipeline.errors import ConfigError, DataError
+from kdpipe.pipeline import encoding
 from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.storage.location import CacheLocation, is_url
@@ -27,10 +28,14 @@ from kdpipe.pipeline.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
 )
 
-# Compressed size / raw size of a shard, measured on the demo cache (see benchmarks/capture.py).
-ESTIMATED_COMPRESSION = {"zarr": 0.80, "parquet": 0.80}
+# Compressed size / raw size of each stored field without a probe (a dry run that loads no weights):
+# rounded from benchmarks/cache_size.py on the demo teacher (fp16 values 11.8 bits of 16, quantized
+# values 2.5 of 16, packed ids incompressible); a probe (--probe-rows) measures the real teacher.
+NOMINAL_COMPRESSION = {"logit_steps": 0.2, "float16": 0.75, "bfloat16": 0.45, "float32": 0.9, "ids": 1.0,
+                       "mask": 0.05, "counts": 0.3, "other": 0.9}
 CHUNK_ROWS = 16  # rows per zarr chunk / parquet row group
 TARGETS = ("assistant", "all")
+MAX_DRAWS = 255  # draws per position: counts are stored in one byte
 
 
 @dataclasses.dataclass
@@ -46,7 +51,9 @@ class CaptureSettings:
     format: str = "zarr"
     device: str = "auto"
     dtype: str = "auto"
-    value_dtype: str = "float16"
+    value_dtype: str = "quantized"  # how values are stored: "quantized" (1/16-nat grid) or a float dtype
+    sample: int = 0  # draws per position from the teacher (outside the top-k); 0: none
+    sample_temperature: float | None = None  # the temperature they are drawn at; None: the first one
     seed: int = 0
     limit_rows: int | None = None
     max_tokens: int | None = None
@@ -75,11 +82,19 @@ class CaptureSettings:
         return {
             "top_k": self.top_k, "temperatures": list(self.temperatures), "seq_len": self.seq_len,
             "format": self.format, "value_dtype": self.value_dtype, "seed": self.seed,
+            "sample": self.sample, "sample_temperature": self.sampling_temperature,
             "limit_rows": self.limit_rows, "max_tokens": self.max_tokens,
             "shard_size_mb": self.shard_size_mb, "task": self.task, "world_size": self.world_size,
             "text_field": self.text_field, "messages_field": self.messages_field,
             "targets": self.targets, "packing": self.packing, "block_chars": self.block_chars,
         }
+
+    @property
+    def sampling_temperature(self) -> float | None:
+        """The temperature draws are made at (None without sampling)."""
+        if not self.sample:
+            return None
+        return float(self.temperatures[0] if self.sample_temperature is None else self.sample_temperature)
 
     @property
     def fields(self) -> datalib.Fields:
@@ -124,9 +139,26 @@ class CapturePlan:
             rows, tokens = int(rows * scale), int(tokens * scale)
             rows = rows if s.limit_rows is None else min(rows, s.limit_rows)
             tokens = tokens if s.max_tokens is None else min(tokens, s.max_tokens)
-        nbytes = int(rows * self.schema.row_nbytes() * ESTIMATED_COMPRESSION[s.format])
+        nbytes = int(rows * nominal_row_bytes(self.schema))
         return {"rows": rows, "tokens": tokens, "bytes": nbytes, "exact": exact,
                 "sample_bytes": read, "data_bytes": total}
+
+
+def nominal_row_bytes(schema: CacheSchema) -> float:
+    """Expected stored bytes of one row, from each field's raw size and its nominal compression."""
+    total = 0.0
+    for name, (shape, dtype) in schema.fields().items():
+        raw = math.prod(shape) * dtype.itemsize
+        if name.endswith("_logit_steps"):
+            kind = "logit_steps"
+        elif name.endswith("_logits"):
+            kind = schema.value_dtype
+        elif name.endswith("_ids") or name.endswith("_ids_packed"):
+            kind = "ids"
+        else:
+            kind = {"mask": "mask", "sample_counts": "counts"}.get(name, "other")
+        total += raw * NOMINAL_COMPRESSION[kind]
+    return total
 
 
 def auto_workers(source: datalib.Source, block_chars: int = BLOCK_CHARS, *, processes: int = 1) -> int:
@@ -139,12 +171,19 @@ def auto_workers(source: datalib.Source, block_chars: int = BLOCK_CHARS, *, proc
 
 
 def _validate(settings: CaptureSettings) -> None:
-    if settings.top_k <= 0:
-        raise ConfigError(f"--top-k {settings.top_k} must be at least 1")
+    if settings.top_k < 0 or (settings.top_k == 0 and not settings.sample):
+        raise ConfigError(f"--top-k {settings.top_k} must be at least 1 (0 only with --sample N: sampled targets only)")
+    if not 0 <= settings.sample <= MAX_DRAWS:
+        raise ConfigError(f"--sample {settings.sample} must be between 0 (no sampling) and {MAX_DRAWS} draws per position")
+    if settings.value_dtype not in encoding.VALUE_ENCODINGS:
+        raise ConfigError(f"--values {settings.value_dtype!r} must be one of {', '.join(encoding.VALUE_ENCODINGS)}")
     if not settings.temperatures or any(not (t > 0 and math.isfinite(t)) for t in settings.temperatures):
         raise ConfigError(f"temperatures {list(settings.temperatures)} must all be finite and > 0 (e.g. --temperature 1 --temperature 2)")
     if len(set(settings.temperatures)) != len(settings.temperatures):
         raise ConfigError(f"temperatures {list(settings.temperatures)} repeat a value; give each once")
+    if settings.sample_temperature is not None and settings.sample_temperature not in settings.temperatures:
+        raise ConfigError(f"--sample-temperature {settings.sample_temperature:g} is not a captured temperature; "
+                          f"use one of {', '.join(f'{t:g}' for t in settings.temperatures)} (or add it with --temperature)")
     if settings.seq_len <= 0 or settings.batch_size <= 0:
         raise ConfigError("--seq-len and --batch-size must be positive")
     for name in ("limit_rows", "max_tokens"):
@@ -241,16 +280,21 @@ def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> Cap
     if settings.top_k > teacher.vocab_size:
         raise ConfigError(f"--top-k {settings.top_k} exceeds the teacher's {teacher.vocab_size} outputs; use at most {teacher.vocab_size}")
     spec = packing_spec(settings, source, teacher)
+    input_vocab = max(teacher.vocab_size, len(teacher.tokenizer) if teacher.tokenizer else 0)
     schema = CacheSchema(
         task=teacher.task,
         positions=settings.seq_len if teacher.task == "causal-lm" else 1,
         top_k=settings.top_k,
         temperatures=tuple(float(t) for t in settings.temperatures),
-        id_dtype=narrowest_id_dtype(max(teacher.vocab_size, len(teacher.tokenizer) if teacher.tokenizer else 0)),
+        id_dtype=narrowest_id_dtype(input_vocab),
         value_dtype=settings.value_dtype,
         input_len=settings.seq_len if teacher.kind == "hf" else None,
         has_label=teacher.task == "classification",
         mask_meaning="next-token-target" if spec is not None and spec.chat else "real-token",
+        id_bits=encoding.id_bits(teacher.vocab_size),
+        input_id_bits=encoding.id_bits(input_vocab) if teacher.kind == "hf" else None,
+        sample_draws=settings.sample,
+        sample_temperature=settings.sampling_temperature,
     )
     rows_per_shard = max(1, int(settings.shard_size_mb * 2**20 // schema.row_nbytes()))
     data = {**source.identity(), "packing": spec.describe() if spec else ARRAY_PACKING,

@@ -29,6 +29,7 @@ are single PUTs (see :mod:`kdpipe.pipeline.progress`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import shutil
@@ -48,12 +49,16 @@ from kdpipe.pipeline.data.stream import Block
 from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
+from kdpipe.pipeline.sampling import Samples, draw_samples
+from kdpipe.pipeline.schema import encode_rows
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.storage.location import CacheLocation
+from kdpipe.pipeline.topk import SparseView, sparse_view_of_logits
 
 
-def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[str, np.ndarray]:
-    """Run the teacher on rows ``index`` of ``block`` and return their cache columns."""
+def batch_columns(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Draws | None" = None) -> dict[str, np.ndarray]:
+    """Run the teacher on rows ``index`` of ``block`` and return their stored cache columns
+    (``draws``: the shard's seeded generator, for a sampled capture)."""
     teacher, schema, rows = plan.teacher, plan.schema, block.rows
     inputs = torch.from_numpy(rows.inputs[index]).to(teacher.device)
     if teacher.kind == "module":
@@ -62,13 +67,47 @@ def _batch_columns(plan: CapturePlan, block: Block, index: np.ndarray) -> dict[s
     if rows.attention_mask is not None:
         attention = torch.from_numpy(rows.attention_mask[index]).to(teacher.device)
     mask = rows.mask[index]  # [B, P]
-    try:  # the head-fused path where the teacher allows it: its [B*P, V] logits never exist
-        view = teacher.sparse_view(inputs, attention, mask, top_k=schema.top_k, temperatures=schema.temperatures)
+    samples = None
+    try:
+        if schema.sample_draws:  # draws need the logits
+            view, samples = _sampled_view(plan, inputs, attention, mask, draws)
+        else:  # the head-fused path where the teacher allows it: its [B*P, V] logits never exist
+            view = teacher.sparse_view(inputs, attention, mask, top_k=schema.top_k, temperatures=schema.temperatures)
     except FloatingPointError as exc:
         position = int(str(exc).rsplit(" ", 1)[-1])
         row = int(block.sample_index[index[np.nonzero(mask.reshape(-1))[0][position] // schema.positions]])
         raise TeacherError(f"teacher logits are NaN or infinite in row {row}; check the teacher's weights and --dtype (try --dtype float32)") from None
-    return _columns(plan, block, index, mask, view)
+    return encode_rows(schema, _rows(plan, block, index, mask, view, samples))
+
+
+def _sampled_view(plan: CapturePlan, inputs, attention, mask, draws: "Draws") -> tuple[SparseView, Samples]:
+    """The sparse view (exact top-k, possibly none) and the draws outside it, from the teacher's logits."""
+    teacher, schema = plan.teacher, plan.schema
+    teacher.fused_head, teacher.fused_head_reason = False, "sampling draws from the logits"
+    logits = teacher.masked_logits(inputs, attention, mask)  # [n, V]
+    k = schema.top_k
+    view = sparse_view_of_logits(logits, top_k=max(k, 1), temperatures=schema.temperatures)
+    if k == 0:  # sampled only: everything is "tail"
+        view = SparseView(view.topk_ids[:, :0], view.topk_logits[:, :0], view.logsumexp,
+                          torch.zeros_like(view.tail_logprob))
+    samples = draw_samples(logits, view.topk_ids, temperature=schema.sample_temperature, draws=schema.sample_draws,
+                           generator=draws.generator(logits.device))
+    return view, samples
+
+
+class Draws:
+    """The seeded generator of one shard's draws, made on the logits' device at first use: a shard's
+    draws depend only on the seed and its name, so a resumed or split capture draws the same."""
+
+    def __init__(self, seed: int, block: int, part: int):
+        digest = hashlib.blake2b(f"kdpipe-draws:{seed}:{block}:{part}".encode(), digest_size=8).digest()
+        self.seed = int.from_bytes(digest, "little") & (2**63 - 1)
+        self._generator = None
+
+    def generator(self, device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
 
 
 def _scatter(values: torch.Tensor, mask: np.ndarray, dtype) -> np.ndarray:
@@ -78,23 +117,24 @@ def _scatter(values: torch.Tensor, mask: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
-def _columns(plan: CapturePlan, block: Block, index, mask, view) -> dict[str, np.ndarray]:
+def _rows(plan: CapturePlan, block: Block, index, mask, view: SparseView, samples: Samples | None) -> dict[str, np.ndarray]:
+    """The logical rows (see :mod:`kdpipe.pipeline.schema`) of rows ``index``; padding positions hold zeros."""
     schema, rows = plan.schema, block.rows
-    topk_logits = view.topk_logits
-    if schema.value_dtype == "bfloat16":
-        topk_logits = topk_logits.to(torch.bfloat16).view(torch.int16)
     columns = {
         "sample_index": block.sample_index[index],
         "input_hash": np.array([datalib.input_hash(rows.inputs[i]) for i in index], dtype=np.uint64),
     }
-    fields = schema.fields()
-    if "input_ids" in fields:
-        columns["input_ids"] = rows.inputs[index].astype(fields["input_ids"][1])
+    if schema.input_len is not None:
+        columns["input_ids"] = rows.inputs[index].astype(np.int64)
     columns["mask"] = mask
-    columns["topk_ids"] = _scatter(view.topk_ids, mask, fields["topk_ids"][1])
-    columns["topk_logits"] = _scatter(topk_logits, mask, fields["topk_logits"][1])  # fp32 view, or bf16 bits
+    columns["topk_ids"] = _scatter(view.topk_ids, mask, np.int64)
+    columns["topk_logits"] = _scatter(view.topk_logits, mask, np.float32)
     columns["logsumexp"] = _scatter(view.logsumexp, mask, np.float32)
     columns["tail_logprob"] = _scatter(view.tail_logprob, mask, np.float32)
+    if samples is not None:
+        columns["sample_ids"] = _scatter(samples.ids, mask, np.int64)
+        columns["sample_counts"] = _scatter(samples.counts, mask, np.int64)
+        columns["sample_logits"] = _scatter(samples.logits, mask, np.float32)
     if schema.has_label:
         columns["label"] = rows.labels[index]
     return columns
@@ -156,10 +196,11 @@ def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter",
         if log.is_done(name):
             continue
         shard_rows = np.arange(start, min(start + plan.rows_per_shard, n))
+        draws = Draws(settings.seed, block.index, part) if plan.schema.sample_draws else None
         parts = []
         for first in range(0, len(shard_rows), settings.batch_size):
             index = shard_rows[first : first + settings.batch_size]
-            parts.append(_batch_columns(plan, block, index))
+            parts.append(batch_columns(plan, block, index, draws))
             if on_rows:
                 on_rows(len(index), int(block.rows.mask[index].sum()))
             writer.check()
@@ -179,15 +220,24 @@ def manifest_header(plan: CapturePlan) -> dict:
         "task": plan.schema.task,
         **plan.fingerprints,
         "capture": {**s.content_settings(), "teacher": s.teacher, "data": s.data,
-                    "batch_size": s.batch_size, "device_map": s.device_map, "id_dtype": plan.schema.id_dtype,
+                    "batch_size": s.batch_size, "device_map": s.device_map, "id_bits": plan.schema.id_bits,
                     "teacher_vocab_size": plan.teacher.vocab_size,
                     "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
                     "sparse_view": sparse_view_path(plan.teacher),
-                    "value_space": "logits minus the position's max logit"},
+                    "value_space": "logits minus the position's max logit",
+                    **({"sampling": sampling_record(plan)} if plan.schema.sample_draws else {})},
         "schema": plan.schema.to_dict(),
         "software": software_versions(),
         "device": device_name,
     }
+
+
+def sampling_record(plan: CapturePlan) -> dict:
+    """How the draws were made (recorded in the manifest)."""
+    s = plan.settings
+    return {"draws": s.sample, "temperature": s.sampling_temperature, "seed": s.seed,
+            "from": "the teacher's distribution outside the top-k" if s.top_k else "the teacher's distribution",
+            "generator": "torch.multinomial, one generator per shard seeded by blake2b(seed, block, part)"}
 
 
 def sparse_view_path(teacher) -> str:
