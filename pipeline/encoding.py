@@ -14,7 +14,9 @@ chosen by measurement (``benchmarks/cache_size.py``):
   byte planes (low bytes, then high bytes) with the ranks as the major axis (``[2, n, P]`` per row).
   Neighbouring ranks of neighbouring positions then hold similar small numbers, which zstd codes in
   about 2.5 bits per value on a trained teacher. Worst-case error of a value above the clamp:
-  ``step / 2`` = 1/32 nat, so ``|error of log p_T(i)| <= 1 / (32 T)`` nats.
+  ``step / 2`` = 1/32 nat. Next to quantized values the per-position ``logsumexp`` and
+  ``tail_logprob`` are stored as float16 (``logsumexp`` lies in ``[0, log V]``: rounding error
+  < 2**-8 nat for V < e**16), so ``|error of log p_T(i)| <= 1 / (32 T) + 2**-8`` nats.
 
 Every function works on a batch of rows (a leading row axis) with numpy; decoding is vectorised and
 runs in the data-loader workers.

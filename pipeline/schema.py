@@ -89,6 +89,13 @@ class CacheSchema:
             raise CacheFormatError("quantized values and sampled ids need format 2 (packed ids); the manifest is inconsistent")
 
     @property
+    def normalizer_dtype(self) -> np.dtype:
+        """Storage of ``logsumexp`` and ``tail_logprob``: float16 next to quantized values (its error,
+        at most 2**-11 relative, stays below the values' grid; the top-k is renormalised on reading,
+        which cancels ``logsumexp``'s error in the top-k bins), else float32."""
+        return np.dtype("float16" if self.value_dtype == "quantized" else "float32")
+
+    @property
     def packed(self) -> bool:
         """Format 2: ids bit-packed (see :mod:`kdpipe.pipeline.encoding`)."""
         return self.id_bits is not None
@@ -129,8 +136,8 @@ class CacheSchema:
             if k:
                 out["topk_ids_packed"] = ((encoding.packed_nbytes(P * k, self.id_bits),), u8)
                 out.update(self._value_field("topk", k))
-        out["logsumexp"] = ((P, nT), np.dtype("float32"))
-        out["tail_logprob"] = ((P, nT), np.dtype("float32"))
+        out["logsumexp"] = ((P, nT), self.normalizer_dtype)
+        out["tail_logprob"] = ((P, nT), self.normalizer_dtype)
         if m:
             out["sample_ids_packed"] = ((encoding.packed_nbytes(P * m, self.id_bits),), u8)
             out["sample_counts"] = ((m, P), u8)  # draws <= 255; ranks major, like the values
@@ -213,7 +220,8 @@ def encode_rows(schema: CacheSchema, rows: dict[str, np.ndarray]) -> dict[str, n
         if schema.top_k:
             stored["topk_ids_packed"] = encoding.pack_ids(rows["topk_ids"], schema.id_bits)
             stored.update(_encode_values(schema, "topk", rows["topk_logits"]))
-    stored["logsumexp"], stored["tail_logprob"] = rows["logsumexp"], rows["tail_logprob"]
+    stored["logsumexp"] = rows["logsumexp"].astype(schema.normalizer_dtype)
+    stored["tail_logprob"] = rows["tail_logprob"].astype(schema.normalizer_dtype)
     if schema.sample_draws:
         stored["sample_ids_packed"] = encoding.pack_ids(rows["sample_ids"], schema.id_bits)
         stored["sample_counts"] = rows["sample_counts"].astype(np.uint8).transpose(0, 2, 1)
@@ -243,7 +251,8 @@ def decode_rows(schema: CacheSchema, stored: dict[str, np.ndarray]) -> dict[str,
             rows["topk_ids"] = np.zeros((n, P, 0), np.int64)
             rows["topk_logits"] = np.zeros((n, P, 0), np.float32)
     rows["mask"] = stored["mask"]
-    rows["logsumexp"], rows["tail_logprob"] = stored["logsumexp"], stored["tail_logprob"]
+    rows["logsumexp"] = stored["logsumexp"].astype(np.float32)
+    rows["tail_logprob"] = stored["tail_logprob"].astype(np.float32)
     if m:
         rows["sample_ids"] = encoding.unpack_ids(stored["sample_ids_packed"], schema.id_bits, (P, m))
         rows["sample_counts"] = stored["sample_counts"].transpose(0, 2, 1).astype(np.int64)
