@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from kdpipe.pipeline.cache import TeacherCache
+from kdpipe.pipeline.encoding import GRID_STEP
 
 
 def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0) -> dict:
-    """Settings, sizes and fidelity (mean tail mass per temperature over a sample of rows)."""
-    m = cache.manifest
+    """Settings, encoding, sizes and fidelity (mean tail mass per temperature over a sample of rows).
+
+    The encoding: ``format_version`` (1 or 2), ``id_bits`` (bits per packed id; None for format 1, whose
+    ids are ``id_dtype`` arrays), ``values`` (``quantized`` or a float dtype), ``sample_draws`` and
+    ``sample_temperature`` (0 and None without sampling).
+    """
+    m, schema = cache.manifest, cache.schema
     rng = np.random.default_rng(seed)
     n = len(cache)
     sample = np.sort(rng.choice(n, size=min(sample_rows, n), replace=False)) if n else []
@@ -38,7 +44,12 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
         "seq_len": m["capture"]["seq_len"],
         "format": m["capture"]["format"],
         "value_dtype": m["capture"]["value_dtype"],
-        "id_dtype": m["capture"]["id_dtype"],
+        "id_dtype": None if schema.packed else schema.id_dtype,  # format 1's stored ids (format 2 packs them)
+        "format_version": m["format_version"],
+        "id_bits": schema.id_bits,  # None: format 1 (ids as id_dtype arrays)
+        "values": schema.value_dtype,
+        "sample_draws": schema.sample_draws,
+        "sample_temperature": schema.sample_temperature,
         "rows": m["totals"]["rows"],
         "tokens": m["totals"]["tokens"],
         "bytes": m["totals"]["bytes"],
@@ -49,3 +60,12 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
         "sampled_rows": len(sample),
         "mean_tail_mass": fidelity,
     }
+
+
+def describe_encoding(summary: dict) -> str:
+    """One line for people, e.g. ``format 2: ids packed in 11 bits, values quantized (1/16 nat), top-16, 16 draws at T=1``."""
+    ids = f"ids packed in {summary['id_bits']} bits" if summary["id_bits"] else f"ids {summary['id_dtype']}"
+    values = f"quantized (1/{round(1 / GRID_STEP)} nat grid)" if summary["values"] == "quantized" else summary["values"]
+    draws = (f", {summary['sample_draws']} draws at T={summary['sample_temperature']:g}"
+             if summary["sample_draws"] else ", no draws")
+    return f"format {summary['format_version']}: {ids}, values {values}, top-{summary['top_k']}{draws}"
