@@ -46,23 +46,54 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 # ----------------------------------------------------------------------------- ids
 def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
-    """``ids [rows, ...]`` (non-negative, ``< 2**bits``) -> ``uint8 [rows, packed_nbytes(n, bits)]``
-    with ``n`` the ids per row, packed in row-major order, little-endian bit order."""
+    """``ids [rows, ...]`` (non-negative, ``< 2**bits``, ``bits <= 64``) -> ``uint8 [rows,
+    packed_nbytes(n, bits)]`` with ``n`` the ids per row, packed in row-major order, little-endian
+    bit order: bit ``j`` of the ``i``-th id of a row is bit ``i * bits + j`` of the row's bytes.
+
+    Works a row's bit string as 64-bit little-endian words: an id's low part is added to the word its
+    first bit falls in and, when it crosses into the next word, its high part to that one (ids share no
+    bits, so adding is or-ing)."""
     rows = ids.shape[0]
     flat = np.ascontiguousarray(ids).reshape(rows, -1).astype(np.uint64)
+    n = flat.shape[1]
     if flat.size and int(flat.max()) >> bits:
         raise ValueError(f"an id ({int(flat.max())}) does not fit in {bits} bits")
-    planes = ((flat[:, :, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)  # [rows, n, bits]
-    return np.packbits(planes.reshape(rows, -1), axis=1, bitorder="little")
+    offsets, words = _bit_offsets(n, bits)
+    shift = (offsets % 64).astype(np.uint64)
+    low = flat << shift  # [rows, n]: each id's bits that land in its first word (the rest overflow away)
+    packed = np.zeros((rows, words + 1), dtype=np.uint64)
+    if n:
+        starting = int(offsets[-1] // 64) + 1  # words some id starts in (with bits <= 64: all but maybe the last)
+        first_in_word = np.searchsorted(offsets // 64, np.arange(starting))  # the first id starting in word w
+        packed[:, :starting] = np.add.reduceat(low, first_in_word, axis=1)
+        crossing = np.nonzero(shift + np.uint64(bits) > 64)[0]  # ids that spill into the next word
+        packed[:, offsets[crossing] // 64 + 1] += flat[:, crossing] >> (np.uint64(64) - shift[crossing])
+    as_bytes = packed[:, :words].astype("<u8").view(np.uint8).reshape(rows, -1)
+    return np.ascontiguousarray(as_bytes[:, : packed_nbytes(n, bits)])
 
 
 def unpack_ids(packed: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`pack_ids`: ``uint8 [rows, nbytes]`` -> ``int64 [rows, *shape]``."""
     rows, n = packed.shape[0], math.prod(shape)
-    planes = np.unpackbits(packed, axis=1, count=n * bits, bitorder="little").reshape(rows, n, bits)
-    weights = (np.uint32(1) << np.arange(bits, dtype=np.uint32))  # bits <= 32
-    ids = planes.astype(np.uint32) @ weights if bits <= 24 else (planes.astype(np.uint64) @ weights.astype(np.uint64))
-    return ids.astype(np.int64).reshape((rows,) + tuple(shape))
+    offsets, words = _bit_offsets(n, bits)
+    padded = np.zeros((rows, (words + 1) * 8), dtype=np.uint8)
+    padded[:, : packed.shape[1]] = packed
+    word = padded.view("<u8").astype(np.uint64)  # [rows, words + 1]
+    first, shift = offsets // 64, (offsets % 64).astype(np.uint64)
+    value = word[:, first] >> shift
+    crossing = shift + np.uint64(bits) > 64
+    if crossing.any():
+        high = word[:, first + 1] << (np.uint64(64) - np.where(crossing, shift, np.uint64(1)))
+        value |= np.where(crossing, high, np.uint64(0))
+    mask = np.uint64(2**bits - 1) if bits < 64 else np.uint64(2**64 - 1)
+    return (value & mask).astype(np.int64).reshape((rows,) + tuple(shape))
+
+
+def _bit_offsets(n: int, bits: int) -> tuple[np.ndarray, int]:
+    """First bit of each of ``n`` ids (int64), and the 64-bit words they need."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"ids of {bits} bits cannot be packed: use 1 to 64")
+    return np.arange(n, dtype=np.int64) * bits, (n * bits + 63) // 64
 
 
 # ----------------------------------------------------------------------------- values

@@ -63,15 +63,16 @@ def teacher_targets(
 
     ``sampling`` (sampled caches, see :class:`Sampling`): also the drawn ids with their exact
     log-probabilities and unbiased importance weights at this temperature.
-    ``renormalize``: rescale the top-k so that it and the tail bucket sum to 1 (quantized values:
-    their rounding leaves the sum a little off 1).
+    ``renormalize``: rescale the top-k so that it sums to ``1 - r_T`` (the exact tail bucket's
+    complement), so that the k + 1 bins sum to 1 (quantized values: their rounding leaves the sum a
+    little off 1).
     """
     k = batch["topk_ids"].shape[-1]
     logsumexp = batch["logsumexp"][..., temperature_index]  # [B, P]
     logprobs = batch["topk_logits"] / temperature - logsumexp[..., None]  # [B, P, k]
-    if renormalize and k:
-        tail = batch["tail_logprob"][..., temperature_index]
-        logprobs = logprobs - torch.logaddexp(torch.logsumexp(logprobs, dim=-1), tail)[..., None]
+    if renormalize and k:  # the top-k gets exactly the mass the (exact) tail leaves: 1 - r_T
+        head = _log1mexp(batch["tail_logprob"][..., temperature_index]) - torch.logsumexp(logprobs, dim=-1)
+        logprobs = logprobs + torch.where(torch.isfinite(head), head, 0.0)[..., None]
     mask = batch["mask"]  # [B, P]
     if task == "causal-lm":
         ids = batch["input_ids"]
@@ -99,6 +100,11 @@ def teacher_targets(
         temperature=temperature, sample_temperature=sampling.temperature, draws=sampling.draws)
     return dataclasses.replace(targets, sample_ids=batch["sample_ids"].reshape(-1, m), sample_logprobs=log_p,
                                sample_weights=weights)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (``-inf`` at ``x = 0``)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def check_student_vocab(student_vocab: int, *, teacher_vocab: int, tokenizer_vocab: int | None, task: str) -> None:

@@ -9,7 +9,7 @@ from kdpipe.pipeline.schema import CacheSchema, decode_rows, encode_rows
 from kdpipe.pipeline.storage.base import get_format
 
 
-@pytest.mark.parametrize("bits", range(1, 33))
+@pytest.mark.parametrize("bits", range(1, 49))
 def test_ids_round_trip_at_every_width(bits):
     rng = np.random.default_rng(bits)
     for shape in [(3, 1), (2, 7, 5), (4, 13)]:

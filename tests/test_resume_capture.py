@@ -29,7 +29,7 @@ from kdpipe.stages.cli import main
 
 KDPIPE = [sys.executable, "-c", "from kdpipe.stages.cli import main; main()"]
 # 3 rows of seq-len 32 per shard: many small shards, so a kill lands mid-shard, mid-write or between.
-SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.005",
+SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.0035",
             "--temperature", "1", "--temperature", "2"]
 # Manifest entries allowed to differ: times, the checksum over them, and the software versions (the
 # checkout's git commit moves when someone commits while this runs).

@@ -28,7 +28,7 @@ from kdpipe.stages.cli import main
 KDPIPE = [sys.executable, "-c", "from kdpipe.stages.cli import main; main()"]
 BUCKET = "kdpipe-test"
 # 3 rows of seq-len 32 per shard: many small shards.
-SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.005",
+SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.0035",
             "--temperature", "1", "--temperature", "2"]
 TIMESTAMPS = {"started_at", "finished_at", "checksum", "software"}
 STUDENT = {

@@ -15,7 +15,8 @@ import numpy as np
 import zstandard
 
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
-from kdpipe.pipeline.capture.run import Draws, batch_columns
+from kdpipe.pipeline.capture.run import Draws, batch_rows
+from kdpipe.pipeline.schema import encode_rows
 from kdpipe.pipeline.storage.base import get_format
 
 
@@ -33,9 +34,9 @@ def probe_capture(plan: CapturePlan, rows: int) -> dict:
         return {"rows": 0, "tokens": 0, "bytes": 0, "bytes_per_row": 0.0, "shard_overhead": 0, "bits_per_entry": {}}
     index = np.arange(min(rows, len(block.rows)))
     draws = Draws(settings.seed, block.index, 0) if schema.sample_draws else None
-    parts = [batch_columns(plan, block, index[s : s + settings.batch_size], draws)
+    parts = [batch_rows(plan, block, index[s : s + settings.batch_size], draws)
              for s in range(0, len(index), settings.batch_size)]
-    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    columns = encode_rows(schema, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     fmt = get_format(settings.format)
     sizes = []  # the shard of every probe row, and of the first half of them: their slope is a row's bytes
     with tempfile.TemporaryDirectory(prefix="kdpipe-probe-") as tmp:

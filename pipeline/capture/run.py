@@ -56,9 +56,10 @@ from kdpipe.pipeline.storage.location import CacheLocation
 from kdpipe.pipeline.topk import SparseView, sparse_view_of_logits
 
 
-def batch_columns(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Draws | None" = None) -> dict[str, np.ndarray]:
-    """Run the teacher on rows ``index`` of ``block`` and return their stored cache columns
-    (``draws``: the shard's seeded generator, for a sampled capture)."""
+def batch_rows(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Draws | None" = None) -> dict[str, np.ndarray]:
+    """Run the teacher on rows ``index`` of ``block`` and return their logical cache rows (see
+    :mod:`kdpipe.pipeline.schema`; the writer thread encodes them); ``draws``: the shard's seeded
+    generator, for a sampled capture."""
     teacher, schema, rows = plan.teacher, plan.schema, block.rows
     inputs = torch.from_numpy(rows.inputs[index]).to(teacher.device)
     if teacher.kind == "module":
@@ -77,7 +78,7 @@ def batch_columns(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Dr
         position = int(str(exc).rsplit(" ", 1)[-1])
         row = int(block.sample_index[index[np.nonzero(mask.reshape(-1))[0][position] // schema.positions]])
         raise TeacherError(f"teacher logits are NaN or infinite in row {row}; check the teacher's weights and --dtype (try --dtype float32)") from None
-    return encode_rows(schema, _rows(plan, block, index, mask, view, samples))
+    return _rows(plan, block, index, mask, view, samples)
 
 
 def _sampled_view(plan: CapturePlan, inputs, attention, mask, draws: "Draws") -> tuple[SparseView, Samples]:
@@ -200,7 +201,7 @@ def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter",
         parts = []
         for first in range(0, len(shard_rows), settings.batch_size):
             index = shard_rows[first : first + settings.batch_size]
-            parts.append(batch_columns(plan, block, index, draws))
+            parts.append(batch_rows(plan, block, index, draws))
             if on_rows:
                 on_rows(len(index), int(block.rows.mask[index].sum()))
             writer.check()
@@ -280,8 +281,9 @@ class _ShardWriter:
         settings = self._plan.settings
         remote = self._out.is_remote
         path = (self._staging if remote else self._out.local()) / name
+        stored = encode_rows(self._plan.schema, columns)  # here, off the teacher's thread
         with write_errors(f"shard {name}" + (f" (staged in {self._staging})" if remote else ""), self._out.root):
-            self._fmt.write(path, columns, schema=self._plan.schema, chunk_rows=CHUNK_ROWS)
+            self._fmt.write(path, stored, schema=self._plan.schema, chunk_rows=CHUNK_ROWS)
         entry = {
             "name": name, "block": block, "part": part, "rank": settings.rank,
             "rows": len(columns["sample_index"]), "tokens": int(columns["mask"].sum()),
@@ -301,6 +303,7 @@ class _ShardWriter:
             raise self._error
 
     def put_shard(self, name: str, block: int, part: int, columns: dict):
+        """Encode (see :func:`~kdpipe.pipeline.schema.encode_rows`) and write the logical rows ``columns``."""
         self.check()
         self._queue.put(lambda: self._write(name, block, part, columns))
 
