@@ -15,9 +15,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
+from kdpipe.pipeline.sampling import sample_weights
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
 from kdpipe.pipeline.schema import CacheSchema, decode_rows
 from kdpipe.pipeline.storage.base import ShardReader, get_format
@@ -197,8 +199,9 @@ class TeacherCache:
         Returns ``input_ids [L]`` (text teachers), ``topk_ids [P, k]`` (int64),
         ``topk_logprobs [P, k]`` (``log p_T`` of those ids, fp32), ``tail_mass [P]``
         (``1 - sum p_T`` over the top-k), ``mask [P]``, ``sample_index``, ``input_hash``, for
-        classifiers ``label`` and, for sampled caches, ``sample_ids [P, m]``, ``sample_counts [P, m]``
-        and ``sample_logprobs [P, m]`` (exact ``log p_T`` of the drawn ids; ``-inf`` at empty slots). Position ``t`` of a causal LM row is the teacher's distribution of
+        classifiers ``label`` and, for sampled caches, ``sample_ids [P, m]``, ``sample_counts [P, m]``,
+        ``sample_logprobs [P, m]`` (exact ``log p_T`` of the drawn ids; ``-inf`` at empty slots) and
+        ``sample_weights [P, m]`` (their unbiased importance weights at ``T``; 0 at empty slots). Position ``t`` of a causal LM row is the teacher's distribution of
         the token after ``input_ids[: t + 1]`` (Hugging Face ``logits[:, t]``).
         """
         j = self.schema.temperature_index(temperature)
@@ -215,11 +218,22 @@ class TeacherCache:
             out["input_ids"] = raw["input_ids"]
         if "sample_ids" in raw:
             out.update({k: raw[k] for k in ("sample_ids", "sample_counts")})
-            logprobs = topk_logprobs_at(raw["sample_logits"], raw["logsumexp"][:, j], temperature)
-            out["sample_logprobs"] = np.where(raw["sample_counts"] > 0, logprobs, -np.inf).astype(np.float32)
+            out["sample_logprobs"], out["sample_weights"] = self._sample_weights(raw, j, temperature)
         if "label" in raw:
             out["label"] = raw["label"]
         return out
+
+    def _sample_weights(self, raw: dict, j: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ``log p_T`` at a row's drawn ids and their importance weights at ``T`` (see
+        :func:`kdpipe.pipeline.sampling.sample_weights`), ``[P, m]`` each."""
+        schema = self.schema
+        j0 = schema.temperature_index(schema.sample_temperature)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        log_p, weights = sample_weights(
+            t(raw["sample_logits"]), t(raw["sample_counts"]), logsumexp=t(raw["logsumexp"][:, j]),
+            logsumexp_t0=t(raw["logsumexp"][:, j0]), tail_logprob_t0=t(raw["tail_logprob"][:, j0]),
+            temperature=temperature, sample_temperature=schema.sample_temperature, draws=schema.sample_draws)
+        return log_p.numpy(), weights.numpy()
 
     def close(self) -> None:
         for index in list(self._readers):

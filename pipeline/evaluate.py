@@ -5,8 +5,9 @@
 * on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
   ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
 * with a cache -- ``kl_to_teacher`` (KL(teacher || student) at T = 1 on the cache's top-k + tail view,
-  a lower bound of the full KL, exact at k = V) and ``top1_agreement`` (student argmax == teacher's
-  best id), over the cache's valid positions;
+  a lower bound of the full KL, exact at k = V; for a sampled or mixed cache, the unbiased estimate of
+  the full KL from its draws) and ``top1_agreement`` (student argmax == teacher's best id; absent
+  for a sampled cache without a top-k), over the cache's valid positions;
 * ``rows``, ``rows_per_s`` and, for text models, ``tokens_per_s`` (attended input tokens per second of
   student forward pass; the first batch is a warm-up and is not timed unless it is the only one).
 
@@ -33,6 +34,7 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import metrics
+from kdpipe.pipeline.targets import Targets
 from kdpipe.pipeline.cache import TeacherCache, open_cache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.modules import load_module
@@ -214,8 +216,11 @@ def _cache_item(cache: TeacherCache, i: int, data: _DataRows | None, position: d
                         f"pass the data the cache was made from ({made_from})")
     with np.errstate(divide="ignore"):
         tail_logprob = np.log(row["tail_mass"])  # -inf where the tail is empty (k = V)
-    return {"inputs": x, "attention": attention, "mask": row["mask"], "labels": row.get("label"),
+    item = {"inputs": x, "attention": attention, "mask": row["mask"], "labels": row.get("label"),
             "topk_ids": row["topk_ids"], "topk_logprobs": row["topk_logprobs"], "tail_logprob": tail_logprob}
+    if "sample_ids" in row:  # a sampled cache: the KL is estimated from its draws
+        item.update({k: row[k] for k in ("sample_ids", "sample_logprobs", "sample_weights")})
+    return item
 
 
 def _check_cache_fits(model: EvalModel, cache: TeacherCache, data, seq_len) -> None:
@@ -260,7 +265,9 @@ class _Scores:
         else:
             out.update(accuracy=self.confusion.accuracy, macro_f1=self.confusion.macro_f1, ece=self.calibration.value)
         if with_teacher:
-            out.update(positions=self.kl.count, kl_to_teacher=self.kl.value, top1_agreement=self.top1.value)
+            out.update(positions=self.kl.count, kl_to_teacher=self.kl.value)
+            if self.top1.count:  # a sampled cache without a top-k does not know the teacher's best id
+                out["top1_agreement"] = self.top1.value
         seconds, rows, tokens = (sum(t) for t in zip(*self.timings[1:] or self.timings))  # first batch: warm-up
         out["rows_per_s"] = rows / seconds if seconds else math.nan
         if text:
@@ -325,6 +332,9 @@ def _score_batch(model: EvalModel, batch: dict, scores: _Scores, mask_meaning: s
 
 def _check_teacher_ids(batch: dict, v: int) -> None:
     cached = batch["topk_ids"][batch["mask"]]  # [n_valid, k]
+    if "sample_ids" in batch:  # drawn ids of real slots too
+        drawn = batch["sample_ids"][batch["mask"]][np.isfinite(batch["sample_logprobs"][batch["mask"]])]
+        cached = np.concatenate([cached.reshape(-1), drawn.reshape(-1)])
     if cached.size and int(cached.max()) >= v:
         raise ConfigError(f"the cache holds teacher id {int(cached.max())} but the model has only {v} outputs; "
                           "the student's vocabulary must cover the teacher's")
@@ -334,11 +344,20 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
     _check_teacher_ids(batch, logits.shape[-1])
     k = batch["topk_ids"].shape[-1]
     mask = torch.from_numpy(batch["mask"]).reshape(-1).to(logits.device)  # [N]
-    topk_ids = torch.from_numpy(batch["topk_ids"]).reshape(-1, k).to(logits.device)  # [N, k]
-    topk_logprobs = torch.from_numpy(batch["topk_logprobs"]).reshape(-1, k).to(logits.device)
+    n = mask.numel()
+    topk_ids = torch.from_numpy(batch["topk_ids"]).reshape(n, k).to(logits.device)  # [N, k]
+    topk_logprobs = torch.from_numpy(batch["topk_logprobs"]).reshape(n, k).to(logits.device)
     tail_logprob = torch.from_numpy(batch["tail_logprob"]).reshape(-1).to(logits.device)
-    scores.kl.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
-    scores.top1.add(*metrics.top1_agreement(logits, topk_ids, mask))
+    if "sample_ids" in batch:  # an unbiased estimate of the full KL from the draws (+ exact top-k)
+        m = batch["sample_ids"].shape[-1]
+        flat = lambda a: torch.from_numpy(a).reshape(n, m).to(logits.device)  # noqa: E731
+        targets = Targets(topk_ids, topk_logprobs, tail_logprob, mask, mask, mask, flat(batch["sample_ids"]),
+                          flat(batch["sample_logprobs"]), flat(batch["sample_weights"]))
+        scores.kl.add(*metrics.sampled_kl_to_teacher(logits, targets))
+    else:
+        scores.kl.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
+    if k:  # the teacher's best id is known only with a top-k
+        scores.top1.add(*metrics.top1_agreement(logits, topk_ids, mask))
 
 
 # ----------------------------------------------------------------------------- entry point

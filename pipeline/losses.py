@@ -48,6 +48,13 @@ def _check_rows(name: str, t: torch.Tensor, n: int, ndim: int) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}: pass shape {want} with N={n} (one row per position)")
 
 
+def _check_student_logits(student_logits: torch.Tensor) -> tuple[int, int]:
+    """``(N, V)`` of raw student logits, which must be ``[N, V]``."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
+    return tuple(student_logits.shape)
+
+
 def _check_mask(mask, n: int):
     if mask is None:
         return None
@@ -179,9 +186,7 @@ def sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     temperature = _check_temperature(temperature)
     _check_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
-    n, v = student_logits.shape
+    n, v = _check_student_logits(student_logits)
     _check_sparse_targets(topk_ids, teacher_topk_logprobs, teacher_tail_logprob, n)
     if topk_ids.shape[1] > v:
         raise ValueError(f"topk_ids has k={topk_ids.shape[1]} > V={v}: pass at most V distinct ids per row")
@@ -320,9 +325,7 @@ def sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids,
     temperature = _check_temperature(temperature)
     _check_sampled_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}: pass [N, V] (flatten batch/time first)")
-    n, v = student_logits.shape
+    n, v = _check_student_logits(student_logits)
     _check_id_rows("topk_ids", topk_ids, n)
     if topk_ids.shape[1] > v:
         raise ValueError(f"topk_ids has k={topk_ids.shape[1]} > V={v}: pass at most V distinct ids per row")

@@ -132,3 +132,34 @@ def test_quantized_values_are_within_the_documented_error(tiny_lm_dir, docs, tmp
         qa, fb = a.read_raw(i), b.read_raw(i)
         np.testing.assert_array_equal(qa["topk_ids"], fb["topk_ids"])
         assert np.abs(qa["topk_logits"] - fb["topk_logits"]).max() <= GRID_STEP / 2 + 1e-5
+
+
+def test_evaluate_estimates_the_full_kl_from_a_sampled_cache(tiny_lm_dir, docs, tmp_path):
+    """``kdpipe evaluate --cache`` on a sampled cache reports the draws' unbiased estimate of the full
+    KL (close to the dense KL over a few hundred positions), and no top-1 agreement (no top-k)."""
+    from transformers import AutoModelForCausalLM
+
+    cache_dir = capture(tiny_lm_dir, docs, tmp_path / "sampled", *SMALL, "--sample", 64, "--limit-rows", 12,
+                        "--values", "float32")
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(STUDENT))
+    trained = run_cli("train-student", "--cache", cache_dir, "--student", student, "--steps", 3, "--batch-size", 4,
+                      "--device", "cpu", "--out", tmp_path / "run")
+    assert trained.exit_code == 0, trained.output
+    result = run_cli("evaluate", "--model", tmp_path / "run" / "model", "--cache", cache_dir, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.output[result.output.index("{"):])
+    assert "top1_agreement" not in reported
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    cache, kls = open_cache(cache_dir), []
+    for i in range(len(cache)):
+        row = cache.read(i)
+        ids, attention = torch.from_numpy(row["input_ids"])[None], torch.from_numpy(row["mask"]).long()[None]
+        with torch.no_grad():
+            log_p = torch.log_softmax(teacher(ids, attention_mask=attention).logits[0].double(), -1)
+            log_q = torch.log_softmax(model(ids, attention_mask=attention).logits[0].double(), -1)
+        kls.append(((log_p.exp() * (log_p - log_q)).sum(-1))[torch.from_numpy(row["mask"])])
+    dense = float(torch.cat(kls).mean())
+    assert reported["positions"] == sum(len(k) for k in kls)
+    assert abs(reported["kl_to_teacher"] - dense) < 0.05 * dense, (reported["kl_to_teacher"], dense)
