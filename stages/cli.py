@@ -44,8 +44,20 @@ def user_errors(command):
     return wrapper
 
 
+def package_version() -> str:
+    """kdpipe's version from the installed package's metadata, else ``kdpipe.__version__`` (a source tree run
+    without installing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdpipe")
+    except PackageNotFoundError:
+        return __version__
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="kdpipe")
+@click.version_option(package_version(), "--version", prog_name="kdpipe", message="%(prog)s %(version)s",
+                      help="Print kdpipe's version and exit.")
 def main():
     """kdpipe: offline knowledge distillation.
 
