@@ -34,7 +34,7 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import metrics
-from kdpipe.pipeline.targets import Targets
+from kdpipe.pipeline.targets import TeacherTargets
 from kdpipe.pipeline.cache import TeacherCache, open_cache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.modules import load_module
@@ -299,7 +299,7 @@ def _forward(model: EvalModel, batch: dict, scores: _Scores) -> torch.Tensor:
 
 
 def _hard_targets(model: EvalModel, batch: dict, v: int, mask_meaning: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets ``[B * P]`` and where they are valid ``[B * P]`` (see module doc)."""
+    """Hard targets ``[B * P]`` and where they are valid ``[B * P]`` (see module doc)."""
     if model.task == "causal-lm":
         ids, mask = torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["mask"])  # [B, L]
         valid = mask.clone() if mask_meaning == "next-token-target" else mask & mask.roll(-1, dims=1)
@@ -351,7 +351,7 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
     if "sample_ids" in batch:  # an unbiased estimate of the full KL from the draws (+ exact top-k)
         m = batch["sample_ids"].shape[-1]
         flat = lambda a: torch.from_numpy(a).reshape(n, m).to(logits.device)  # noqa: E731
-        targets = Targets(topk_ids, topk_logprobs, tail_logprob, mask, mask, mask, flat(batch["sample_ids"]),
+        targets = TeacherTargets(topk_ids, topk_logprobs, tail_logprob, mask, mask, mask, flat(batch["sample_ids"]),
                           flat(batch["sample_logprobs"]), flat(batch["sample_weights"]))
         scores.kl.add(*metrics.sampled_kl_to_teacher(logits, targets))
     else:

@@ -34,8 +34,9 @@ import torch
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache import TeacherCache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
-from kdpipe.pipeline.losses import dense_kd_loss, sampled_kd_loss, sparse_kd_loss
-from kdpipe.pipeline.targets import Sampling, Targets, teacher_targets
+from kdpipe.pipeline.losses import dense_kd_loss
+from kdpipe.pipeline.objective import distillation_objective, targets_for
+from kdpipe.pipeline.targets import TeacherTargets
 from kdpipe.pipeline.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
 )
@@ -197,7 +198,7 @@ def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1) - p.sum(-1) + q.sum(-1)
 
 
-def covered_mass(teacher_logprobs: torch.Tensor, targets: Targets) -> torch.Tensor:
+def covered_mass(teacher_logprobs: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
     """``[n]``: the teacher's mass on the ids the cache holds (top-k and drawn ids, not padding slots)."""
     holds = torch.zeros_like(teacher_logprobs, dtype=torch.int32)  # [n, V]: how often the cache names each id
     holds.scatter_add_(1, targets.topk_ids, torch.ones_like(targets.topk_ids, dtype=torch.int32))
@@ -207,14 +208,10 @@ def covered_mass(teacher_logprobs: torch.Tensor, targets: Targets) -> torch.Tens
     return torch.where(holds > 0, teacher_logprobs.exp(), 0.0).sum(-1)
 
 
-def cache_loss(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
+def cache_loss(student_logits: torch.Tensor, targets: TeacherTargets, temperature: float) -> torch.Tensor:
     """The trainer's forward-kl on this cache's targets (``[n]`` flat, all counted): the unbiased
     estimator when the targets carry draws, else the top-k + tail bins. Scalar, ``T**2 * mean``."""
-    if targets.sample_ids is not None:
-        return sampled_kd_loss(student_logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids,
-                               targets.sample_logprobs, targets.sample_weights, temperature=temperature)
-    return sparse_kd_loss(student_logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-                          temperature=temperature)
+    return distillation_objective(targets, alpha=1.0, temperature=temperature, student_logits=student_logits)["loss"]
 
 
 def _logit_gradient(loss_of, student_logits: torch.Tensor) -> torch.Tensor:
@@ -224,7 +221,7 @@ def _logit_gradient(loss_of, student_logits: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def add_chunk(sums: _Sums, teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: Targets,
+def add_chunk(sums: _Sums, teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: TeacherTargets,
               temperature: float) -> None:
     """Add ``n`` counted positions at one temperature: raw logits ``[n, V]``, their flat targets."""
     teacher_logprobs = torch.log_softmax(teacher_logits / temperature, dim=-1)  # [n, V]
@@ -243,12 +240,9 @@ def add_chunk(sums: _Sums, teacher_logits: torch.Tensor, student_logits: torch.T
 
 
 # ----------------------------------------------------------------------------- the report
-def _targets(cache: TeacherCache, batch: dict, temperature: float) -> Targets:
+def _targets(cache: TeacherCache, batch: dict, temperature: float) -> TeacherTargets:
     """The trainer's targets (see ``Trainer.targets``) of a batch, at the counted positions only."""
-    schema = cache.schema
-    targets = teacher_targets(batch, temperature_index=schema.temperature_index(temperature), temperature=temperature,
-                              task=schema.task, mask_meaning=schema.mask_meaning, sampling=Sampling.of(schema),
-                              renormalize=schema.value_dtype == "quantized")
+    targets = targets_for(cache.schema, batch, temperature=temperature, kind="forward-kl")
     return _select(targets, targets.kd_mask)
 
 
@@ -316,10 +310,10 @@ def fidelity_report(cache: TeacherCache, teacher: Teacher, *, rows: int = 64, se
     }
 
 
-def _select(targets: Targets, index) -> Targets:
+def _select(targets: TeacherTargets, index) -> TeacherTargets:
     """The targets of some positions (``index``: a bool mask ``[N]`` or a slice)."""
-    return Targets(**{f.name: None if getattr(targets, f.name) is None else getattr(targets, f.name)[index]
-                      for f in dataclasses.fields(Targets)})
+    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name)[index] for f in dataclasses.fields(targets)
+                                           if isinstance(getattr(targets, f.name), torch.Tensor)})
 
 
 def _loss_name(schema) -> str:

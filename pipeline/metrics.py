@@ -89,7 +89,7 @@ def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teache
 def sampled_kl_to_teacher(student_logits, targets, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """Summed KL(teacher || student) of a sampled cache's targets, and the number of positions.
 
-    ``targets``: :class:`~kdpipe.pipeline.targets.Targets` with draws (exact top-k, possibly none, plus
+    ``targets``: :class:`~kdpipe.pipeline.targets.TeacherTargets` with draws (exact top-k, possibly none, plus
     importance-weighted draws). An unbiased estimate of the full-vocabulary KL (not a bound): its
     expectation over the capture's draws is the KL, computed by
     :func:`kdpipe.pipeline.losses.sampled_kd_loss` (plain KL, without the loss's T^2 factor).

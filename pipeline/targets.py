@@ -29,7 +29,9 @@ IGNORE = -100
 
 
 @dataclasses.dataclass
-class Targets:
+class TeacherTargets:
+    """The teacher's targets of ``N`` positions (a batch's ``B * P``, flattened) at one temperature."""
+
     topk_ids: torch.Tensor  # [N, k] int64
     topk_logprobs: torch.Tensor  # [N, k] log p_T
     tail_logprob: torch.Tensor  # [N] log tail mass at T
@@ -39,6 +41,20 @@ class Targets:
     sample_ids: torch.Tensor | None = None  # [N, m] int64, sampled caches: ids drawn outside the top-k
     sample_logprobs: torch.Tensor | None = None  # [N, m] exact log p_T of those ids (-inf: empty slot)
     sample_weights: torch.Tensor | None = None  # [N, m] importance weights (0: empty slot), see sampling
+    temperature: float | None = None  # the T of the log-probs and weights
+
+    def to_dict(self) -> dict:
+        """A plain dict (what a collate function returns: frameworks move its tensors to the device)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, d) -> "TeacherTargets":
+        """Back from :meth:`to_dict` (or any mapping with those keys)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+    def to(self, device) -> "TeacherTargets":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +74,7 @@ class Sampling:
 def teacher_targets(
     batch: dict, *, temperature_index: int, temperature: float, task: str, mask_meaning: str = "real-token",
     sampling: Sampling | None = None, renormalize: bool = False,
-) -> Targets:
+) -> TeacherTargets:
     """Flatten a collated batch (``[B, P, ...]``) into per-position targets at one temperature.
 
     ``sampling`` (sampled caches, see :class:`Sampling`): also the drawn ids with their exact
@@ -84,10 +100,10 @@ def teacher_targets(
         labels = batch["label"][:, None]
         ce_mask = mask
     n = mask.numel()
-    targets = Targets(
+    targets = TeacherTargets(
         batch["topk_ids"].reshape(n, k), logprobs.reshape(n, k),
         batch["tail_logprob"][..., temperature_index].reshape(-1), mask.reshape(-1),
-        labels.reshape(-1), ce_mask.reshape(-1),
+        labels.reshape(-1), ce_mask.reshape(-1), temperature=float(temperature),
     )
     if sampling is None:
         return targets
@@ -118,7 +134,7 @@ def check_student_vocab(student_vocab: int, *, teacher_vocab: int, tokenizer_voc
         )
 
 
-def fold_padded_vocab(student_logits: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, Targets]:
+def fold_padded_vocab(student_logits: torch.Tensor, targets: TeacherTargets) -> tuple[torch.Tensor, TeacherTargets]:
     """Move teacher mass on ids the student does not have into the tail (see module doc).
 
     The student's logits get ``-inf`` columns up to the largest cached id, so those ids have

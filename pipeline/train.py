@@ -29,12 +29,12 @@ from kdpipe.pipeline.cache import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss, output_head
+from kdpipe.pipeline.fused_kd import output_head
 from kdpipe.pipeline import metrics
-from kdpipe.pipeline.losses import SAMPLED_KINDS, distillation_loss, hard_label_ce, sampled_kd_loss
+from kdpipe.pipeline.objective import distillation_objective, targets_for, uses_draws
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
 from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
-from kdpipe.pipeline.targets import Sampling, Targets, check_student_vocab, fold_padded_vocab, teacher_targets
+from kdpipe.pipeline.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
 from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
 from kdpipe.pipeline.train_config import TrainConfig
 
@@ -63,12 +63,7 @@ class Trainer:
         self.phases = parse_schedule(c.schedule)
         for t in {c.temperature, *(p.temperature for p in self.phases if p.temperature is not None)}:
             self.cache.schema.temperature_index(t)  # each temperature used must have been captured
-        self.sampling = Sampling.of(self.cache.schema)  # a sampled (or mixed) cache's draws
-        self.estimator = self.sampling is not None and c.loss in SAMPLED_KINDS
-        if self.sampling is not None and not self.estimator and self.cache.schema.top_k == 0:
-            raise ConfigError(f"--loss {c.loss} is not defined on a sampled cache (its draws give the teacher's "
-                              f"probabilities only where the teacher puts mass); use --loss {' or '.join(SAMPLED_KINDS)}, "
-                              "or a cache captured with --top-k")
+        self.estimator = uses_draws(self.cache.schema, c.loss)  # a sampled (or mixed) cache's draws
         inputs = rows_from_arrays(c.data).inputs if c.data else None
         if c.eval_cache:
             train_rows, eval_source = None, c.eval_cache
@@ -117,25 +112,22 @@ class Trainer:
     @property
     def loss_implementation(self) -> str:
         """What computes the training loss (recorded in run.json)."""
+        schema = self.cache.schema
         if self.estimator:
-            head = f"exact top-{self.cache.schema.top_k} + " if self.cache.schema.top_k else ""
-            return (f"unbiased estimator: {head}{self.sampling.draws} importance-weighted draws per position "
+            head = f"exact top-{schema.top_k} + " if schema.top_k else ""
+            return (f"unbiased estimator: {head}{schema.sample_draws} importance-weighted draws per position "
                     "(losses.sampled_kd_loss), full student logits")
         targets = "; the cache's draws unused: --loss " + self.config.loss + " takes the top-k + tail bins" \
-            if self.sampling is not None else ""
+            if schema.sample_draws else ""
         if self.head is not None:
             return "fused: lm-head and loss chunk by chunk (pipeline/fused_kd.py)" + targets
         why = ("--no-fused-loss" if not self.config.fused_loss else
                "the student's output layer is not a plain nn.Linear of a causal LM")
         return f"unfused: full student logits ({why})" + targets
 
-    def targets(self, batch: dict, *, temperature: float) -> Targets:
+    def targets(self, batch: dict, *, temperature: float) -> TeacherTargets:
         """The batch's teacher targets at ``temperature`` (with the draws when the loss uses them)."""
-        schema = self.cache.schema
-        return teacher_targets(batch, temperature_index=schema.temperature_index(temperature),
-                               temperature=temperature, task=self.task, mask_meaning=schema.mask_meaning,
-                               sampling=self.sampling if self.estimator else None,
-                               renormalize=schema.value_dtype == "quantized")
+        return targets_for(self.cache.schema, batch, temperature=temperature, kind=self.config.loss)
 
     def distributed_record(self) -> dict:
         """How the run was spread (recorded in run.json)."""
@@ -245,24 +237,13 @@ class Trainer:
     def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
         batch = _to(batch, self.device)  # once: targets and the student read the same tensors
         targets = self.targets(batch, temperature=temperature)
+        options = dict(alpha=alpha, temperature=temperature, kind=self.config.loss)
         if self.head is not None:  # the student's [B*P, V] logits never exist
             with self._autocast():
                 hidden = self.ddp(batch["input_ids"], self._attention(batch))  # [B, P, H]
                 weight, bias = self.head
-                return fused_linear_distillation_loss(
-                    hidden.reshape(-1, hidden.shape[-1]), weight, targets.labels, targets.topk_ids,
-                    targets.topk_logprobs, targets.tail_logprob, alpha=alpha, temperature=temperature,
-                    kind=self.config.loss, kd_mask=targets.kd_mask, ce_mask=targets.ce_mask, head_bias=bias)
-        logits = self.student_logits(batch)
-        logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
-        if self.estimator:
-            return _estimated_distillation_loss(logits, targets, alpha=alpha, temperature=temperature,
-                                                kind=self.config.loss)
-        return distillation_loss(
-            logits, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-            alpha=alpha, temperature=temperature, kind=self.config.loss,
-            kd_mask=targets.kd_mask, ce_mask=targets.ce_mask,
-        )
+                return distillation_objective(targets, hidden=hidden, head_weight=weight, head_bias=bias, **options)
+        return distillation_objective(targets, student_logits=self.student_logits(batch), **options)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -316,16 +297,6 @@ class _HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def _estimated_distillation_loss(logits, targets: Targets, *, alpha: float, temperature: float, kind: str) -> dict:
-    """``alpha * kd + (1 - alpha) * ce`` with the unbiased sampled estimator as ``kd``."""
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-    kd = zero if alpha == 0.0 else sampled_kd_loss(
-        logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids, targets.sample_logprobs,
-        targets.sample_weights, temperature=temperature, kind=kind, mask=targets.kd_mask)
-    ce = zero if alpha == 1.0 else hard_label_ce(logits, targets.labels, mask=targets.ce_mask)
-    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kdpipe.pipeline.fused_kd import default_chunk_rows, fused_linear_distillation_loss, output_head
 from kdpipe.pipeline.losses import KINDS, distillation_loss
-from kdpipe.pipeline.targets import Targets, fold_padded_vocab
+from kdpipe.pipeline.targets import TeacherTargets, fold_padded_vocab
 
 N, H, V = 37, 16, 50
 TEMPS = (1.0, 2.0, 4.0)
@@ -151,7 +151,7 @@ def _fold_reference(c, **kw):
     """fold_padded_vocab + unfused loss: the behaviour the fused loss must reproduce."""
     leaves = [c["hidden"].clone().requires_grad_(True), c["weight"].clone().requires_grad_(True),
               c["bias"].clone().requires_grad_(True)]
-    targets = Targets(c["ids"], c["top"], c["tail"], c["kd_mask"], c["labels"], c["ce_mask"])
+    targets = TeacherTargets(c["ids"], c["top"], c["tail"], c["kd_mask"], c["labels"], c["ce_mask"])
     logits, t = fold_padded_vocab(F.linear(*leaves), targets)
     out = distillation_loss(logits, t.labels, t.topk_ids, t.topk_logprobs, t.tail_logprob,
                             kd_mask=t.kd_mask, ce_mask=t.ce_mask, **kw)
