@@ -1,17 +1,30 @@
 """kdpipe: offline knowledge distillation.
 
-Library code lives in :mod:`kdpipe.pipeline`; the command-line stages in :mod:`kdpipe.stages`.
+The public library API (stable under the cache format's versioning; everything else is internal):
+
+- :func:`open_cache` / :class:`TeacherCache`: a finished teacher cache, local or on an object store;
+- :class:`CacheDataset`: a ``torch.utils.data`` dataset of whole batches of its rows, split by
+  DataLoader workers and by ranks, shuffled deterministically per epoch, shards verified;
+- :class:`TargetCollator`: its ``collate_fn``: the student's inputs and the flat teacher targets
+  (:class:`TeacherTargets`) at one captured temperature, causal shift done;
+- :func:`distillation_loss` / :class:`DistillationLoss`: ``alpha * T**2 * D + (1 - alpha) * CE`` on
+  those targets (:data:`LOSS_KINDS`), from the student's logits or fused with its lm-head
+  (:func:`output_head`).
+
+See ``docs/library.md``. The command-line stages are in :mod:`kdpipe.stages`; the internals in
+:mod:`kdpipe.pipeline`.
 """
 
 __version__ = "0.1.0"
 
+from kdpipe.pipeline.cache import TeacherCache, open_cache  # noqa: E402
+from kdpipe.pipeline.dataset import CacheDataset  # noqa: E402
+from kdpipe.pipeline.fused_kd import output_head  # noqa: E402
+from kdpipe.pipeline.losses import KINDS as LOSS_KINDS  # noqa: E402
+from kdpipe.pipeline.objective import DistillationLoss, TargetCollator, distillation_loss  # noqa: E402
+from kdpipe.pipeline.targets import TeacherTargets  # noqa: E402
 
-def open_cache(path, **kwargs):
-    """Open a teacher cache (a directory, or an ``s3://`` / ``gs://`` / ``az://`` URL) for reading;
-    see :func:`kdpipe.pipeline.cache.open_cache`."""
-    from kdpipe.pipeline.cache import open_cache as _open_cache
-
-    return _open_cache(path, **kwargs)
-
-
-__all__ = ["__version__", "open_cache"]
+__all__ = [
+    "CacheDataset", "DistillationLoss", "LOSS_KINDS", "TargetCollator", "TeacherCache", "TeacherTargets",
+    "__version__", "distillation_loss", "open_cache", "output_head",
+]
