@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
+from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.evaluate import evaluate_model
 from kdpipe.pipeline.fileio import atomic_write_json
 from kdpipe.pipeline.plots import plot_training_curves
@@ -69,6 +70,9 @@ def capture_or_reuse(settings: CaptureSettings) -> dict:
 def run_demo(out: str | Path, *, task: str = "causal-lm", device: str = "auto", steps: int | None = None,
              on_phase: Callable[[str], None] = lambda phase: None) -> dict:
     """Run the demo into ``out``; returns the results table and timings (also in ``out/results.json``)."""
+    if not DATA.is_dir():
+        raise ConfigError(f"the demo needs the data/ folder of a kdpipe checkout, not found at {DATA} (an installed "
+                          "wheel ships no data); run kdpipe demo (or make demo) from a checkout of the repository")
     spec, out = TASKS[task], Path(out)
     timings, started = {}, time.perf_counter()
 

@@ -64,16 +64,15 @@ def utc_now() -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the kdpipe checkout this code runs from, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
+    """The commit of the kdpipe checkout this code runs from, when it is a git checkout (an installed
+    copy inside some other repository, e.g. a venv in a project folder, records none)."""
+    root = Path(__file__).resolve().parents[1]  # the checkout: pipeline/ is at its top
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
-        )
+        top, head = (subprocess.run(["git", "-C", str(root), "rev-parse", arg], capture_output=True, text=True,
+                                    timeout=5, check=True).stdout.strip() for arg in ("--show-toplevel", "HEAD"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return head if top and Path(top).resolve() == root else None
 
 
 def software_versions() -> dict:

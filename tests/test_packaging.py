@@ -190,3 +190,8 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(fresh_venv):
     assert _run([script, "--version"], cwd=work).stdout.strip() == f"kdpipe {expected}"
     helped = _run([script, "cache-teacher", "--help"], cwd=work).stdout
     assert "Usage: kdpipe cache-teacher" in helped and "--top-k" in helped
+    # The public API imports from the wheel; the demo, whose data ships only in a checkout, says so.
+    _run([root / "bin" / "python", "-c", "import kdpipe; assert kdpipe.DistillationLoss and kdpipe.CacheDataset"], cwd=work)
+    demo = subprocess.run([script, "demo", "--out", work / "demo"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 2 and "run kdpipe demo (or make demo) from a checkout" in demo.stderr, demo.stderr
+    assert demo.stderr.strip().count("\n") == 0 and "Traceback" not in demo.stderr, demo.stderr
