@@ -4,7 +4,7 @@
 captured temperature ``T`` and over the positions the cache counts (``mask``):
 
 - ``kl_bins``: ``KL(dense || reconstructed)`` (:func:`kl_per_position`) in nats per position on the
-  cache's (k+1)-bin view (top-k + tail bucket, KD-NOTES.md section 2). "Dense" is the recomputed teacher's ``p_T`` gathered on the
+  cache's (k+1)-bin view (top-k + tail bucket, docs/THEORY.md section 3). "Dense" is the recomputed teacher's ``p_T`` gathered on the
   cache's top-k ids plus the rest of its mass as the tail bin; "reconstructed" is what the trainer
   reads from the cache (:func:`~kdpipe.pipeline.targets.teacher_targets`: the decoded values,
   renormalised over the k+1 bins when they are quantized). It measures what the value encoding

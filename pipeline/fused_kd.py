@@ -2,7 +2,7 @@
 
 ``fused_linear_distillation_loss(hidden, head_weight, ...)`` computes exactly what
 ``losses.distillation_loss(hidden @ head_weight.T + head_bias, ...)`` computes (same (k+1)-bin view,
-kinds, conventions, masks and reductions; KD-NOTES.md section 2), and the gradients with respect to
+kinds, conventions, masks and reductions; docs/THEORY.md section 3), and the gradients with respect to
 ``hidden``, ``head_weight`` and ``head_bias``, by walking over chunks of rows: each chunk's logits
 ``[rows, V]`` are made, turned into that chunk's share of the loss and, at once, into the gradient of
 the total loss with respect to those logits, which is pushed through the head (``dlogits @ W`` and

@@ -1,6 +1,6 @@
 """Distillation losses on cached sparse teacher targets (top-k + tail bucket) and dense references.
 
-Sparse targets use the (k+1)-bin view of KD-NOTES.md section 2: the teacher's top-k set ``S`` plus one
+Sparse targets use the (k+1)-bin view of docs/THEORY.md section 3: the teacher's top-k set ``S`` plus one
 "tail" class holding the rest of the vocabulary. Teacher ``p~ = (p_T(S), r_T)`` comes from the cache
 as log-probabilities; the student's ``q~ = (q_T(S), q_tail)`` is built here from raw logits, in log
 space, with ``log q_tail = logsumexp(s_notS / T) - logsumexp(s / T)``.

@@ -2,8 +2,8 @@
 
 A cached position keeps an exact top-k set ``S`` (``k >= 0``; ``k = 0`` is "sampled only") plus ``M``
 draws with replacement from one proposal ``pi``: ``p_T0`` restricted to the complement of ``S`` and
-renormalised (``pi = p_T0`` when ``k = 0``), at one sampling temperature ``T0`` (KD-NOTES.md, "Biased
-top-k vs unbiased sampling"). Stored per position: the unique sampled ids, how often each was drawn,
+renormalised (``pi = p_T0`` when ``k = 0``), at one sampling temperature ``T0`` (docs/THEORY.md
+section 6). Stored per position: the unique sampled ids, how often each was drawn,
 and their exact values ``z_i - max z``. With the exact ``lse_T`` and log tail mass of each captured
 temperature ``T`` (as :mod:`pipeline.topk` stores them) every sampled id gets
 

@@ -2,7 +2,7 @@
 
 A distillation schedule is a list of phases ``start_step: T=..., alpha=...``; from its start step on,
 a phase overrides the run's base temperature and alpha. Written as a string:
-``"0:T=4,alpha=0.9;600:T=1,alpha=0.5"`` (the two-stage schedule of KD-NOTES section 1).
+``"0:T=4,alpha=0.9;600:T=1,alpha=0.5"`` (the two-stage schedule of docs/THEORY.md section 1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Turning teacher logits into the cache's sparse, exact, multi-temperature view.
 
 For logits ``z`` of one position: ``S = argtopk(z)`` does not depend on ``T``, so one top-k serves
-every temperature as long as each temperature's normaliser is kept (KD-NOTES section 2). Per position
+every temperature as long as each temperature's normaliser is kept (docs/THEORY.md section 2). Per position
 we keep the top-k ids, ``z_S - max z`` (so fp16 keeps its precision near the top), and for each
 captured ``T``: ``lse_T = log sum_v exp((z_v - max z) / T)`` and the exact log tail mass
 ``log sum_{v not in S} exp((z_v - max z) / T) - lse_T``, computed from the tail itself rather than
