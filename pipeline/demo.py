@@ -9,13 +9,16 @@ real MNIST digits (``data/mnist``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
-from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
+from kdpipe.pipeline.capture import (
+    CapturePlan, CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights,
+)
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.evaluate import evaluate_model
 from kdpipe.pipeline.fileio import atomic_write_json
@@ -61,69 +64,137 @@ TASKS = {
 }
 
 
-def capture_or_reuse(settings: CaptureSettings) -> dict:
-    """Run a capture, or reuse the finished one in ``settings.out`` when its settings match."""
-    plan = plan_capture(settings, load_weights=False)
-    return finished_capture(plan) or run_capture(with_teacher_weights(plan))
+# Where each task's demo goes by default: one folder per task, so both demos can sit side by side.
+DEFAULT_OUT = {"causal-lm": "runs/demo", "classification": "runs/demo-classification"}
 
 
-def run_demo(out: str | Path, *, task: str = "causal-lm", device: str = "auto", steps: int | None = None,
-             on_phase: Callable[[str], None] = lambda phase: None) -> dict:
-    """Run the demo into ``out``; returns the results table and timings (also in ``out/results.json``)."""
+class DemoReport:
+    """What :func:`run_demo` tells as it goes; these do nothing (the CLI's subclass shows them)."""
+
+    def phase(self, name: str, *, total: int | None = None, unit: str = "step") -> None:
+        """A phase starts (and the one before it has ended); ``total`` units of ``unit`` when known."""
+
+    def capturing(self, name: str, plan: CapturePlan) -> None:
+        """A capture phase starts: :meth:`captured` and :meth:`data_read` report its progress."""
+
+    def note(self, message: str) -> None:
+        """Something worth a line that is not a phase (a cache reused)."""
+
+    def captured(self, rows: int, tokens: int) -> None:
+        """A capture wrote ``rows`` more rows holding ``tokens`` more tokens."""
+
+    def data_read(self, bytes_read: int) -> None:
+        """A capture has read ``bytes_read`` bytes of its data so far."""
+
+    def trained(self, metrics: dict) -> None:
+        """A training step ended with these metrics (train-student's)."""
+
+    def evaluated(self, rows: int) -> None:
+        """An evaluation scored ``rows`` more rows."""
+
+    def done(self) -> None:
+        """The last phase has ended."""
+
+
+def run_demo(out: str | Path | None = None, *, task: str = "causal-lm", device: str = "auto", steps: int | None = None,
+             overwrite: bool = False, report: DemoReport | None = None) -> dict:
+    """Run the demo into ``out`` (default: the task's :data:`DEFAULT_OUT`); returns the results table
+    and timings (also in ``out/results.json``). Finished caches in ``out`` with the demo's settings are
+    reused (``overwrite``: captured again); the students are always trained again."""
     if not DATA.is_dir():
         raise ConfigError(f"the demo needs the data/ folder of a kdpipe checkout, not found at {DATA} (an installed "
                           "wheel ships no data); run kdpipe demo (or make demo) from a checkout of the repository")
-    spec, out = TASKS[task], Path(out)
-    timings, started = {}, time.perf_counter()
-
-    def phase(name, fn):
-        on_phase(name)
-        t = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - t, 1)
-        return result
-
-    caches = {}
-    for split, data in (("train", spec.train_data), ("heldout", spec.heldout_data)):
-        settings = CaptureSettings(teacher=spec.teacher, weights=spec.weights, data=data, out=str(out / f"cache-{split}"),
-                                   top_k=spec.top_k, temperatures=spec.temperatures, seq_len=spec.seq_len,
-                                   batch_size=32, device=device, value_dtype=DEMO_VALUES)
-        caches[split] = phase(f"cache teacher ({split})", lambda s=settings: capture_or_reuse(s))
-    runs = {}
-    for name, extra in (("kd", spec.kd), ("hard-label", dict(alpha=0.0))):
-        run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = TrainConfig(
-            cache=str(out / "cache-train"), student=spec.student, out=str(run_dir), device=device,
-            eval_cache=str(out / "cache-heldout"), checkpoint_every=0,
-            data=spec.train_data if task == "classification" else None,
-            eval_data=spec.heldout_data if task == "classification" else None,
-            **{**spec.train, **extra, **({"steps": steps} if steps else {})},
-        )
-        config.validate()
-        runs[name] = phase(f"train {name} student", lambda c=config: _train(c))
-    models = {"teacher": spec.teacher if task == "causal-lm" else None, "kd student": out / "kd" / "model",
-              "hard-label student": out / "hard-label" / "model"}
-    if task == "classification":
-        models["teacher"] = _module_dir(out / "teacher", spec)
-    table = {
-        label: phase(f"evaluate {label}", lambda m=model: evaluate_model(
-            m, data=spec.heldout_data, cache=str(out / "cache-heldout"), device=device))
-        for label, model in models.items()
-    }
+    spec, out, report = TASKS[task], Path(out or DEFAULT_OUT[task]), report or DemoReport()
+    _check_same_task(out, task, overwrite=overwrite)
+    started, timed = time.perf_counter(), _Timer()
+    caches = {split: _cache(spec, out, split, device=device, overwrite=overwrite, report=report, timed=timed)
+              for split in ("train", "heldout")}
+    runs = {name: _train(spec, out, name, task=task, device=device, steps=steps, report=report, timed=timed)
+            for name in ("kd", "hard-label")}
+    table = _evaluate(spec, out, task=task, device=device, rows=caches["heldout"]["totals"]["rows"], report=report,
+                      timed=timed)
+    report.done()
     plot = plot_training_curves({"KD": out / "kd" / "metrics.jsonl", "hard-label": out / "hard-label" / "metrics.jsonl"},
                                 out / "curves.png", keys=("ce", "kl_to_teacher", "top1_agreement", "loss"))
-    results = {"task": task, "table": table, "timings_s": timings, "wall_s": round(time.perf_counter() - started, 1),
-               "plot": str(plot), "cache_bytes_per_token": caches["train"]["totals"]["bytes_per_token"],
-               "steps": runs["kd"]["total_steps"]}
+    results = {"task": task, "out": str(out), "table": table, "timings_s": timed.seconds,
+               "wall_s": round(time.perf_counter() - started, 1), "plot": str(plot),
+               "cache_bytes_per_token": caches["train"]["totals"]["bytes_per_token"], "steps": runs["kd"]["total_steps"]}
     atomic_write_json(out / "results.json", results)
     return results
 
 
-def _train(config: TrainConfig) -> dict:
-    trainer = Trainer(config)
-    trainer.setup()
-    return trainer.finish(trainer.fit())
+class _Timer:
+    """Seconds of each phase: ``with timed(name): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+
+
+def _cache(spec: DemoTask, out: Path, split: str, *, device, overwrite, report: DemoReport, timed: _Timer) -> dict:
+    """The teacher cache of ``split`` in ``out/cache-SPLIT``: captured, or reused when finished with these settings."""
+    settings = CaptureSettings(teacher=spec.teacher, weights=spec.weights, out=str(out / f"cache-{split}"),
+                               data=spec.train_data if split == "train" else spec.heldout_data, top_k=spec.top_k,
+                               temperatures=spec.temperatures, seq_len=spec.seq_len, batch_size=32, device=device,
+                               value_dtype=DEMO_VALUES)
+    if overwrite:
+        shutil.rmtree(settings.out, ignore_errors=True)
+    plan = plan_capture(settings, load_weights=False)
+    finished = finished_capture(plan)  # raises naming the setting when out holds another capture
+    if finished is not None:
+        report.note(f"reusing the teacher cache {settings.out} (same settings; --overwrite captures it again)")
+        return finished
+    report.capturing(f"cache teacher ({split})", plan)
+    with timed(f"cache teacher ({split})"):
+        return run_capture(with_teacher_weights(plan), on_rows=report.captured, on_data=report.data_read)
+
+
+def _train(spec: DemoTask, out: Path, name: str, *, task, device, steps, report: DemoReport, timed: _Timer) -> dict:
+    """Train the ``kd`` or ``hard-label`` student into ``out/NAME`` (from scratch); its run manifest."""
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = TrainConfig(
+        cache=str(out / "cache-train"), student=spec.student, out=str(run_dir), device=device,
+        eval_cache=str(out / "cache-heldout"), checkpoint_every=0,
+        data=spec.train_data if task == "classification" else None,
+        eval_data=spec.heldout_data if task == "classification" else None,
+        **{**spec.train, **(spec.kd if name == "kd" else dict(alpha=0.0)), **({"steps": steps} if steps else {})},
+    )
+    config.validate()
+    report.phase(f"train {name} student", total=config.steps, unit="step")
+    with timed(f"train {name} student"):
+        trainer = Trainer(config)
+        trainer.setup()
+        return trainer.finish(trainer.fit(on_step=report.trained))
+
+
+def _evaluate(spec: DemoTask, out: Path, *, task, device, rows: int, report: DemoReport, timed: _Timer) -> dict:
+    """Teacher and both students on the held-out cache: their metrics by label."""
+    models = {"teacher": spec.teacher if task == "causal-lm" else _module_dir(out / "teacher", spec),
+              "kd student": out / "kd" / "model", "hard-label student": out / "hard-label" / "model"}
+    # A causal-LM cache holds its rows' tokens; a classification cache reads its inputs from the data.
+    heldout = spec.heldout_data if task == "classification" else None
+    table = {}
+    for label, model in models.items():
+        report.phase(f"evaluate {label}", total=rows, unit="row")
+        with timed(f"evaluate {label}"):
+            table[label] = evaluate_model(model, data=heldout, cache=str(out / "cache-heldout"), device=device,
+                                          on_rows=lambda new_rows, total: report.evaluated(new_rows))
+    return table
+
+
+def _check_same_task(out: Path, task: str, *, overwrite: bool) -> None:
+    """Refuse an ``out`` holding the other task's demo (unless ``overwrite``): its caches would be replaced."""
+    manifest = out / "cache-train" / "manifest.json"
+    other = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
+    if other not in (None, task) and not overwrite:
+        raise ConfigError(f"--out {out} holds the {other} demo; run the {task} demo into its own folder "
+                          f"(--out {DEFAULT_OUT[task]}, its default) or pass --overwrite to replace it")
 
 
 def _module_dir(folder: Path, spec: DemoTask) -> Path:

@@ -42,7 +42,7 @@ from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
 
 from kdpipe.pipeline.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
 MODULE_WEIGHTS = "model.safetensors"
-DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context
+DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context (see data_seq_len)
 
 
 # ----------------------------------------------------------------------------- loading a model dir
@@ -148,7 +148,7 @@ def _data_rows(model: EvalModel, data: str | Path, seq_len: int | None, capture:
 
         check_chat_template(model.tokenizer, teacher=f"model {model_dir_name(model)}")
     spec = datalib.PackingSpec(
-        model.task, seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN), model.tokenizer,
+        model.task, seq_len, model.tokenizer,
         chat=first.is_chat, targets=capture.get("targets", "assistant"), packing=capture.get("packing", False),
     )
     rows, keys = collect(BlockStream(source, spec, fields))
@@ -360,31 +360,69 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
         scores.top1.add(*metrics.top1_agreement(logits, topk_ids, mask))
 
 
+# ----------------------------------------------------------------------------- seq-len of data rows
+def data_seq_len(model: EvalModel, model_dir, seq_len: int | None) -> tuple[int, str]:
+    """Tokens per row for text ``data`` without a cache, and where that number comes from: ``seq_len``
+    when given; else the seq_len of the cache a train-student model was trained on (its run dir's
+    ``run.json`` names the cache), so the model is scored on rows like those it learnt from; else
+    :data:`DEFAULT_SEQ_LEN`, capped at the model's context."""
+    if seq_len is not None:
+        return seq_len, "--seq-len"
+    trained = _training_cache_seq_len(Path(model_dir))
+    if trained is not None:
+        return trained
+    if model.max_positions is not None and model.max_positions < DEFAULT_SEQ_LEN:
+        return model.max_positions, f"the model's context (default {DEFAULT_SEQ_LEN}, capped at it; --seq-len sets it)"
+    return DEFAULT_SEQ_LEN, f"default {DEFAULT_SEQ_LEN} (--seq-len sets it)"
+
+
+def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
+    """The row length of the training cache that ``run.json`` of a train-student run dir (``model_dir``
+    or its parent) names, when that cache is a folder here; None otherwise."""
+    from kdpipe.pipeline.checkpoint import RUN_MANIFEST
+    from kdpipe.pipeline.manifest import MANIFEST_NAME
+
+    run = next((d / RUN_MANIFEST for d in (model_dir, model_dir.parent) if (d / RUN_MANIFEST).is_file()), None)
+    if run is None:
+        return None
+    try:
+        cache = json.loads(run.read_text()).get("cache_path") or ""
+        manifest = Path(cache) / MANIFEST_NAME
+        seq_len = json.loads(manifest.read_text())["schema"]["input_len"] if manifest.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (int(seq_len), f"the training cache {cache}") if seq_len else None
+
+
 # ----------------------------------------------------------------------------- entry point
-def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size=16, device="cpu",
-                   max_rows=None, storage_options=None) -> dict:
+def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size=16, device="auto",
+                   max_rows=None, storage_options=None, on_rows=None) -> dict:
     """Metrics of the model in ``model_dir`` on ``data`` and/or against the teacher ``cache``.
 
     model_dir: a Hugging Face model dir or a kdpipe module dir. data: text path (causal LM / text
     classifier) or ``.npz`` (module). cache: a teacher cache dir or object-store URL (read with
-    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). seq_len: row length for text data
-    without a cache (default 256, capped at the model's context). Returns a flat JSON-ready dict
-    (see the module doc for the keys).
+    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). seq_len: row length for text
+    data without a cache (see :func:`data_seq_len`; with a cache, the cache's). on_rows(new_rows, total):
+    called after each batch. Returns a flat JSON-ready dict (see the module doc for the keys; text
+    models add ``seq_len`` and ``seq_len_from``).
     """
     if data is None and cache is None:
         raise ConfigError("nothing to evaluate on: pass --data, --cache, or both")
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise ConfigError("--batch-size and --max-rows must be at least 1")
     model = load_model(model_dir, device=resolve_device(device))
-    scores = _Scores(model.task)
+    scores, report = _Scores(model.task), on_rows or (lambda new_rows, total: None)
     if cache is None:
+        seq_len, seq_len_from = data_seq_len(model, model_dir, seq_len) if model.kind == "hf" else (None, None)
         rows = _data_rows(model, data, seq_len)
         n = min(len(rows.keys), max_rows or len(rows.keys))
         for batch in _data_batches(rows, n, batch_size):
             _score_batch(model, batch, scores, rows.mask_meaning)
+            report(len(batch["inputs"]), n)
     else:
         with open_cache(cache, storage_options=storage_options) as c:
             _check_cache_fits(model, c, data, seq_len)
+            seq_len, seq_len_from = c.schema.input_len, "the cache"
             rows = None if data is None else _data_rows(model, data, c.schema.input_len, c.manifest["capture"])
             n = min(len(c), max_rows or len(c))
             if n == 0:
@@ -392,5 +430,15 @@ def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size
             c.schedule(list(range(c.locate(n - 1)[0] + 1)))  # rows are read in order: shards too
             for batch in _cache_batches(c, rows, n, batch_size):
                 _score_batch(model, batch, scores, c.schema.mask_meaning)
+                report(len(batch["inputs"]), n)
     header = {"model": str(model_dir), "task": model.task, "evaluated_on": "data" if cache is None else "cache"}
+    if model.kind == "hf" and seq_len is not None:
+        header.update(seq_len=seq_len, seq_len_from=seq_len_from)
     return {**header, **scores.result(with_teacher=cache is not None, text=model.kind == "hf")}
+
+
+def cache_holds_inputs(cache, *, storage_options=None) -> bool:
+    """Whether a cache's rows hold their own model inputs (a causal LM's tokens), so scoring them
+    needs no ``data``."""
+    with open_cache(cache, storage_options=storage_options) as c:
+        return c.schema.task == "causal-lm" and c.schema.input_len is not None

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import time
-
 import click
-from tqdm import tqdm
 
 from kdpipe.pipeline.capture import (
     CaptureSettings, finished_capture, launch_from_env, plan_capture, process_group, run_capture, with_teacher_weights,
@@ -19,6 +15,7 @@ from kdpipe.pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR
 from kdpipe.pipeline.progress import PROGRESS_DIR
 from kdpipe.pipeline.storage.location import CacheLocation, parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.stages.display import Progress, capture_fields, capture_progress, plural
 
 
 @click.command("cache-teacher")
@@ -108,32 +105,24 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
     truncated = f", {t['truncated_rows']} rows truncated at --seq-len {settings.seq_len}" if t.get("truncated_rows") else ""
     ranks = f" by {settings.world_size} ranks" if group is not None and settings.world_size > 1 else ""
     click.echo(
-        f"wrote {out}{ranks}: {t['rows']} rows, {t['tokens']} tokens, {t['shards']} shards, "
+        f"wrote {out}{ranks}: {plural(t['rows'], 'row')}, {plural(t['tokens'], 'token')}, {plural(t['shards'], 'shard')}, "
         f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token){truncated}"
     )
 
 
 def _capture(plan, group, *, show: bool) -> dict | None:
-    """run_capture with a progress bar (``show``: this process shows it and the resume report)."""
-    settings = plan.settings
-    started = time.perf_counter()
-    by_bytes = settings.limit_rows is None and settings.max_tokens is None and plan.source.total_bytes
-    # Counting rows, the bar of rank 0 of several reaches only its share of --limit-rows: no total then.
-    total = plan.source.total_bytes if by_bytes else (settings.limit_rows if settings.world_size == 1 else None)
-    with tqdm(total=total, unit="B" if by_bytes else "row", unit_scale=bool(by_bytes), desc="cache-teacher",
-              dynamic_ncols=True, disable=not show) as bar:
+    """run_capture with a progress display (``show``: this process shows it and the resume report)."""
+    with Progress("cache-teacher", **capture_progress(plan), show=show) as bar:
         rows = tokens = 0
 
         def on_rows(new_rows, new_tokens):
             nonlocal rows, tokens
             rows, tokens = rows + new_rows, tokens + new_tokens
-            if not by_bytes:
-                bar.update(new_rows)
-            bar.set_postfix(rows=rows, tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+            bar.update(0 if bar.unit == "B" else new_rows, **capture_fields(rows, tokens, bar.elapsed(), unit=bar.unit))
 
-        def on_data(bytes_read):  # data read so far: the bar's position when it counts bytes
-            if by_bytes:
-                bar.update(bytes_read - bar.n)
+        def on_data(bytes_read):  # data read so far: the position when counting bytes
+            if bar.unit == "B":
+                bar.set(bytes_read)
 
         on_start = (lambda log: _report_resume(log, bar)) if show else None
         return run_capture(plan, on_rows=on_rows, on_start=on_start, on_data=on_data, group=group)
@@ -150,13 +139,14 @@ def _quiet_transformers() -> None:
 
 def _report_resume(log, bar) -> None:
     kept, blocks = len(log.record["shards"]), len(log.record["blocks"])
+    if bar.unit == "row":
+        bar.start_at(sum(shard["rows"] for shard in log.record["shards"].values()))
     if kept or log.redo or log.stale_tmp:
         bar.write(
-            f"resuming {log.out}: {kept} shards ({blocks} data blocks) already finished"
+            f"resuming {log.out}: {plural(kept, 'shard')} ({plural(blocks, 'data block')}) already finished"
             + (f"; redoing {len(log.redo)} damaged or missing ({', '.join(log.redo[:3])}"
                f"{', ...' if len(log.redo) > 3 else ''})" if log.redo else "")
-            + (f"; removed {len(log.stale_tmp)} stray temporary files" if log.stale_tmp else ""),
-            file=sys.stderr,
+            + (f"; removed {plural(len(log.stale_tmp), 'stray temporary file')}" if log.stale_tmp else "")
         )
 
 
@@ -172,7 +162,7 @@ def _print_plan(plan, probe_rows: int) -> None:
            f"extrapolated from the first {estimate['sample_bytes'] / 2**20:.1f} of {estimate['data_bytes'] / 2**20:.1f} MiB"
            if estimate["data_bytes"] else "from the first block only: a Hub dataset's size is not known before reading it")
     click.echo(f"teacher:   {s.teacher} ({plan.teacher.task}, {plan.teacher.vocab_size} outputs)")
-    click.echo(f"data:      {s.data} ({plan.source.kind}, {len(plan.source.files)} files, "
+    click.echo(f"data:      {s.data} ({plan.source.kind}, {plural(len(plan.source.files), 'file')}, "
                f"{(plan.spec.scheme if plan.spec else 'arrays')})")
     click.echo(f"rows:      {estimate['rows']} (seq-len {s.seq_len}; {how})")
     click.echo(f"tokens:    {estimate['tokens']}")

@@ -9,33 +9,39 @@ from pathlib import Path
 
 import click
 
-from kdpipe.pipeline.evaluate import evaluate_model
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.evaluate import cache_holds_inputs, evaluate_model
 from kdpipe.pipeline.plots import DEFAULT_KEYS, plot_training_curves
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.stages.display import Progress
 
 
 @click.command("evaluate")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="train-student output dir, or any HF model dir (e.g. the teacher).")
-@click.option("--data", default=None, type=click.Path(), help="Held-out .txt file/folder, .jsonl, .parquet, or .npz (module models); with --cache, the data the cache was made from.")
-@click.option("--cache", default=None, type=click.Path(), help="Teacher cache (a folder or an s3:// URL): adds kl_to_teacher and top1_agreement on its rows.")
-@click.option("--seq-len", default=None, type=int, help="Tokens per row for text --data without --cache [default: 256, capped at the model's context].")
+@click.option("--data", default=None, type=click.Path(), help="Held-out .txt file/folder, .jsonl, .parquet, or .npz (module models); with --cache, only for a classification cache: the data it was made from.")
+@click.option("--cache", default=None, type=click.Path(), help="Teacher cache (a folder or an s3:// URL): its rows are scored, adding kl_to_teacher and top1_agreement.")
+@click.option("--seq-len", default=None, type=int, help="Tokens per row for text --data without --cache.  [default: the seq_len of the cache a train-student model was trained on, else 256 capped at the model's context; the output says which]")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-rows", default=None, type=int, help="Evaluate only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @storage_options_flag
 @user_errors
 def evaluate(model_dir, data, cache, seq_len, batch_size, device, max_rows, as_json, storage_options):
-    """Evaluate MODEL on held-out DATA (ce/perplexity or accuracy/macro-F1/ECE) and/or against a teacher CACHE."""
-    result = evaluate_model(model_dir, data=data, cache=cache, seq_len=seq_len, batch_size=batch_size,
-                            device=device, max_rows=max_rows, storage_options=parse_storage_options(storage_options))
+    """Evaluate MODEL on held-out DATA (ce/perplexity or accuracy/macro-F1/ECE) or on a teacher CACHE's rows."""
+    storage_options = parse_storage_options(storage_options)
+    if data is not None and cache is not None and cache_holds_inputs(cache, storage_options=storage_options):
+        raise ConfigError(f"--data is not used with --cache {cache}: its rows hold their own tokens and are the rows "
+                          "scored; drop --data (or drop --cache to score --data's rows)")
+    with Progress("evaluate", unit="row") as bar:
+        result = evaluate_model(model_dir, data=data, cache=cache, seq_len=seq_len, batch_size=batch_size,
+                                device=device, max_rows=max_rows, storage_options=storage_options,
+                                on_rows=lambda new_rows, total: bar.update(new_rows, total=total))
     if as_json:
         click.echo(json.dumps({k: _json_number(v) for k, v in result.items()}, indent=2))
         return
-    width = max(map(len, result)) + 2
-    for key, value in result.items():
-        click.echo(f"{key + ':':{width}} {_format(value)}")
+    _print_metrics(result)
 
 
 @click.command("plot")
@@ -53,9 +59,25 @@ def plot(runs, out, keys):
     click.echo(f"wrote {plot_training_curves(files, out, keys=keys)}")
 
 
+# What a count of evaluate's output counts (inspect's "tokens" are the tokens a capture stored).
+EXPLAINED = {
+    "tokens": "next-token predictions scored against the true next token",
+    "positions": "predictions scored against the teacher",
+}
+
+
+def _print_metrics(result: dict) -> None:
+    """One ``key: value`` line per metric; counts say what they count, seq_len where it comes from."""
+    shown = {k: v for k, v in result.items() if k != "seq_len_from"}
+    width = max(map(len, shown)) + 2
+    for key, value in shown.items():
+        why = result.get("seq_len_from") if key == "seq_len" else EXPLAINED.get(key)
+        click.echo(f"{key + ':':{width}} {_format(value)}" + (f"  ({why})" if why else ""))
+
+
 def _format(value) -> str:
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value + 0.0:.6g}"  # + 0.0: no -0
     return str(value)
 
 

@@ -69,15 +69,20 @@ def _fidelity(cache, *, teacher, weights, data, rows, device, seed, trust_remote
     return report
 
 
+# What inspect's counts count (evaluate's "tokens" and "positions" are the predictions it scores).
+EXPLAINED = {"tokens": "captured: positions holding the teacher's distribution"}
+
+
 def _print_summary(summary: dict) -> None:
     for key in ("path", "task", "teacher", "data", "format", "top_k", "temperatures", "seq_len",
                 "rows", "tokens", "shards", "device", "finished_at"):
-        click.echo(f"{key + ':':16} {summary[key]}")
+        why = f"  ({EXPLAINED[key]})" if key in EXPLAINED else ""
+        click.echo(f"{key + ':':16} {summary[key]}{why}")
     click.echo(f"{'encoding:':16} {describe_encoding(summary)}")
     click.echo(f"{'size:':16} {summary['bytes'] / 2**20:.2f} MiB ({summary['bytes_per_token']:.1f} B/token)")
     click.echo(f"mean tail mass over {summary['sampled_rows']} sampled rows (probability outside the top-k):")
     for t, mass in summary["mean_tail_mass"].items():
-        click.echo(f"  T={t:<6} {mass:.4g}" if mass is not None else f"  T={t:<6} n/a")
+        click.echo(f"  T={t:<6} {_number(mass, '.4f')}")
 
 
 def _number(value, spec: str) -> str:

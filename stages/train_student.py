@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import click
-from tqdm import tqdm
 
 from kdpipe.pipeline.train import Trainer
 from kdpipe.pipeline.train_config import merge_config
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.stages.display import Progress, training_fields
 
 
 @click.command("train-student")
@@ -53,13 +53,8 @@ def train_student(config_file, resume, **flags):
     trainer = Trainer(config, resume=resume)
     try:
         trainer.setup()
-        with tqdm(total=trainer.total_steps, initial=trainer.step, desc="train-student", unit="step",
-                  dynamic_ncols=True, disable=not trainer.is_main) as bar:
-            def on_step(m):
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", T=m["temperature"])
-
-            metrics = trainer.fit(on_step=on_step)
+        with Progress("train-student", total=trainer.total_steps, initial=trainer.step, show=trainer.is_main) as bar:
+            metrics = trainer.fit(on_step=lambda m: bar.update(1, **training_fields(m, config.loss)))
         manifest = trainer.finish(metrics)
     finally:
         trainer.close()
