@@ -1,5 +1,11 @@
 """The run directory of ``train-student``: run manifest, metrics log and resumable checkpoints.
 
+``run.json`` is written when a run starts (status ``running``): the cache's hashes, every resolved
+setting, the number of steps, a ``run_id`` that stays with the run. A resumed run reads its settings
+back from it (:func:`recorded_settings`) and must share the ones that decide what is computed
+(:func:`run_identity`), except that a larger ``steps`` or ``epochs`` extends the run -- also a finished
+one: run.json then lists the extension under ``extensions`` and goes back to ``running``.
+
 ``checkpoint/`` holds ``model.safetensors``, ``optimizer.pt`` (tensors only; read with
 ``weights_only=True``), ``rng.pt`` and ``trainer_state.json`` (step, epoch, batches consumed in the
 epoch). A new checkpoint is written to a temporary folder and swapped in, so a crash leaves the
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,9 +30,13 @@ from kdpipe.pipeline.students import load_state_dict_into, save_state_dict
 RUN_MANIFEST = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
-# Settings that may differ when resuming (they do not change what is computed).
-_RESUMABLE = {"out", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
-              "local_cache", "local_cache_gb", "read_ahead"}
+# Settings that may differ when resuming: they do not change what is computed. The cache is known by
+# the hashes of its manifest and shards (checked apart), not by its path: it may have moved.
+_RESUMABLE = {"out", "cache", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
+              "local_cache", "local_cache_gb", "read_ahead", "report_to"}
+# Settings a resumed run may raise: it then goes on to the new length.
+_EXTENDABLE = ("steps", "epochs")
+_FINISHED_KEYS = ("finished_at", "final_train_metrics", "final_eval_metrics", "model_dir")
 
 
 def run_identity(cache, config, *, world_size: int = 1) -> dict:
@@ -49,33 +60,83 @@ def check_new_run_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it or choose a new --out")
 
 
-def start_run_dir(out: Path, identity: dict, *, distributed: dict | None = None,
-                  loss_implementation: str | None = None) -> None:
-    """Create the run dir and its ``run.json`` (status running)."""
+def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
+                  distributed: dict | None = None, loss_implementation: str | None = None) -> None:
+    """Create the run dir and its ``run.json`` (status running, every resolved setting)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
-    atomic_write_json(out / RUN_MANIFEST, {"status": "running", "started_at": utc_now(), **identity,
+    atomic_write_json(out / RUN_MANIFEST, {"status": "running", "run_id": uuid.uuid4().hex[:16],
+                                           "started_at": utc_now(), "task": task, **identity,
+                                           "resolved_settings": resolved_settings, "total_steps": total_steps,
                                            "distributed": distributed or {"world_size": 1},
                                            "loss_implementation": loss_implementation,
                                            "software": software_versions()})
 
 
-def _check_resumable(out: Path, identity: dict) -> dict:
+def read_run(out: Path) -> dict:
+    """The ``run.json`` of the run in ``out``."""
     path = out / RUN_MANIFEST
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no kdpipe training run (no {RUN_MANIFEST}); drop --resume to start one")
-    recorded = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def recorded_settings(out: Path) -> dict:
+    """The settings to resume the run in ``out`` with: every setting its run.json records, the cache
+    by its resolved path (the run may resume from another working directory)."""
+    recorded = read_run(out)
+    settings = dict(recorded.get("resolved_settings") or recorded.get("settings") or {})  # older runs: settings
+    settings.pop("world_size", None)
+    if recorded.get("cache_path"):
+        settings["cache"] = recorded["cache_path"]
+    return settings
+
+
+def check_resumable(out: Path, identity: dict) -> dict:
+    """Refuse to resume ``out`` with another cache or other settings than it recorded, except a larger
+    ``steps``/``epochs``; returns its run.json."""
+    recorded = read_run(out)
     if recorded.get("cache_manifest_sha256") != identity["cache_manifest_sha256"] or \
             recorded.get("cache_shards") != identity["cache_shards"]:
         raise IntegrityError(
             f"--resume refused: the cache's manifest or shard hashes differ from those {out} was trained on; "
             "resume with the same cache, or start a new run"
         )
-    diff = first_difference(recorded.get("settings"), identity["settings"])
+    old = {k: v for k, v in (recorded.get("settings") or {}).items() if k not in _RESUMABLE}  # older runs had more
+    new = identity["settings"]
+    for key in _EXTENDABLE:
+        if old.get(key) is not None and new.get(key) is not None and new[key] >= old[key]:
+            old[key] = new[key]  # a longer run goes on
+    diff = first_difference(old, new)
     if diff:
-        raise ConfigError(f"--resume: {out} is another run: settings.{diff}; use its settings or a new --out")
+        raise ConfigError(f"--resume: {out} is another run: settings.{diff}; {_resume_fix(diff.split(' ', 1)[0], old)}")
     return recorded
+
+
+def _resume_fix(key: str, old: dict) -> str:
+    """How to resume when setting ``key`` differs from the recorded ``old`` ones."""
+    if key in _EXTENDABLE:
+        return ("a run can be extended (a larger --steps, or --epochs, of the kind it recorded), not shortened; "
+                "choose a new --out for a shorter run")
+    if key == "world_size":
+        return f"resume it with {old.get(key)} processes under torchrun, or choose a new --out"
+    return f"drop --{key.replace('_', '-')} to continue with the run's setting, or choose a new --out"
+
+
+def resume_run_dir(out: Path, identity: dict, config, *, step: int, total_steps: int) -> None:
+    """Record in run.json that the run goes on from ``step`` to ``total_steps`` (status running; an
+    extension listed under ``extensions``) and drop the metrics logged after ``step``."""
+    truncate_metrics(out, step)
+    recorded = read_run(out)
+    extensions = list(recorded.get("extensions", []))
+    if recorded.get("total_steps") not in (None, total_steps):
+        extensions.append({"at_step": step, "from_total_steps": recorded["total_steps"],
+                           "to_total_steps": total_steps, "at": utc_now()})
+    manifest = {k: v for k, v in recorded.items() if k not in _FINISHED_KEYS}
+    manifest |= {**identity, "status": "running", "run_id": recorded.get("run_id") or uuid.uuid4().hex[:16],
+                 "resolved_settings": config.recorded(), "total_steps": total_steps, "extensions": extensions}
+    atomic_write_json(out / RUN_MANIFEST, manifest)
 
 
 def save_checkpoint(out: Path, model, optimizer, step: int, epoch: int, batches_in_epoch: int) -> None:
@@ -94,9 +155,14 @@ def save_checkpoint(out: Path, model, optimizer, step: int, epoch: int, batches_
 
 
 def load_checkpoint(out: Path, identity: dict, model, optimizer) -> dict:
-    _check_resumable(out, identity)
+    """Load the last checkpoint of ``out`` into ``model`` and ``optimizer`` (after
+    :func:`check_resumable`); returns its trainer state (step, epoch, batches_in_epoch)."""
+    check_resumable(out, identity)
     folder = out / CHECKPOINT if (out / CHECKPOINT).is_dir() else out / f"{CHECKPOINT}.old"
     if not (folder / "trainer_state.json").is_file():
+        if (out / "model").is_dir():
+            raise ConfigError(f"--resume: {out} finished without a checkpoint (it ran with --checkpoint-every 0), "
+                              f"so it cannot go on; train a new run from its model: --student {out / 'model'} --out NEW_DIR")
         raise ConfigError(f"--resume: {out} has no checkpoint yet; drop --resume and start over")
     load_state_dict_into(model, folder / "model.safetensors")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
@@ -122,9 +188,10 @@ def truncate_metrics(out: Path, step: int) -> None:
     atomic_write_bytes(out / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def last_eval(out: Path) -> dict | None:
-    evals = [r for r in _read_metrics(out) if r.get("split") == "eval"]
-    return evals[-1] if evals else None
+def last_record(out: Path, split: str) -> dict | None:
+    """The last record of ``split`` ("train" or "eval") in the run's metrics.jsonl."""
+    records = [r for r in _read_metrics(out) if r.get("split") == split]
+    return records[-1] if records else None
 
 
 def write_run_manifest(out: Path, identity: dict, config, *, final_metrics: dict, eval_metrics, total_steps: int) -> dict:

@@ -5,6 +5,25 @@
 model and run manifest). Outputs in ``out``: ``run.json`` (run manifest), ``metrics.jsonl``,
 ``checkpoint/`` (for ``--resume``) and ``model/`` (the trained student).
 
+Resuming and extending. ``Trainer(config, resume=True)`` continues the run in ``out`` from its last
+checkpoint: model, optimizer, RNG, data order (epoch and batches consumed) and step, so a resumed run
+ends where the uninterrupted one would. A larger ``steps`` (or ``epochs``) than the run recorded extends
+it, also once finished; what happens to the schedules is fixed by the rule that every schedule is a
+function of the step number alone:
+
+- learning rate at step ``s`` (0-based): ``lr * warmup_cosine(s, total=T, warmup, min_lr_ratio)`` with
+  ``T`` the run's *current* total of steps. The steps done before the extension keep the rates they
+  had; from the step reached ``N`` on, the rate follows the curve of the new total: linear warmup (if
+  ``N < warmup``), then cosine from ``lr`` at the end of warmup to ``min_lr_ratio * lr`` at the new last
+  step. A finished run of 60 steps extended to 80 thus goes from the floor ``min_lr_ratio * lr`` (its
+  step 60) to the 80-step curve's value at step 60, then decays to the floor again at step 80 -- what a
+  Hugging Face ``Trainer`` resumed with a larger ``max_steps`` does. Each extension is listed in
+  run.json (``extensions``) and every step's rate is in metrics.jsonl (``lr``).
+- ``epochs`` extends alike: the total becomes ``ceil(epochs * batches per epoch / grad_accum)``.
+- ``--schedule`` phases (T, alpha) start at absolute steps, so an extension does not move them.
+- the data continue in the same epoch order: step ``N + 1`` reads the batch that follows the
+  checkpoint's.
+
 Under ``torchrun`` every process trains the same model wrapped in ``DistributedDataParallel`` on
 its share of each global batch (:mod:`kdpipe.pipeline.dataset`), so a step of W ranks x batch b is
 the step of one process that accumulates the W per-rank losses (and, when every row has as many
@@ -30,7 +49,7 @@ from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fused_kd import output_head
-from kdpipe.pipeline import metrics
+from kdpipe.pipeline import metrics, reporting
 from kdpipe.pipeline.objective import distillation_objective, targets_for, uses_draws
 from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
 from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
@@ -49,6 +68,7 @@ class Trainer:
         if self.device.type == "cuda" and self.launch.torchrun:
             self.device = torch.device("cuda", self.launch.local_rank)
         self._closing = contextlib.ExitStack()
+        self.reporters = reporting.Reporters([])  # rank 0 opens the --report-to trackers in setup
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -56,6 +76,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         c = self.config
+        reporting.check_installed(reporting.parse_report_to(c.report_to))  # before anything is read or written
         self._closing.enter_context(distributed.process_group(self.launch, self.device))
         self.cache = self._closing.enter_context(TeacherCache(c.cache, verify_hashes=True, **c.storage()))  # or s3://
         self.cache.check_files()  # every shard present at its size; hashes are checked as shards are read
@@ -100,8 +121,13 @@ class Trainer:
         else:
             ckpt.check_new_run_dir(self.out)  # on every rank, so a refusal stops them all
             if self.is_main:
-                ckpt.start_run_dir(self.out, self.identity, distributed=self.distributed_record(),
-                                   loss_implementation=self.loss_implementation)
+                ckpt.start_run_dir(self.out, self.identity, resolved_settings=c.recorded(),
+                                   total_steps=self.total_steps, task=self.task,
+                                   distributed=self.distributed_record(), loss_implementation=self.loss_implementation)
+        if self.is_main:  # rank 0 logs
+            self.reporters = self._closing.enter_context(reporting.open_reporters(
+                reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],
+                settings=c.recorded(), resumed_at=self.step))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -155,7 +181,7 @@ class Trainer:
         state = ckpt.load_checkpoint(self.out, self.identity, self.model, self.optimizer)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         if self.is_main:
-            ckpt.truncate_metrics(self.out, self.step)
+            ckpt.resume_run_dir(self.out, self.identity, self.config, step=self.step, total_steps=self.total_steps)
 
     # ------------------------------------------------------------------ loop
     def batches(self):
@@ -204,14 +230,19 @@ class Trainer:
                        "grad_norm": float(grad_norm) if grad_norm is not None else None}
             if self.is_main:  # the other ranks go on and wait for it at the next gradient exchange
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
-                    ckpt.append_metrics(self.out, metrics)
+                    self.log(metrics)
                 if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
-                    ckpt.append_metrics(self.out, {"step": self.step, "split": "eval", **self.evaluate()})
+                    self.log({"step": self.step, "split": "eval", **self.evaluate()})
                 if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
                     ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.step, self.epoch, self.batches_in_epoch)
             if on_step:
                 on_step(metrics)
         return metrics
+
+    def log(self, record: dict) -> None:
+        """Append a metrics record to metrics.jsonl and send it to the ``--report-to`` trackers (rank 0)."""
+        ckpt.append_metrics(self.out, record)
+        self.reporters.log(record)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -247,12 +278,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """On held-out cache rows: KL(teacher || student) at T=1 (on the top-k + tail bins, a lower bound;
-        with the estimator of a sampled cache, an unbiased estimate of the full KL), CE, top-1 agreement."""
+        """On the first ``eval_rows`` held-out cache rows (``rows``: how many): KL(teacher || student) at
+        T=1 (on the top-k + tail bins, a lower bound; with the estimator of a sampled cache, an unbiased
+        estimate of the full KL), CE, top-1 agreement, and accuracy for a classification cache."""
         if self.eval_set.num_rows == 0:
             return {}
         self.model.eval()
-        kl, agree, ce = metrics.Mean(), metrics.Mean(), metrics.Mean()
+        kl, agree, ce, correct = metrics.Mean(), metrics.Mean(), metrics.Mean(), metrics.Mean()
         temperature = 1.0 if 1.0 in self.cache.temperatures else self.cache.temperatures[0]
         for batch in DataLoader(self.eval_set, batch_size=None):
             batch = _to(batch, self.device)
@@ -267,10 +299,13 @@ class Trainer:
             if targets.topk_ids.shape[1]:  # the teacher's best id is known only with a top-k
                 agree.add(*metrics.top1_agreement(logits, targets.topk_ids, targets.kd_mask))
             ce.add(*metrics.token_cross_entropy(logits, targets.labels.clamp(min=0), targets.ce_mask))
+            correct.add(*metrics.top1_agreement(logits, targets.labels[:, None], targets.ce_mask))  # argmax == label
         self.model.train()
         top1 = {"top1_agreement": agree.value} if agree.count else {}  # unknown without a top-k
-        return {"kl_to_teacher": kl.value, **top1, "ce": ce.value,
-                "perplexity": math.exp(min(ce.value, 50)), "temperature": temperature}
+        accuracy = {"accuracy": correct.value} if self.task == "classification" else {}
+        return {"kl_to_teacher": kl.value, **top1, **accuracy, "ce": ce.value,
+                "perplexity": math.exp(min(ce.value, 50)), "temperature": temperature,
+                "rows": self.eval_set.num_rows}
 
     # ------------------------------------------------------------------ finish
     def close(self) -> None:
@@ -282,8 +317,9 @@ class Trainer:
         if not self.is_main:
             return None
         save_student(self.student, self.out / "model")
-        return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=metrics,
-                                       eval_metrics=ckpt.last_eval(self.out), total_steps=self.total_steps)
+        final = metrics or ckpt.last_record(self.out, "train") or {}  # {}: resumed with no step left to run
+        return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=final,
+                                       eval_metrics=ckpt.last_record(self.out, "eval"), total_steps=self.total_steps)
 
 
 class _HiddenStates(torch.nn.Module):

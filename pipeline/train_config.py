@@ -1,6 +1,9 @@
 """Training settings: one dataclass, filled from defaults, then a TOML file, then command-line flags.
 
-Unknown keys and wrong types are errors. Keys may be written with ``-`` or ``_``.
+Every field is also a flag of ``kdpipe train-student`` (``weight_decay`` is ``--weight-decay``) except
+``storage_options``, whose flag takes JSON. Unknown keys and wrong types are errors. Keys may be
+written with ``-`` or ``_``. A resumed run (``--resume``) starts from the settings its ``run.json``
+recorded instead of the defaults (:func:`merge_config`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.losses import KINDS
+from kdpipe.pipeline.reporting import parse_report_to
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class TrainConfig:
     num_workers: int = 0
     fused_loss: bool = True  # the lm-head and the loss in one chunked pass where the student allows it
     log_every: int = 10
+    report_to: list[str] = dataclasses.field(default_factory=list)  # trackers besides metrics.jsonl
     # Reading a cache from an object store (s3://, gs://, az://); none of these change what is computed.
     storage_options: dict | None = None  # fsspec options (a TOML table); never recorded: may hold keys
     local_cache: str | None = None  # folder of downloaded shards, shared by the processes of a machine
@@ -71,10 +76,34 @@ class TrainConfig:
             raise ConfigError("--batch-size and --grad-accum must be positive")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        self._validate_optimizer()
+        self._validate_counts()
+        parse_report_to(self.report_to)
         if self.read_ahead is not None and self.read_ahead < 0:
             raise ConfigError(f"--read-ahead {self.read_ahead} must be 0 (no read-ahead) or more")
         if self.local_cache_gb is not None and (self.local_cache is None or not self.local_cache_gb > 0):
             raise ConfigError("--local-cache-gb needs --local-cache DIR and must be positive")
+
+    def _validate_optimizer(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if self.clip < 0:
+            raise ConfigError(f"--clip {self.clip} must be >= 0 (0 turns gradient clipping off)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup {self.warmup} must be >= 0")
+
+    def _validate_counts(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every {self.log_every} must be >= 1")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"--shuffle-buffer {self.shuffle_buffer} must be >= 1 (1 keeps the shards' row order)")
+        for name in ("eval_rows", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0 (0 turns it off)")
 
     def storage(self) -> dict:
         """How to read the caches: keyword arguments of :class:`~kdpipe.pipeline.cache.TeacherCache`."""
@@ -94,6 +123,10 @@ class TrainConfig:
 
 
 def _check_type(key: str, value, annotation):
+    if typing.get_origin(annotation) is list:  # report_to: "tensorboard,wandb" or ["tensorboard", "wandb"]
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return [value] if isinstance(value, str) else value
+        raise ConfigError(f"config key {key!r} must be a string or a list of strings, got {value!r}")
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     for kind in allowed:
         if kind is type(None) and value is None:
@@ -107,24 +140,51 @@ def _check_type(key: str, value, annotation):
     raise ConfigError(f"config key {key!r} must be {names}, got {shown}")
 
 
-def merge_config(file: str | None, overrides: dict) -> TrainConfig:
-    """Defaults <- TOML file <- flags (flags that are None are not given)."""
-    values: dict = {}
-    hints = typing.get_type_hints(TrainConfig)
-    if file:
-        try:
-            raw = tomllib.loads(Path(file).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
-        raw = raw.get("train", raw)
-        for key, value in raw.items():
-            name = key.replace("-", "_")
-            if name not in hints:
-                raise ConfigError(f"unknown config key {key!r} in {file}; valid keys: {', '.join(sorted(hints))}")
-            values[name] = _check_type(key, value, hints[name])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def merge_config(file: str | None, overrides: dict, *, resume: bool = False) -> TrainConfig:
+    """Defaults <- (with ``resume``) the run's recorded settings <- TOML file <- flags.
+
+    ``overrides``: the flags given (None = not given). With ``resume``, ``out`` (a flag or a key of the
+    file) names the run directory whose ``run.json`` supplies every setting not given; a ``steps`` or
+    ``epochs`` given replaces the recorded length (whether the run may take it is checked when it
+    resumes: :func:`kdpipe.pipeline.checkpoint.check_resumable`).
+    """
+    given = {**_read_file(file), **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**(_recorded(given) if resume else {}), **given}
+    values["report_to"] = parse_report_to(values.get("report_to", []))
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def _read_file(file: str | None) -> dict:
+    """The settings of a TOML file (its ``[train]`` table, or the whole file), type-checked."""
+    if not file:
+        return {}
+    try:
+        raw = tomllib.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for key, value in raw.get("train", raw).items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise ConfigError(f"unknown config key {key!r} in {file}; valid keys: {', '.join(sorted(hints))}")
+        values[name] = _check_type(key, value, hints[name])
+    return values
+
+
+def _recorded(given: dict) -> dict:
+    """The settings recorded by the run in ``given["out"]``, less the length when one is given."""
+    from kdpipe.pipeline.checkpoint import recorded_settings
+
+    if not given.get("out"):
+        raise ConfigError("--resume needs --out RUN_DIR, the run directory to continue")
+    hints = typing.get_type_hints(TrainConfig)
+    recorded = {k: _check_type(k, v, hints[k]) for k, v in recorded_settings(Path(given["out"])).items() if k in hints}
+    if "steps" in given or "epochs" in given:  # steps and epochs exclude each other
+        recorded.pop("steps", None)
+        recorded.pop("epochs", None)
+    return recorded

@@ -2,46 +2,71 @@
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
+import click
+from click.core import ParameterSource
+
+from kdpipe.pipeline.cache import DEFAULT_READ_AHEAD
+from kdpipe.pipeline.losses import KINDS
+from kdpipe.pipeline.plots import plot_training_curves
 from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import merge_config
+from kdpipe.pipeline.train_config import TrainConfig, merge_config
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
 from kdpipe.stages.display import Progress, training_fields
 
 
+_DEFAULTS = TrainConfig()  # each flag's default is the setting's (shown by --help)
+_REQUIRED = "  [required unless in --config or restored by --resume]"
+
+
+def setting(flag: str, help: str, **kwargs):
+    """A flag for the TrainConfig field of the same name, with that field's default."""
+    name = flag.split("/")[0].removeprefix("--").replace("-", "_")
+    default = kwargs.pop("default", getattr(_DEFAULTS, name))
+    default = None if default == "" else default  # cache, student, out: no default
+    return click.option(flag, name, default=default, show_default=default is not None, help=help, **kwargs)
+
+
 @click.command("train-student")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML file of settings; flags override it.")
-@click.option("--cache", default=None, help="Teacher cache (from cache-teacher): a directory or an s3:// (gs://, az://) URL.")
-@click.option("--student", default=None, help="HF config.json / model dir, or package.module:factory.")
-@click.option("--out", default=None, help="Run directory (model/, checkpoint/, metrics.jsonl, run.json).")
-@click.option("--loss", default=None, help="forward-kl (default), reverse-kl, js, tvd, skew-kl.")
-@click.option("--alpha", default=None, type=float, help="Weight of the KD term (default 0.5); 1 - alpha weighs hard-label CE.")
-@click.option("--temperature", default=None, type=float, help="Distillation temperature; must be captured in the cache (default 1).")
-@click.option("--schedule", default=None, help='Phases, e.g. "0:T=4,alpha=0.9;600:T=1,alpha=0.5".')
-@click.option("--steps", default=None, type=int, help="Optimizer steps (or use --epochs).")
-@click.option("--epochs", default=None, type=float, help="Passes over the training rows.")
-@click.option("--batch-size", default=None, type=int, help="Rows per micro-batch of each rank (default 8).")
-@click.option("--grad-accum", default=None, type=int, help="Micro-batches per optimizer step (default 1).")
-@click.option("--lr", default=None, type=float, help="Peak learning rate (default 1e-3).")
-@click.option("--warmup", default=None, type=int, help="Linear warmup steps before cosine decay (default 0).")
-@click.option("--seed", default=None, type=int)
-@click.option("--device", default=None, help="auto (default), cpu, cuda.")
-@click.option("--data", default=None, help="The capture's .npz (module/classification caches).")
-@click.option("--tokenizer", default=None, help="Tokenizer dir (default: the student's, else the teacher's from the manifest).")
-@click.option("--eval-cache", default=None, help="Cache of held-out data to evaluate on (default: a fraction of --cache).")
-@click.option("--eval-data", default=None, help="The .npz that --eval-cache was captured from (module caches).")
-@click.option("--eval-fraction", default=None, type=float, help="Held-out fraction of cache rows (default 0.05).")
-@click.option("--eval-every", default=None, type=int, help="Evaluate every N steps (default 100).")
-@click.option("--checkpoint-every", default=None, type=int, help="Checkpoint every N steps (default 100).")
-@click.option("--num-workers", default=None, type=int, help="DataLoader worker processes (default 0).")
-@click.option("--fused-loss/--no-fused-loss", default=None, help="Compute the lm-head and the loss together, chunk by chunk, so the student's [tokens, vocab] logits never exist (default: on where the student's output layer allows it; run.json says which ran).")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML file of settings (keys: the flag names); flags override it.")
+@setting("--cache", "Teacher cache (from cache-teacher): a directory or an s3:// (gs://, az://) URL." + _REQUIRED)
+@setting("--student", "HF config.json (random init), HF model dir, or module:factory." + _REQUIRED)
+@setting("--out", "Run directory (model/, checkpoint/, metrics.jsonl, run.json, curves.png).  [required unless in --config]")
+@setting("--loss", "Distillation loss: " + ", ".join(KINDS) + ".")
+@setting("--alpha", "Weight of the KD term; 1 - alpha weighs hard-label CE.", type=float)
+@setting("--temperature", "Distillation temperature; must be captured in the cache.", type=float)
+@setting("--schedule", 'Phases from a step on, e.g. "0:T=4,alpha=0.9;600:T=1,alpha=0.5".  [default: none]')
+@setting("--steps", "Optimizer steps; with --resume, a larger value extends the run." + "  [this or --epochs required unless in --config or restored by --resume]", type=int)
+@setting("--epochs", "Passes over the training rows; with --resume, a larger value extends the run.", type=float)
+@setting("--batch-size", "Rows per micro-batch of each rank.", type=int)
+@setting("--grad-accum", "Micro-batches per optimizer step.", type=int)
+@setting("--lr", "Peak learning rate (AdamW).", type=float)
+@setting("--warmup", "Linear warmup steps before the cosine decay.", type=int)
+@setting("--min-lr-ratio", "The cosine decay ends at lr x this at the last step.", type=float)
+@setting("--weight-decay", "AdamW weight decay.", type=float)
+@setting("--clip", "Clip the gradient norm to this (0: no clipping).", type=float)
+@setting("--seed", "Seed of the student's initialisation and of the row order.", type=int)
+@setting("--device", "auto, cpu, cuda or cuda:N.")
+@setting("--data", "The capture's .npz (module/classification caches).")
+@setting("--tokenizer", "Tokenizer dir.  [default: the student's, else the teacher's from the manifest]")
+@setting("--eval-cache", "Cache of held-out data to evaluate on.  [default: --eval-fraction of --cache]")
+@setting("--eval-data", "The .npz that --eval-cache was captured from (module caches).")
+@setting("--eval-fraction", "Held-out fraction of cache rows (when no --eval-cache).", type=float)
+@setting("--eval-every", "Evaluate every N steps and at the last (0: never).", type=int)
+@setting("--eval-rows", "Held-out rows each evaluation uses (the first N).", type=int)
+@setting("--checkpoint-every", "Checkpoint every N steps and at the last (0: never; the run cannot be resumed).", type=int)
+@setting("--log-every", "Write the training metrics every N steps.", type=int)
+@setting("--shuffle-buffer", "Rows shuffled together within each shard's order (1: none).", type=int)
+@setting("--num-workers", "DataLoader worker processes.", type=int)
+@setting("--fused-loss/--no-fused-loss", "Compute the lm-head and the loss together, chunk by chunk, so the student's [tokens, vocab] logits never exist (only where the student's output layer allows it; run.json says which ran).")
+@setting("--report-to", "Also send the metrics to: none, tensorboard (RUN_DIR/tensorboard), wandb, mlflow; repeat or comma-separate for several.", multiple=True, default=("none",))
 @storage_options_flag
-@click.option("--local-cache", default=None, help="Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs [default: a temporary folder holding only the shards in use and read ahead].")
-@click.option("--local-cache-gb", default=None, type=float, help="Size limit of --local-cache in GB (10^9 bytes); least recently used shards go first [default: no limit].")
-@click.option("--read-ahead", default=None, type=int, help="Shards of a remote cache downloaded ahead of training (default 4).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@setting("--local-cache", "Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs.  [default: a temporary folder holding only the shards in use and read ahead]")
+@setting("--local-cache-gb", "Size limit of --local-cache in GB (10^9 bytes); least recently used shards go first.  [default: no limit]", type=float)
+@setting("--read-ahead", f"Shards of a remote cache downloaded ahead of training.  [default: {DEFAULT_READ_AHEAD}]", type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the settings its run.json records (flags given must match them, except a larger --steps/--epochs, which extends the run).")
 @user_errors
 def train_student(config_file, resume, **flags):
     """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE.
@@ -49,7 +74,7 @@ def train_student(config_file, resume, **flags):
     Under torchrun (torchrun --nproc-per-node N kdpipe train-student ...) the ranks train one model
     with DistributedDataParallel; --batch-size is per rank.
     """
-    config = merge_config(config_file, {**flags, "storage_options": parse_storage_options(flags["storage_options"])})
+    config = merge_config(config_file, given_flags(flags), resume=resume)
     trainer = Trainer(config, resume=resume)
     try:
         trainer.setup()
@@ -60,7 +85,20 @@ def train_student(config_file, resume, **flags):
         trainer.close()
     if manifest is None:
         return  # not rank 0: rank 0 reports
+    out = Path(config.out)
+    plot_training_curves({out.name: out / "metrics.jsonl"}, out / "curves.png")
     final = manifest.get("final_eval_metrics") or {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
     ranks = f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""
     click.echo(f"wrote {config.out}/model after {trainer.step} steps{ranks}" + (f"; held-out: {summary}" if summary else ""))
+
+
+def given_flags(flags: dict) -> dict:
+    """The flags given on the command line (the others are left to --config, the resumed run or the
+    defaults), ``--storage-options`` parsed."""
+    ctx = click.get_current_context()
+    given = {name: value for name, value in flags.items()
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    if given.get("storage_options") is not None:
+        given["storage_options"] = parse_storage_options(given["storage_options"])
+    return given
