@@ -115,7 +115,8 @@ def run_demo(out: str | Path | None = None, *, task: str = "causal-lm", device: 
                       timed=timed)
     report.done()
     plot = plot_training_curves({"KD": out / "kd" / "metrics.jsonl", "hard-label": out / "hard-label" / "metrics.jsonl"},
-                                out / "curves.png", keys=("ce", "kl_to_teacher", "top1_agreement", "loss"))
+                                out / "curves.png", keys=("ce", "kl_to_teacher", "top1_agreement", "loss"),
+                                references=table["teacher"])
     results = {"task": task, "out": str(out), "table": table, "timings_s": timed.seconds,
                "wall_s": round(time.perf_counter() - started, 1), "plot": str(plot),
                "cache_bytes_per_token": caches["train"]["totals"]["bytes_per_token"], "steps": runs["kd"]["total_steps"]}
