@@ -233,6 +233,12 @@ def test_chat_rows_hold_one_conversation_each(conversations, tokenizer, targets)
         assert_row_holds(rows.inputs[r], rows.mask[r], rows.attention_mask[r], [(ids[:L], is_target[:L])], spec.pad_id)
 
 
+def test_truncated_conversations_are_counted_only_when_kept(conversations, tokenizer):
+    spec = PackingSpec("causal-lm", 16, tokenizer, chat=True)  # every conversation is longer than 16 tokens
+    packed = streamlib.pack(spec, conversations, max_rows=2)
+    assert len(packed.rows) == 2 and packed.truncated_rows == 2
+
+
 @pytest.mark.parametrize("targets", ["assistant", "all"])
 def test_chat_packing_puts_whole_conversations_in_a_row(conversations, tokenizer, targets):
     L = 256

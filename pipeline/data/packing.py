@@ -139,8 +139,8 @@ def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
         if max_tokens is not None and tokens >= max_tokens:
             break
         ids, is_target = render_conversation(doc.messages, spec.tokenizer, targets=spec.targets, where=doc.where)
-        if len(ids) > L:
-            ids, is_target, truncated = ids[:L], is_target[:L], truncated + 1
+        cut = len(ids) > L
+        ids, is_target = ids[:L], is_target[:L]
         mask = np.zeros(len(ids), dtype=bool)
         mask[:-1] = is_target[1:]  # position t predicts token t + 1
         if not spec.packing or used + len(ids) > L:
@@ -151,6 +151,7 @@ def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
         rows[-1].append((ids, mask))
         used += len(ids)
         tokens += len(ids)
+        truncated += cut  # counted once kept: the conversation a row limit stops at is not in the block
     ids_out = np.full((len(rows), L), spec.pad_id, dtype=np.int64)
     mask_out = np.zeros((len(rows), L), dtype=bool)
     attention = np.zeros((len(rows), L), dtype=np.int64)
