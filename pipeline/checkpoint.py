@@ -61,13 +61,15 @@ def check_new_run_dir(out: Path) -> None:
 
 
 def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
-                  distributed: dict | None = None, loss_implementation: str | None = None) -> None:
-    """Create the run dir and its ``run.json`` (status running, every resolved setting)."""
+                  seq_len: int | None = None, distributed: dict | None = None,
+                  loss_implementation: str | None = None) -> None:
+    """Create the run dir and its ``run.json`` (status running, every resolved setting; ``seq_len``: the
+    training rows' length, which ``evaluate`` uses for this model's data rows)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_MANIFEST, {"status": "running", "run_id": uuid.uuid4().hex[:16],
-                                           "started_at": utc_now(), "task": task, **identity,
+                                           "started_at": utc_now(), "task": task, "seq_len": seq_len, **identity,
                                            "resolved_settings": resolved_settings, "total_steps": total_steps,
                                            "distributed": distributed or {"world_size": 1},
                                            "loss_implementation": loss_implementation,

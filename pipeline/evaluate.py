@@ -377,8 +377,9 @@ def data_seq_len(model: EvalModel, model_dir, seq_len: int | None) -> tuple[int,
 
 
 def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
-    """The row length of the training cache that ``run.json`` of a train-student run dir (``model_dir``
-    or its parent) names, when that cache is a folder here; None otherwise."""
+    """The row length a train-student run dir (``model_dir`` or its parent) trained on: recorded in its
+    ``run.json``, or (runs of earlier versions) read from the manifest of the cache it names, when that
+    cache is a folder here; None otherwise."""
     from kdpipe.pipeline.checkpoint import RUN_MANIFEST
     from kdpipe.pipeline.manifest import MANIFEST_NAME
 
@@ -386,7 +387,10 @@ def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
     if run is None:
         return None
     try:
-        cache = json.loads(run.read_text()).get("cache_path") or ""
+        record = json.loads(run.read_text())
+        cache = record.get("cache_path") or ""
+        if record.get("seq_len"):  # recorded by the run itself (wherever its cache is now)
+            return int(record["seq_len"]), f"the training run {run.parent} (its cache's rows)"
         manifest = Path(cache) / MANIFEST_NAME
         seq_len = json.loads(manifest.read_text())["schema"]["input_len"] if manifest.is_file() else None
     except (OSError, ValueError, KeyError, TypeError):

@@ -122,7 +122,7 @@ class Trainer:
             ckpt.check_new_run_dir(self.out)  # on every rank, so a refusal stops them all
             if self.is_main:
                 ckpt.start_run_dir(self.out, self.identity, resolved_settings=c.recorded(),
-                                   total_steps=self.total_steps, task=self.task,
+                                   total_steps=self.total_steps, task=self.task, seq_len=self.cache.schema.input_len,
                                    distributed=self.distributed_record(), loss_implementation=self.loss_implementation)
         if self.is_main:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(

@@ -110,6 +110,14 @@ def test_evaluate_takes_a_students_seq_len_from_its_training_cache(tiny_lm_dir, 
     assert given["seq_len_from"] == "--seq-len" and given["ce"] == inferred["ce"]
 
 
+def test_evaluate_takes_the_seq_len_a_run_recorded_even_when_its_cache_moved(tiny_lm_dir, text_dir, tmp_path):
+    run = tmp_path / "run"  # run.json records the rows' length itself; its cache is gone (or remote)
+    shutil.copytree(tiny_lm_dir, run / "model")
+    (run / "run.json").write_text(json.dumps({"status": "finished", "cache_path": str(tmp_path / "gone"), "seq_len": 48}))
+    inferred = evaluate_json("--model", run / "model", "--data", text_dir, "--max-rows", 2)
+    assert inferred["seq_len"] == 48 and inferred["seq_len_from"] == f"the training run {run} (its cache's rows)"
+
+
 def test_evaluate_without_a_training_run_says_its_default_seq_len(tiny_lm_dir, text_dir):
     result = evaluate_json("--model", tiny_lm_dir, "--data", text_dir, "--max-rows", 2)
     assert result["seq_len"] == 128 and result["seq_len_from"].startswith("the model's context")  # 256 capped at 128
