@@ -173,7 +173,7 @@ class OnlineKDTrainer(Trainer):
         return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
 
-def reused_run(args, *, cache: Path, run_dir: Path, seed: int) -> dict | None:
+def reused_run(args, *, cache: Path, run_dir: Path, seed: int, alpha: float) -> dict | None:
     """The training record of a finished run left in ``run_dir`` by an earlier invocation (``--reuse-runs``)."""
     record = run_dir / "run.json"
     if not args.reuse_runs or not record.is_file():
@@ -181,6 +181,13 @@ def reused_run(args, *, cache: Path, run_dir: Path, seed: int) -> dict | None:
     run = json.loads(record.read_text())
     if run.get("status") != "finished" or run.get("total_steps") != args.steps:
         return None
+    settings = run.get("resolved_settings") or {}
+    expected = {"cache": str(cache), "seed": seed, "alpha": alpha, "lr": args.lr, "batch_size": args.batch_size, "warmup": args.warmup,
+                "temperature": args.temperature, "student": args.student}
+    differing = [k for k, v in expected.items() if k in settings and settings[k] != v]
+    if differing or not settings:
+        raise SystemExit(f"--reuse-runs: {run_dir} was trained with other settings ({', '.join(differing) or 'none recorded'}); "
+                         "remove it or use another --work")
     ds = CacheDataset(str(cache), batch_size=args.batch_size, seed=seed, shuffle_window=TrainConfig.shuffle_buffer,
                       rank=0, world_size=1)  # the Trainer's training set (eval_fraction 0: every row)
     order = ds.order()
@@ -197,7 +204,7 @@ def reused_run(args, *, cache: Path, run_dir: Path, seed: int) -> dict | None:
 
 
 def train(args, *, cache: Path, run_dir: Path, seed: int, alpha: float, teacher=None) -> dict:
-    reused = reused_run(args, cache=cache, run_dir=run_dir, seed=seed)
+    reused = reused_run(args, cache=cache, run_dir=run_dir, seed=seed, alpha=alpha)
     if reused is not None:
         return reused
     shutil.rmtree(run_dir, ignore_errors=True)
