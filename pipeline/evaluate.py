@@ -34,7 +34,6 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline import metrics
-from kdpipe.pipeline.targets import TeacherTargets
 from kdpipe.pipeline.cache import TeacherCache, open_cache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.modules import load_module
@@ -351,9 +350,8 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
     if "sample_ids" in batch:  # an unbiased estimate of the full KL from the draws (+ exact top-k)
         m = batch["sample_ids"].shape[-1]
         flat = lambda a: torch.from_numpy(a).reshape(n, m).to(logits.device)  # noqa: E731
-        targets = TeacherTargets(topk_ids, topk_logprobs, tail_logprob, mask, mask, mask, flat(batch["sample_ids"]),
-                          flat(batch["sample_logprobs"]), flat(batch["sample_weights"]))
-        scores.kl.add(*metrics.sampled_kl_to_teacher(logits, targets))
+        scores.kl.add(*metrics.sampled_kl_to_teacher(logits, topk_ids, topk_logprobs, flat(batch["sample_ids"]),
+                                                     flat(batch["sample_logprobs"]), flat(batch["sample_weights"]), mask))
     else:
         scores.kl.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
     if k:  # the teacher's best id is known only with a top-k

@@ -86,18 +86,17 @@ def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teache
     return mean.detach() * count / temperature**2, count
 
 
-def sampled_kl_to_teacher(student_logits, targets, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+def sampled_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs,
+                          sample_weights, mask, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """Summed KL(teacher || student) of a sampled cache's targets, and the number of positions.
 
-    ``targets``: :class:`~kdpipe.pipeline.targets.TeacherTargets` with draws (exact top-k, possibly none, plus
-    importance-weighted draws). An unbiased estimate of the full-vocabulary KL (not a bound): its
-    expectation over the capture's draws is the KL, computed by
-    :func:`kdpipe.pipeline.losses.sampled_kd_loss` (plain KL, without the loss's T^2 factor).
+    Shapes as :func:`kdpipe.pipeline.losses.sampled_kd_loss` (exact top-k ``[N, k]``, possibly
+    ``k = 0``, plus importance-weighted draws ``[N, m]``); mask: [N] bool. An unbiased estimate of
+    the full-vocabulary KL (not a bound): plain KL, without the loss's T^2 factor.
     """
-    count = int(targets.kd_mask.sum())
-    mean = sampled_kd_loss(student_logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids,
-                           targets.sample_logprobs, targets.sample_weights, temperature=temperature,
-                           kind="forward-kl", mask=targets.kd_mask)
+    count = int(mask.sum())
+    mean = sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs,
+                           sample_weights, temperature=temperature, kind="forward-kl", mask=mask)
     return mean.detach() * count / temperature**2, count
 
 

@@ -292,7 +292,9 @@ class Trainer:
             logits = self.student_logits(batch, model=self.model)  # rank 0 alone: not through DDP
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
             if self.estimator:  # an unbiased estimate of the full KL
-                kl.add(*metrics.sampled_kl_to_teacher(logits, targets, temperature=temperature))
+                kl.add(*metrics.sampled_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids,
+                                                      targets.sample_logprobs, targets.sample_weights, targets.kd_mask,
+                                                      temperature=temperature))
             else:
                 kl.add(*metrics.sparse_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs,
                                                      targets.tail_logprob, targets.kd_mask, temperature=temperature))
