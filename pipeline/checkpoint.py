@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
-from kdpipe.pipeline.fileio import atomic_write_json
-from kdpipe.pipeline.manifest import software_versions, utc_now
+from kdpipe.pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from kdpipe.pipeline.manifest import manifest_checksum, software_versions, utc_now
+from kdpipe.pipeline.provenance import PACKAGES_FILE, command_record, packages_text
 from kdpipe.pipeline.progress import first_difference
 from kdpipe.pipeline.students import load_state_dict_into, save_state_dict
 
@@ -62,18 +63,31 @@ def check_new_run_dir(out: Path) -> None:
 
 def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
                   seq_len: int | None = None, distributed: dict | None = None,
-                  loss_implementation: str | None = None) -> None:
+                  loss_implementation: str | None = None, device: str | None = None) -> None:
     """Create the run dir and its ``run.json`` (status running, every resolved setting; ``seq_len``: the
-    training rows' length, which ``evaluate`` uses for this model's data rows)."""
+    training rows' length, which ``evaluate`` uses for this model's data rows; ``command``: the kdpipe
+    command line, which ``kdpipe reproduce`` re-runs)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
-    atomic_write_json(out / RUN_MANIFEST, {"status": "running", "run_id": uuid.uuid4().hex[:16],
-                                           "started_at": utc_now(), "task": task, "seq_len": seq_len, **identity,
-                                           "resolved_settings": resolved_settings, "total_steps": total_steps,
-                                           "distributed": distributed or {"world_size": 1},
-                                           "loss_implementation": loss_implementation,
-                                           "software": software_versions()})
+    atomic_write_bytes(out / PACKAGES_FILE, packages_text().encode())
+    write_run_json(out, {"status": "running", "run_id": uuid.uuid4().hex[:16], "started_at": utc_now(),
+                         "command": command_record(), "task": task, "seq_len": seq_len, **identity,
+                         "resolved_settings": resolved_settings, "total_steps": total_steps,
+                         "distributed": distributed or {"world_size": 1}, "device": device,
+                         "loss_implementation": loss_implementation, "software": software_versions()})
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``: what computed the run (recorded in run.json)."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def write_run_json(out: Path, manifest: dict) -> None:
+    """Write ``run.json`` atomically with a ``checksum`` of its canonical JSON (as a cache manifest has),
+    so that ``kdpipe reproduce`` can tell an edited run directory."""
+    manifest = {k: v for k, v in manifest.items() if k != "checksum"}
+    atomic_write_json(out / RUN_MANIFEST, {**manifest, "checksum": manifest_checksum(manifest)})
 
 
 def read_run(out: Path) -> dict:
@@ -134,11 +148,11 @@ def resume_run_dir(out: Path, identity: dict, config, *, step: int, total_steps:
     extensions = list(recorded.get("extensions", []))
     if recorded.get("total_steps") not in (None, total_steps):
         extensions.append({"at_step": step, "from_total_steps": recorded["total_steps"],
-                           "to_total_steps": total_steps, "at": utc_now()})
+                           "to_total_steps": total_steps, "at": utc_now(), "command": command_record()})
     manifest = {k: v for k, v in recorded.items() if k not in _FINISHED_KEYS}
     manifest |= {**identity, "status": "running", "run_id": recorded.get("run_id") or uuid.uuid4().hex[:16],
                  "resolved_settings": config.recorded(), "total_steps": total_steps, "extensions": extensions}
-    atomic_write_json(out / RUN_MANIFEST, manifest)
+    write_run_json(out, manifest)
 
 
 def save_checkpoint(out: Path, model, optimizer, step: int, epoch: int, batches_in_epoch: int) -> None:
@@ -198,11 +212,18 @@ def last_record(out: Path, split: str) -> dict | None:
 
 def write_run_manifest(out: Path, identity: dict, config, *, final_metrics: dict, eval_metrics, total_steps: int) -> dict:
     recorded = json.loads((out / RUN_MANIFEST).read_text())
+    atomic_write_bytes(out / PACKAGES_FILE, packages_text().encode())  # the finishing process's packages
     manifest = {
         **recorded, **identity, "status": "finished", "finished_at": utc_now(),
         "resolved_settings": config.recorded(), "total_steps": total_steps,
         "final_train_metrics": final_metrics, "final_eval_metrics": eval_metrics,
-        "software": software_versions(), "model_dir": "model",
+        "software": software_versions(), "model_dir": "model", "outputs": output_hashes(out),
     }
-    atomic_write_json(out / RUN_MANIFEST, manifest)
-    return manifest
+    write_run_json(out, manifest)
+    return read_run(out)
+
+
+def output_hashes(out: Path) -> dict[str, str]:
+    """sha256 of each file of the final model and of metrics.jsonl, by path relative to ``out``."""
+    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / METRICS]
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in files if p.is_file()}

@@ -76,12 +76,15 @@ def git_commit() -> str | None:
 
 
 def software_versions() -> dict:
+    """Versions of what computed the outputs; with the sha256 of the whole installed package set
+    (listed in the side file ``packages.txt``) and, inside the kdpipe image, the image's build identity."""
     import numpy
     import pyarrow
     import torch
     import zarr
 
     import kdpipe
+    from kdpipe.pipeline import provenance
 
     versions = {
         "kdpipe": kdpipe.__version__,
@@ -92,6 +95,10 @@ def software_versions() -> dict:
         "zarr": zarr.__version__,
         "pyarrow": pyarrow.__version__,
         "docker_image": os.environ.get("KDPIPE_IMAGE"),
+        "image": provenance.image_identity(),
+        "packages_sha256": provenance.packages_sha256(),
+        "packages_file": provenance.PACKAGES_FILE,
+        **provenance.machine_record(),
     }
     try:
         import transformers

@@ -30,6 +30,7 @@ from pathlib import Path
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import remove_stale_tmp, sha256_file, write_errors
 from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
+from kdpipe.pipeline.provenance import PACKAGES_FILE, packages_text
 from kdpipe.pipeline.storage.location import CacheLocation
 
 PROGRESS_DIR = "_progress"
@@ -258,6 +259,8 @@ def finalize(out: str | Path | CacheLocation, *, plan, header: dict) -> dict | N
         "finished_at": utc_now(),
     }
     manifest["checksum"] = manifest_checksum(manifest)
+    with write_errors(PACKAGES_FILE, location.root):
+        location.write_bytes(PACKAGES_FILE, packages_text().encode())  # software.packages_sha256 hashes it
     with write_errors(MANIFEST_NAME, location.root):
         location.write_json(MANIFEST_NAME, manifest)  # last: the cache is finished from here on
     return manifest

@@ -123,7 +123,8 @@ class Trainer:
             if self.is_main:
                 ckpt.start_run_dir(self.out, self.identity, resolved_settings=c.recorded(),
                                    total_steps=self.total_steps, task=self.task, seq_len=self.cache.schema.input_len,
-                                   distributed=self.distributed_record(), loss_implementation=self.loss_implementation)
+                                   distributed=self.distributed_record(), loss_implementation=self.loss_implementation,
+                                   device=ckpt.describe_device(self.device))
         if self.is_main:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(
                 reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],

@@ -14,6 +14,7 @@ import sys
 import click
 
 from kdpipe import __version__
+from kdpipe.pipeline import provenance
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.stages import display
 
@@ -82,6 +83,7 @@ class KdpipeGroup(click.Group):
     """A group whose usage errors, and those of its commands, read ``error: ...`` on one line."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        provenance.set_command(args)  # what manifests and run.json record, and ``kdpipe reproduce`` re-runs
         with _one_line_errors():
             return super().make_context(info_name, args, parent=parent, **extra)
 

@@ -49,6 +49,7 @@ from kdpipe.pipeline.data.stream import Block
 from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
 from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
+from kdpipe.pipeline.provenance import command_record
 from kdpipe.pipeline.sampling import Samples, draw_samples
 from kdpipe.pipeline.schema import encode_rows
 from kdpipe.pipeline.storage.base import get_format
@@ -230,6 +231,7 @@ def manifest_header(plan: CapturePlan) -> dict:
         "schema": plan.schema.to_dict(),
         "software": software_versions(),
         "device": device_name,
+        "command": command_record(),  # None when run from Python rather than the kdpipe command
     }
 
 
