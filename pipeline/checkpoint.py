@@ -33,7 +33,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 # Settings that may differ when resuming: they do not change what is computed. The cache is known by
 # the hashes of its manifest and shards (checked apart), not by its path: it may have moved.
-_RESUMABLE = {"out", "cache", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
+RESUMABLE_SETTINGS = {"out", "cache", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
               "local_cache", "local_cache_gb", "read_ahead", "report_to"}
 # Settings a resumed run may raise: it then goes on to the new length.
 _EXTENDABLE = ("steps", "epochs")
@@ -43,7 +43,7 @@ _FINISHED_KEYS = ("finished_at", "final_train_metrics", "final_eval_metrics", "m
 def run_identity(cache, config, *, world_size: int = 1) -> dict:
     """What a resumed run must share with the one it continues (the number of ranks included: it
     decides the global batch, so the order rows are seen in)."""
-    settings = {k: v for k, v in config.recorded().items() if k not in _RESUMABLE}  # no storage options
+    settings = {k: v for k, v in config.recorded().items() if k not in RESUMABLE_SETTINGS}  # no storage options
     settings["world_size"] = world_size
     return {
         "cache_path": cache.location.record(),  # resolved local path, or the URL without user info
@@ -119,7 +119,7 @@ def check_resumable(out: Path, identity: dict) -> dict:
             f"--resume refused: the cache's manifest or shard hashes differ from those {out} was trained on; "
             "resume with the same cache, or start a new run"
         )
-    old = {k: v for k, v in (recorded.get("settings") or {}).items() if k not in _RESUMABLE}  # older runs had more
+    old = {k: v for k, v in (recorded.get("settings") or {}).items() if k not in RESUMABLE_SETTINGS}  # older runs had more
     new = identity["settings"]
     for key in _EXTENDABLE:
         if old.get(key) is not None and new.get(key) is not None and new[key] >= old[key]:

@@ -30,10 +30,10 @@ _SECRET_WORDS = re.compile(r"(secret|token|password|passwd|credential|api[_-]?ke
 _command: list[str] | None = None
 
 
-def set_command(args: list[str]) -> None:
-    """Record ``args`` (what followed ``kdpipe`` on the command line) as this process's command."""
+def set_command(args: list[str] | None) -> None:
+    """Record ``args`` (what followed ``kdpipe`` on the command line) as the running command (None: none)."""
     global _command
-    _command = list(args)
+    _command = None if args is None else list(args)
 
 
 def command_record() -> dict | None:

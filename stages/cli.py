@@ -88,8 +88,11 @@ class KdpipeGroup(click.Group):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):
-        with _one_line_errors():
-            return super().invoke(ctx)
+        try:
+            with _one_line_errors():
+                return super().invoke(ctx)
+        finally:
+            provenance.set_command(None)  # the command is over: later library calls in this process record none
 
 
 @contextlib.contextmanager
@@ -139,8 +142,10 @@ def _register():
     except ImportError:  # pragma: no cover
         pass
     from kdpipe.stages.demo import demo
+    from kdpipe.stages.reproduce import reproduce
 
     main.add_command(demo)
+    main.add_command(reproduce)
 
 
 _register()

@@ -1,0 +1,194 @@
+"""``kdpipe reproduce``: a recorded capture or training run, re-run in a new place, gives the same bytes;
+what differs (outputs, package versions) is named; a changed cache or run directory is refused.
+
+Every kdpipe command here runs as its own process (``python -m kdpipe``), as a user runs it: what is
+recorded is the real command line and the real installed package set of that process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdpipe.pipeline.provenance import NOT_RECORDED, packages_text, redact_args
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "data" / "teacher"
+STUDENT = REPO / "data" / "students" / "lm-student.json"
+FIXTURE_V1 = REPO / "tests" / "fixtures" / "cache_v1"
+SECRET = "s3cr3t-never-recorded"
+
+
+def kdpipe(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdpipe", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def capture_args(data: Path, out: str = "cache") -> list:
+    return ["-q", "cache-teacher", "--teacher", TEACHER, "--data", data, "--out", out, "--top-k", 8, "--seq-len", 64,
+            "--limit-rows", 24, "--shard-size-mb", 0.05]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shard_hashes(cache: Path) -> dict:
+    return {s["name"]: sha256(cache / s["name"]) for s in json.loads((cache / "manifest.json").read_text())["shards"]}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A folder with a copy of some real text (the data may be edited by a test) and a capture of it."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    shutil.copytree(REPO / "data" / "shakespeare" / "heldout", folder / "text")
+    done = kdpipe(*capture_args(Path("text")), "--storage-options", json.dumps({"secret": SECRET}), cwd=folder)
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(work) -> Path:
+    """A training run of 4 steps, then extended to 6 (so reproduce replays a start and a --resume)."""
+    common = ["-q", "train-student", "--cache", "cache", "--student", STUDENT, "--out", "run", "--batch-size", 4,
+              "--eval-every", 2]
+    for extra in (["--steps", 4], ["--resume", "--steps", 6]):
+        done = kdpipe(*common, *extra, cwd=work)
+        assert done.returncode == 0, done.stderr
+    return work / "run"
+
+
+def test_capture_reproduces_bit_for_bit(work):
+    manifest = json.loads((work / "cache" / "manifest.json").read_text())
+    assert manifest["command"]["args"][:2] == ["-q", "cache-teacher"]
+    assert NOT_RECORDED in manifest["command"]["args"] and SECRET not in (work / "cache" / "manifest.json").read_text()
+    assert manifest["software"]["packages_sha256"] == sha256(work / "cache" / "packages.txt")
+
+    done = kdpipe("reproduce", "cache", cwd=work)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert shard_hashes(work / "cache-reproduced") == shard_hashes(work / "cache")  # beside it, by default
+    assert len(shard_hashes(work / "cache")) >= 2
+    assert done.stdout.count("same     shard") == len(shard_hashes(work / "cache"))
+    assert "identical: " in done.stdout and "environment: every recorded package version" in done.stdout
+
+
+def test_training_run_reproduces_model_bytes_and_metrics(run, tmp_path):
+    recorded = json.loads((run / "run.json").read_text())
+    assert [e["to_total_steps"] for e in recorded["extensions"]] == [6]
+    assert "--resume" in recorded["extensions"][0]["command"]["args"]
+
+    done = kdpipe("reproduce", "run", "--out", tmp_path / "again", cwd=run.parent)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert sha256(tmp_path / "again" / "model" / "model.safetensors") == sha256(run / "model" / "model.safetensors")
+    assert again["final_eval_metrics"] == recorded["final_eval_metrics"]
+    assert [e["to_total_steps"] for e in again["extensions"]] == [6]  # replayed as it happened: 4 steps, then 6
+    assert "same     model/model.safetensors" in done.stdout
+    assert "same     final_eval_metrics" in done.stdout and "identical: " in done.stdout
+
+
+def test_recorded_versions_that_differ_are_named(work, tmp_path):
+    """The capture ran with a package ``kdpipe-probe`` 1.0 installed, the re-run with 2.0: the outputs are
+    the same, and the difference is reported by name."""
+    def probe_package(version: str) -> str:
+        site = tmp_path / f"site-{version}"
+        info = site / f"kdpipe_probe-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kdpipe-probe\nVersion: {version}\n")
+        return str(site)
+
+    done = kdpipe(*capture_args(Path("text"), out=str(tmp_path / "c")), cwd=work, env={"PYTHONPATH": probe_package("1.0")})
+    assert done.returncode == 0, done.stderr
+    assert "kdpipe-probe==1.0" in (tmp_path / "c" / "packages.txt").read_text()
+
+    done = kdpipe("reproduce", tmp_path / "c", cwd=work, env={"PYTHONPATH": probe_package("2.0")})
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "environment: 1 recorded versions differ" in done.stdout
+    assert "kdpipe-probe: 1.0 recorded, 2.0 now" in done.stdout
+
+
+def test_changed_outputs_are_reported_and_fail(work, tmp_path):
+    """Data edited after the capture: the re-run's shards differ, and reproduce says which and why."""
+    shutil.copytree(work / "text", tmp_path / "text")
+    done = kdpipe(*capture_args(Path("text")), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    first = sorted((tmp_path / "text").glob("*.txt"))[0]
+    first.write_text(first.read_text()[::-1])
+
+    done = kdpipe("reproduce", "cache", cwd=tmp_path)
+
+    assert done.returncode == 1
+    assert "DIFFERS  input data" in done.stdout and "DIFFERS  shard" in done.stdout
+    assert "not identical:" in done.stdout
+
+
+def test_tampered_run_directory_is_refused(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+
+    done = kdpipe("reproduce", copy, cwd=tmp_path)
+
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "model/model.safetensors does not match the sha256 run.json records" in done.stderr
+    assert not (tmp_path / "run-reproduced").exists()
+
+    shutil.copy(run / "model" / "model.safetensors", weights)
+    recorded = json.loads((copy / "run.json").read_text())
+    recorded["resolved_settings"]["lr"] *= 2  # an edited setting: what reproduce would re-run is not what ran
+    (copy / "run.json").write_text(json.dumps(recorded))
+    done = kdpipe("reproduce", copy, cwd=tmp_path)
+    assert done.returncode == 2 and "run.json does not match its checksum" in done.stderr
+
+
+def test_tampered_cache_is_refused(work, tmp_path):
+    shutil.copytree(work / "cache", tmp_path / "cache")
+    (tmp_path / "cache" / "packages.txt").write_text("torch==0.0.1\n")
+    done = kdpipe("reproduce", "cache", cwd=tmp_path)
+    assert done.returncode == 2 and "packages.txt does not match the sha256" in done.stderr
+
+    shutil.copy(work / "cache" / "packages.txt", tmp_path / "cache" / "packages.txt")
+    shard = tmp_path / "cache" / json.loads((work / "cache" / "manifest.json").read_text())["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    done = kdpipe("reproduce", "cache", cwd=tmp_path)
+    assert done.returncode == 2 and "changed after it was written" in done.stderr
+
+
+def test_what_cannot_be_reproduced_says_why(work, tmp_path):
+    done = kdpipe("reproduce", FIXTURE_V1, "--out", tmp_path / "v1", cwd=tmp_path)  # written before commands were recorded
+    assert done.returncode == 2 and "records no kdpipe command line" in done.stderr
+
+    done = kdpipe("reproduce", "cache", "--out", "cache", cwd=work)
+    assert done.returncode == 2 and "already exists and is not empty" in done.stderr
+
+
+def test_secrets_are_never_recorded():
+    args = ["cache-teacher", "--storage-options", '{"key": "A", "secret": "B"}', "--out", "s3://user:pw@bucket/c",
+            "--storage-options={\"token\": \"T\"}", "--hf-token", "hf_x", "--api-key=K", "--top-k", "8"]
+    assert redact_args(args) == ["cache-teacher", "--storage-options", NOT_RECORDED, "--out", "s3://***@bucket/c",
+                                 f"--storage-options={NOT_RECORDED}", "--hf-token", NOT_RECORDED,
+                                 f"--api-key={NOT_RECORDED}", "--top-k", "8"]
+
+
+def test_package_list_is_this_environment():
+    from importlib.metadata import version
+
+    lines = packages_text().splitlines()
+    names = [line.split("==")[0] for line in lines]
+    assert names == sorted(set(names))  # one line a package, by name
+    assert f"torch=={version('torch')}" in lines and f"numpy=={version('numpy')}" in lines
