@@ -1,15 +1,20 @@
-"""Build the project's Dockerfile and run kdpipe inside the image.
+"""Build the project's Dockerfile from its CPU lock and run kdpipe inside the image.
 
 There is no Docker engine on the project's machines, so this uses Debian's podman and
 buildah with chroot isolation (``podman run`` cannot work there: setrlimit is not
-permitted), and a stand-in for the official PyTorch base image built by
-``tests/docker_base.sh`` (debootstrap bookworm + a CPU torch wheel), since base images
-cannot be pulled.
+permitted), and a stand-in for the Dockerfile's default base ``python:3.11-slim-bookworm``
+built by ``tests/docker_base.sh`` (debootstrap bookworm + a python venv, no torch), since
+base images cannot be pulled.
 
-The image build runs offline: the project's dependencies are downloaded on the host
-into a cached wheelhouse (``$KDPIPE_DOCKER_CACHE/project-wheels``), which is mounted
-into the build together with a pip.conf that says ``no-index``. So the build can never
-fetch torch (it must come from the base) or anything else from a registry.
+The image is built with ``--build-arg LOCK=locks/image-cpu.txt``, offline: on the host,
+``pip download --require-hashes -r locks/image-cpu.txt`` fills a wheelhouse cached by the
+lock's sha256 (``$KDPIPE_DOCKER_CACHE/lock-wheels/<sha>``), which is mounted into the build
+together with a pip.conf that says ``no-index``. So every package in the image, torch
+included, is the file the lock names and hashes, and the build never reaches a registry.
+
+Then, inside the image: ``kdpipe --help``; /opt/kdpipe/image.json (base, lock and its sha256,
+versions); ``cache-teacher`` and ``train-student`` on the demo data; ``cache-teacher`` then
+``kdpipe reproduce`` on that cache, which must give the same shard bytes.
 
 Needs root and: apt-get install -y podman buildah debootstrap
 (see docs/docker.md). Measured on a 2-core machine: cold (nothing cached) about 3 min,
@@ -35,14 +40,13 @@ pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_SCRIPT = REPO / "tests" / "docker_base.sh"
-BASE_IMAGE = os.environ.get("KDPIPE_TEST_BASE_IMAGE", "localhost/kdpipe-test-base:bookworm")
+BASE_IMAGE = os.environ.get("KDPIPE_TEST_BASE_IMAGE", "localhost/kdpipe-test-python:3.11-bookworm")
 IMAGE = os.environ.get("KDPIPE_TEST_IMAGE", "localhost/kdpipe:test")
 # Demo data (data/teacher, data/shakespeare/heldout); overridable to try other data.
 DATA = Path(os.environ.get("KDPIPE_TEST_DATA", REPO / "data"))
 CACHE = Path(os.environ.get("KDPIPE_DOCKER_CACHE", "/var/cache/kdpipe-docker-test"))
-# The torch the stand-in base has; pinned for the host-side wheel download too, so that a
-# dependency that pulls torch in gets the CPU wheel from disk, never PyPI's CUDA build.
-TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0+cpu")
+# The lock the image is built from (a path in the repository, as the Dockerfile's LOCK arg).
+LOCK = "locks/image-cpu.txt"
 
 TOOLS = ("podman", "buildah", "debootstrap")
 _missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -78,46 +82,39 @@ def _run(cmd, *, timeout=900, check=True, env=None, log_name=None):
     return proc
 
 
-def _requirements() -> list[str]:
-    try:
-        import tomllib
-    except ImportError:  # python 3.10
-        import tomli as tomllib
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    deps = pyproject["project"]["dependencies"]
-    build = pyproject["build-system"]["requires"]  # for pip's isolated build of kdpipe
-    name = lambda d: re.match(r"[A-Za-z0-9._-]+", d).group().lower()  # noqa: E731
-    # torch comes from the base image; the image build pins it to the installed one.
-    return [d for d in deps if name(d) != "torch"] + list(build)
+def _lock_sha256() -> str:
+    return hashlib.sha256((REPO / LOCK).read_bytes()).hexdigest()
 
 
-def _project_wheelhouse() -> Path:
-    """Wheels for the project's dependencies (torch excluded), cached by requirement set."""
-    reqs = _requirements()
-    key = hashlib.sha256("\n".join(reqs + [TORCH_SPEC, *TARGET_FLAGS]).encode()).hexdigest()[:16]
-    wheels = CACHE / "project-wheels"
-    stamp = wheels / f".complete-{key}"
-    if stamp.exists():
-        return wheels
-    wheels.mkdir(parents=True, exist_ok=True)
-    constraint = wheels / ".torch-constraint.txt"
-    constraint.write_text(TORCH_SPEC + "\n")
-    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-          "-d", wheels, "-c", constraint, *TARGET_FLAGS, *reqs],
-         log_name="pip download (project wheels)")
-    for old in wheels.glob(".complete-*"):
-        old.unlink()
-    stamp.touch()
+def _lock_wheelhouse() -> Path:
+    """Every file the lock pins, for the image's python, checked against the lock's hashes;
+    cached by the lock's sha256 (older wheelhouses are removed)."""
+    key = hashlib.sha256((_lock_sha256() + "\n".join(TARGET_FLAGS)).encode()).hexdigest()[:16]
+    root = CACHE / "lock-wheels"
+    wheels = root / key
+    stamp = wheels / ".complete"
+    if not stamp.exists():
+        wheels.mkdir(parents=True, exist_ok=True)
+        # torch==2.13.0+cpu is not on PyPI: pip finds it where it is configured to look
+        # (find-links; on the project's machines the wheel lies in /opt/wheels).
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "--require-hashes", "-d", wheels, *TARGET_FLAGS, "-r", REPO / LOCK],
+             log_name=f"pip download --require-hashes -r {LOCK}")
+        stamp.touch()
+    if root.is_dir():
+        for old in root.iterdir():
+            if old != wheels:
+                shutil.rmtree(old, ignore_errors=True)
     return wheels
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> str:
     t0 = time.monotonic()
-    env = dict(os.environ, PYTHON=sys.executable, KDPIPE_DOCKER_CACHE=str(CACHE), TORCH_SPEC=TORCH_SPEC)
+    env = dict(os.environ, KDPIPE_DOCKER_CACHE=str(CACHE))
     _run(["bash", BASE_SCRIPT, BASE_IMAGE], env=env, timeout=900, log_name="tests/docker_base.sh")
 
-    wheels = _project_wheelhouse()
+    wheels = _lock_wheelhouse()
     conf_dir = tmp_path_factory.mktemp("pipconf")
     pip_conf = conf_dir / "pip.conf"
     pip_conf.write_text("[global]\nno-index = true\nfind-links = /kdpipe-wheels\n")
@@ -129,6 +126,7 @@ def image(tmp_path_factory) -> str:
            "-v", f"{wheels}:/kdpipe-wheels:ro",
            "-v", f"{pip_conf}:/etc/pip.conf:ro",
            "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+           "--build-arg", f"LOCK={LOCK}",
            "--build-arg", f"KDPIPE_IMAGE_TAG={IMAGE}",
            "-t", IMAGE, "-f", REPO / "Dockerfile", REPO]
     _run(cmd, timeout=900, log_name="podman build")
@@ -150,13 +148,25 @@ def container(image):
     subprocess.run(["buildah", "rm", cid], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kdpipe(cid, args, *, mounts=(), timeout=600, check=True):
+def _in_image(cid, argv, *, mounts=(), timeout=600, check=True, log_name=None):
     cmd = ["buildah", "run", "--isolation", "chroot",
            "-e", "HF_HUB_OFFLINE=1", "-e", "TRANSFORMERS_OFFLINE=1"]
     for host, inside in mounts:
         cmd += ["-v", f"{host}:{inside}"]
-    cmd += [cid, "--", "kdpipe", *args]
-    return _run(cmd, timeout=timeout, check=check, log_name=f"kdpipe {args[0]}")
+    cmd += [cid, "--", *argv]
+    return _run(cmd, timeout=timeout, check=check, log_name=log_name or " ".join(argv[:2]))
+
+
+def _kdpipe(cid, args, **kw):
+    return _in_image(cid, ["kdpipe", *args], **kw)
+
+
+def _lock_versions(path: Path) -> dict[str, str]:
+    return _lock_versions_from_text(path.read_text())
+
+
+def _pyproject_version() -> str:
+    return re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 
 
 def test_image_identity(image):
@@ -164,8 +174,37 @@ def test_image_identity(image):
                log_name="podman image inspect").stdout
     config = json.loads(out)
     assert f"KDPIPE_IMAGE={image}" in config["Env"]
+    assert "KDPIPE_IMAGE_INFO=/opt/kdpipe/image.json" in config["Env"]
     assert config["Entrypoint"] == ["kdpipe"]
     assert config["WorkingDir"] == "/workspace"
+    assert config["Labels"]["io.kdpipe.lock"] == LOCK
+
+
+def test_image_info_records_base_and_lock(container):
+    """/opt/kdpipe/image.json says what the image was built from, and the image holds exactly
+    the lock's versions (the build installed from the lock, nothing else)."""
+    info = json.loads(_in_image(container, ["cat", "/opt/kdpipe/image.json"]).stdout)
+    lock = _lock_versions(REPO / LOCK)
+    assert info == {
+        "image_tag": IMAGE,
+        "base_image": BASE_IMAGE,
+        "lock_file": LOCK,
+        "lock_sha256": _lock_sha256(),
+        "kdpipe_version": _pyproject_version(),
+        "torch": lock["torch"],
+    }
+    freeze = _in_image(container, ["python", "-m", "pip", "list", "--format=freeze"],
+                       log_name="pip list").stdout
+    installed = _lock_versions_from_text(freeze)
+    installed.pop("kdpipe")
+    # The base's own pip is not in the image lock (python:3.11-slim brings its pip too).
+    installed.pop("pip", None)
+    assert installed == lock
+
+
+def _lock_versions_from_text(text: str) -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)
+    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pins}
 
 
 def test_help(container):
@@ -173,16 +212,15 @@ def test_help(container):
     assert "Usage" in proc.stdout
 
 
-def test_stages_on_demo_data(container, tmp_path):
-    helptext = _kdpipe(container, ["--help"]).stdout
-    missing = [c for c in ("cache-teacher", "train-student") if c not in helptext]
-    if missing:
-        pytest.skip(f"kdpipe has no {' / '.join(missing)} subcommand yet (TODO: remove this skip once they land)")
-    data = DATA
-    for need in (data / "teacher", data / "shakespeare" / "heldout"):
+def _demo_data() -> Path:
+    for need in (DATA / "teacher", DATA / "shakespeare" / "heldout"):
         if not need.exists():
             pytest.skip(f"demo data missing: {need}")
+    return DATA
 
+
+def test_stages_on_demo_data(container, tmp_path):
+    data = _demo_data()
     out = tmp_path / "out"
     out.mkdir()
     vocab = 2048
@@ -209,8 +247,13 @@ def test_stages_on_demo_data(container, tmp_path):
             mounts=mounts)
     manifest = out / "cache" / "manifest.json"
     assert manifest.is_file()
-    # The image identity (ENV KDPIPE_IMAGE, from --build-arg KDPIPE_IMAGE_TAG) is recorded.
-    assert IMAGE in manifest.read_text(), "manifest.json does not record $KDPIPE_IMAGE"
+    software = json.loads(manifest.read_text())["software"]
+    # The image identity: the tag (ENV KDPIPE_IMAGE, from --build-arg KDPIPE_IMAGE_TAG) and the
+    # build record $KDPIPE_IMAGE_INFO names, with the lock's sha256.
+    assert software["docker_image"] == IMAGE
+    assert software["image"]["image_tag"] == IMAGE
+    assert software["image"]["lock_sha256"] == _lock_sha256()
+    assert software["image"]["base_image"] == BASE_IMAGE
 
     _kdpipe(container, ["train-student", "--cache", "/out/cache", "--student", "/out/student_config.json",
                         "--out", "/out/student", "--steps", "5", "--batch-size", "4"],
@@ -218,3 +261,32 @@ def test_stages_on_demo_data(container, tmp_path):
     # train-student's --out is a run directory; the weights may sit in a subfolder (model/).
     weights = sorted((out / "student").rglob("model.safetensors"))
     assert weights, f"no model.safetensors under {out / 'student'}"
+
+
+def _shard_hashes(cache: Path) -> dict[str, str]:
+    """sha256 of every shard file, by its path in the cache (computed here, not read from a manifest)."""
+    files = sorted(p for p in (cache / "shards").rglob("*") if p.is_file())
+    return {str(p.relative_to(cache)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_cache_reproduces_in_image(container, tmp_path):
+    """cache-teacher, then `kdpipe reproduce` on that cache, both inside the image: exit 0 and
+    the same shard bytes (compared here too, file by file)."""
+    data = _demo_data()
+    out = tmp_path / "out"
+    out.mkdir()
+    mounts = [(data, "/workspace/data:ro"), (out, "/out")]
+    _kdpipe(container, ["cache-teacher", "--teacher", "data/teacher", "--data", "data/shakespeare/heldout",
+                        "--out", "/out/cache", "--seq-len", "64", "--limit-rows", "24", "--top-k", "16",
+                        "--temperature", "1", "--temperature", "2"],
+            mounts=mounts)
+    proc = _kdpipe(container, ["reproduce", "/out/cache", "--out", "/out/again"], mounts=mounts, check=False)
+    print(proc.stdout)
+    assert proc.returncode == 0, f"kdpipe reproduce exited {proc.returncode}:\n{proc.stdout[-3000:]}"
+    first, again = _shard_hashes(out / "cache"), _shard_hashes(out / "again")
+    assert first and first == again
+    recorded = json.loads((out / "cache" / "manifest.json").read_text())
+    rerun = json.loads((out / "again" / "manifest.json").read_text())
+    assert [s["sha256"] for s in recorded["shards"]] == [s["sha256"] for s in rerun["shards"]]
+    # The re-run was made by the same image build.
+    assert rerun["software"]["image"] == recorded["software"]["image"]
