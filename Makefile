@@ -16,7 +16,9 @@
 #   make LOCK= TORCH_INDEX=https://download.pytorch.org/whl/cu128 setup   # CUDA 12.8 (pytorch.org lists the others)
 #   make LOCK= TORCH_INDEX= setup                                          # PyPI's build (CUDA on Linux)
 #
-# `make lock` refreshes locks/*.txt from pyproject.toml and locks/*.in with uv (see locks/README.md).
+# `make lock` refreshes locks/*.txt from pyproject.toml and locks/*.in with uv, keeping the pins
+# that still fit; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest releases,
+# LOCK_FLAGS="--upgrade-package NAME" one package (see locks/README.md).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -62,19 +64,21 @@ test: setup
 # version. The CPU torch (2.13.0+cpu) is not on PyPI: uv takes it from LOCK_FIND_LINKS, a folder
 # holding the cp311 wheel downloaded from PyTorch's CPU index (default /opt/wheels, where this
 # project's machines keep it), and hashes that file.
+# uv: this version, installed into build/lock-tools on first use; UV=uv takes the one on PATH.
 UV_VERSION ?= 0.13.9
 UV ?= build/lock-tools/bin/uv
 LOCK_INDEX ?= https://pypi.org/simple
 LOCK_FIND_LINKS ?= /opt/wheels
 LOCK_TARGET = --python-version 3.11 --python-platform x86_64-manylinux_2_28
-UV_COMPILE = $(UV) pip compile --quiet --generate-hashes --upgrade $(LOCK_TARGET) \
+LOCK_FLAGS ?=
+UV_COMPILE = $(UV) pip compile --quiet --generate-hashes $(LOCK_FLAGS) $(LOCK_TARGET) \
 	--index-url $(LOCK_INDEX) --custom-compile-command "make lock"
 
 build/lock-tools/bin/uv:
 	$(PYTHON) -m venv build/lock-tools
 	build/lock-tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
-lock: $(UV)
+lock: $(filter build/lock-tools/bin/uv,$(UV))
 	$(UV_COMPILE) --find-links $(LOCK_FIND_LINKS) pyproject.toml locks/cpu-dev.in --extra test -o locks/cpu-dev.txt
 	$(UV_COMPILE) --find-links $(LOCK_FIND_LINKS) pyproject.toml locks/image-cpu.in -o locks/image-cpu.txt
 	$(UV_COMPILE) pyproject.toml locks/image-cuda.in -o locks/image-cuda.txt
