@@ -15,10 +15,10 @@ the same rows in the same order, with each of these targets:
 - ``sampled``: N draws per position from the teacher (``--sample N``, no top-k), trained with the
   unbiased estimator;
 - ``mixed``: exact top-k plus M draws from the tail (``--top-k k --sample M``);
-- ``online``: the reference: the teacher in memory, dense forward KL over all 2,048 tokens. It runs
-  the library's ``Trainer`` on the ``topk-fp16`` cache (so its rows, order, schedule, clipping and
-  initialisation are those of the cached runs) with the loss replaced by
-  ``alpha * dense_kd_loss(student, teacher(batch["input_ids"])) + (1 - alpha) * CE``;
+- ``online``: the reference: the teacher in memory, dense forward KL over all 2,048 tokens
+  (``kdpipe.pipeline.online_kd.OnlineKDTrainer``, the library's ``Trainer`` on the ``topk-fp16`` cache,
+  so its rows, order, schedule, clipping and initialisation are those of the cached runs, with the loss
+  replaced by ``alpha * dense_kd_loss(student, teacher(batch["input_ids"])) + (1 - alpha) * CE``);
 - ``hard-labels``: alpha = 0 (no teacher at all), same rows and order.
 
 The four caches are captured at T = 1 only (training uses T = 1) with k / N / M chosen so that their
@@ -29,14 +29,14 @@ not hidden). The draws are seeded (capture seed 0) and do not change with ``--se
 seed sets the student's initialisation and the row order of every variant alike.
 
 Every student is then scored on all rows of the held-out play (``data/shakespeare/heldout``, packed
-as ``cache-teacher`` packs it: 128-token rows), with the teacher's dense logits computed on the same
-rows, at T = 1:
+as ``cache-teacher`` packs it: 128-token rows, in a top-32 held-out cache) by ``kdpipe evaluate --cache
+HELDOUT --teacher TEACHER`` (the library's ``evaluate_model``), the teacher run on the same rows, at T = 1:
 
 - ``ce``: hard-label cross-entropy (nats per predicted token);
 - ``kl_full``: KL(teacher || student) over the full vocabulary, per position, mean over positions;
 - ``top1_agreement``: student argmax == teacher argmax;
-- ``kl_sparse_lower_bound`` (JSON only): ``kdpipe evaluate``'s KL on a top-32 held-out cache's
-  (k+1)-bin view, a lower bound of ``kl_full``, and its CE, which must equal ``ce``.
+- ``kl_sparse_lower_bound`` (JSON only): evaluate's ``kl_topk_bins``, the KL on the top-32 held-out
+  cache's (k+1)-bin view, a lower bound of ``kl_full``.
 
 Writes the JSON report (command, machine, versions, git commit, settings, caches with their measured
 bytes/token, per-seed and aggregated results) to ``--out`` and a Markdown table next to it (same
@@ -62,13 +62,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
 from kdpipe.pipeline.dataset import CacheDataset
 from kdpipe.pipeline.evaluate import evaluate_model, load_model
-from kdpipe.pipeline.losses import dense_kd_loss, hard_label_ce
+from kdpipe.pipeline.online_kd import OnlineKDTrainer
 from kdpipe.pipeline.train import Trainer
 from kdpipe.pipeline.train_config import TrainConfig
 
@@ -92,8 +90,8 @@ class Targets:
         return " + ".join(part for part in (head, draws) if part)
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """The demo task's settings (teacher, data, student, rows, training schedule), shared with k_sweep.py."""
     p.add_argument("--teacher", default=str(DATA / "teacher"))
     p.add_argument("--train-data", default=str(DATA / "shakespeare" / "train"))
     p.add_argument("--heldout-data", default=str(DATA / "shakespeare" / "heldout"))
@@ -105,6 +103,11 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (student init and row order)")
     p.add_argument("--fp16-k", type=int, default=16, help="top-k of the float16 cache: sets the byte budget")
     p.add_argument("--quantized-k", type=int, default=30, help="top-k of the quantized cache")
@@ -153,26 +156,6 @@ def cache_record(kind: Targets, manifest: dict, seconds: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-class OnlineKDTrainer(Trainer):
-    """The library's Trainer, its loss replaced by dense KD against the teacher run on the batch's rows."""
-
-    def __init__(self, config: TrainConfig, teacher: torch.nn.Module):
-        super().__init__(config)
-        self.teacher = teacher
-
-    def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        targets = self.targets(batch, temperature=temperature)  # masks and labels, exactly as the cached runs
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=self._attention(batch)).logits
-        logits = self.student_logits(batch)
-        v = logits.shape[-1]
-        logits, teacher_logits = logits.reshape(-1, v).float(), teacher_logits.reshape(-1, v).float()
-        kd = dense_kd_loss(logits, teacher_logits, temperature=temperature, mask=targets.kd_mask)
-        ce = hard_label_ce(logits, targets.labels, mask=targets.ce_mask)
-        return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
-
-
 def reused_run(args, *, cache: Path, run_dir: Path, seed: int, alpha: float) -> dict | None:
     """The training record of a finished run left in ``run_dir`` by an earlier invocation (``--reuse-runs``)."""
     record = run_dir / "run.json"
@@ -238,41 +221,13 @@ def first_epoch_order(trainer: Trainer) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_full(models: dict[str, Path], teacher_dir: str, heldout_cache: Path, max_rows: int | None,
-                  device: str) -> dict[str, dict]:
-    """CE, full-vocabulary KL(teacher || student) and top-1 agreement of each model on the held-out
-    cache's rows (its ``input_ids`` and ``mask``), the teacher's dense logits computed once per batch."""
-    dev = torch.device(device)
-    teacher = load_model(teacher_dir, device=dev)
-    students = {name: load_model(path, device=dev) for name, path in models.items()}
-    rows = None if max_rows is None else np.arange(max_rows)
-    dataset = CacheDataset(str(heldout_cache), batch_size=16, rows=rows, shuffle=False, rank=0, world_size=1)
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in ["teacher", *students]}
-    ce_count = kd_count = 0
-    for batch in DataLoader(dataset, batch_size=None):
-        ids, mask = batch["input_ids"].to(dev), batch["mask"].to(dev)
-        attention = mask.long()
-        kd_mask = mask.reshape(-1)  # position t predicts t + 1; the last one's target is the next row's first
-        ce_mask = torch.zeros_like(mask)
-        ce_mask[:, :-1] = mask[:, :-1] & mask[:, 1:]
-        labels = ids.roll(-1, dims=1).reshape(-1)[ce_mask.reshape(-1)]
-        log_p = F.log_softmax(teacher.logits(ids, attention).float().reshape(-1, teacher.num_outputs), dim=-1)
-        p = log_p.exp()
-        top_teacher = log_p.argmax(dim=-1)
-        kd_count += int(kd_mask.sum())
-        ce_count += int(ce_mask.sum())
-        for name, model in [("teacher", teacher), *students.items()]:
-            log_q = log_p if model is teacher else F.log_softmax(
-                model.logits(ids, attention).float().reshape(-1, model.num_outputs), dim=-1)
-            s = sums[name]
-            s["nll"] -= float(log_q[ce_mask.reshape(-1)].gather(1, labels[:, None]).sum())
-            kl = (p * (log_p - log_q)).sum(dim=-1)  # [N] nats, exact: every p > 0 in fp32 softmax here
-            s["kl"] += float(kl[kd_mask].sum())
-            s["agree"] += float((log_q.argmax(dim=-1) == top_teacher)[kd_mask].sum())
-    return {name: {"ce": s["nll"] / ce_count, "kl_full": s["kl"] / kd_count, "top1_agreement": s["agree"] / kd_count,
-                   "ce_positions": ce_count, "kd_positions": kd_count, "heldout_rows": dataset.num_rows}
-            for name, s in sums.items()}
+def evaluate_full(model_dir, teacher_dir: str, heldout_cache: Path, max_rows: int | None, device: str) -> dict:
+    """CE, full-vocabulary KL(teacher || student), top-1 agreement and the cache's (k+1)-bin KL of one
+    model on the held-out cache's rows: ``kdpipe evaluate --cache C --teacher T``."""
+    lib = evaluate_model(model_dir, cache=str(heldout_cache), teacher=teacher_dir, device=device, max_rows=max_rows)
+    return {"ce": lib["ce"], "kl_full": lib["kl_full"], "top1_agreement": lib["top1_agreement"],
+            "kl_sparse_lower_bound": lib["kl_topk_bins"], "ce_positions": lib["tokens"],
+            "kd_positions": lib["positions"], "heldout_rows": lib["rows"]}
 
 
 # ----------------------------------------------------------------------------- report
@@ -310,12 +265,13 @@ def aggregate(per_seed: list[dict], online: list[dict] | None) -> dict:
     return out
 
 
-def fmt(stat: dict | None, digits: int = 3, signed: bool = False) -> str:
+def fmt(stat: dict | None, digits: int = 3, signed: bool = False, *, spread: str = "spread", unit: str = "") -> str:
+    """``mean ± stat[spread]`` (the spread only over several seeds), each followed by ``unit``."""
     if stat is None:
         return "—"
     sign = "+" if signed else ""
-    text = f"{stat['mean']:{sign}.{digits}f}"
-    return text + (f" ± {stat['spread']:.{digits}f}" if len(stat["values"]) > 1 else "")
+    text = f"{stat['mean']:{sign}.{digits}f}{unit}"
+    return text + (f" ± {stat[spread]:.{digits}f}{unit}" if len(stat["values"]) > 1 else "")
 
 
 def markdown(report: dict) -> str:
@@ -342,8 +298,7 @@ def markdown(report: dict) -> str:
     lines.append(f"| teacher (reference) | — | — | {t['ce']:.3f} | 0 | 1 | — |")
     lines += ["", f"Byte budget: {report['budget']['bytes_per_token']:.1f} B/token (the top-{s['fp16_k']} fp16 cache), "
               f"every cache within {report['budget']['max_deviation'] * 100:.1f}% of it "
-              f"({'inside' if report['budget']['within_tolerance'] else 'OUTSIDE'} the ±{BYTES_TOLERANCE:.0%} band); "
-              f"the demo's default cache (top-32 fp16, T = 1 and 2) takes about 114 B/token.",
+              f"({'inside' if report['budget']['within_tolerance'] else 'OUTSIDE'} the ±{BYTES_TOLERANCE:.0%} band).",
               "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 
@@ -400,18 +355,13 @@ def main():
                                         for seed in args.seeds}
         evaluation_started = time.perf_counter()
         print("evaluating on the held-out play ...", flush=True)
-        models = {f"{name}/s{seed}": work / f"run-{name}-s{seed}" / "model" for name, seed in runs}
-        full = evaluate_full(models, args.teacher, heldout, args.heldout_rows, args.device)
         for (name, seed), record in runs.items():
-            lib = evaluate_model(work / f"run-{name}-s{seed}" / "model", cache=str(heldout), device=args.device,
-                                 max_rows=args.heldout_rows)
-            result = full[f"{name}/s{seed}"]
-            result.update(kl_sparse_lower_bound=lib["kl_to_teacher"], evaluate_ce=lib["ce"],
-                          evaluate_top1_agreement=lib["top1_agreement"])
+            result = evaluate_full(work / f"run-{name}-s{seed}" / "model", args.teacher, heldout, args.heldout_rows,
+                                   args.device)
             record["heldout"] = result
-            print(f"  {name} s{seed}: ce {result['ce']:.4f} (kdpipe evaluate {lib['ce']:.4f}), "
-                  f"kl_full {result['kl_full']:.4f} (lower bound {lib['kl_to_teacher']:.4f}), "
-                  f"top-1 {result['top1_agreement']:.4f}", flush=True)
+            print(f"  {name} s{seed}: ce {result['ce']:.4f}, kl_full {result['kl_full']:.4f} "
+                  f"(lower bound {result['kl_sparse_lower_bound']:.4f}), top-1 {result['top1_agreement']:.4f}", flush=True)
+        teacher_row = evaluate_full(args.teacher, args.teacher, heldout, args.heldout_rows, args.device)
 
         timings["evaluation"] = round(time.perf_counter() - evaluation_started, 1)
         online = [runs["online", s]["heldout"] for s in args.seeds] if "online" in wanted else None
@@ -446,7 +396,7 @@ def main():
             "same_row_order_in_every_variant": same_order, "row_order_per_seed": {str(s): seen for s, seen in orders.items()},
             "heldout_rows": first["heldout_rows"], "heldout_kd_positions": first["kd_positions"],
             "heldout_ce_positions": first["ce_positions"], "vocab": 2048,
-            "teacher": full["teacher"], "caches": caches, "variants": variants,
+            "teacher": teacher_row, "caches": caches, "variants": variants,
             "timings_s": timings, "wall_s": round(time.perf_counter() - wall, 1),
             "timings_note": "wall-clock on a 2-core machine shared with other jobs: noisy",
         }

@@ -1,23 +1,36 @@
-"""Evaluating a trained student (or a teacher) on held-out data and against a teacher cache.
+"""Evaluating a trained student (or a teacher) on held-out data and against a teacher.
 
 :func:`evaluate_model` streams over rows in batches and reports:
 
 * on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
   ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
-* with a cache -- ``kl_to_teacher`` (KL(teacher || student) at T = 1 on the cache's top-k + tail view,
-  a lower bound of the full KL, exact at k = V; for a sampled or mixed cache, the unbiased estimate of
-  the full KL from its draws) and ``top1_agreement`` (student argmax == teacher's best id; absent
-  for a sampled cache without a top-k), over the cache's valid positions;
+* against the teacher, KL(teacher || student) at T = 1 under a name that says what it is
+  (:data:`~kdpipe.pipeline.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
+  best id) and ``positions`` (how many were scored), over the valid positions:
+
+  - ``kl_full``: over the full vocabulary. With ``teacher`` the teacher is run on the same rows (loaded
+    as cache-teacher loads it; against a cache, its fingerprint must be the manifest's); without it, a
+    top-k cache with k = V gives it exactly (up to the value encoding);
+  - ``kl_topk_bins``: on a top-k cache's (k+1)-bin view (top-k + one tail bucket), k < V. Merging
+    classes never increases a KL, so this is a **lower bound** of ``kl_full``, and can be far below it
+    (docs/THEORY.md, section 3);
+  - ``kl_full_estimate``: a sampled or mixed cache's unbiased estimate of the full KL from its draws.
+
+  With both ``teacher`` and a cache, the cache's own KL is reported next to ``kl_full``;
+  ``top1_agreement`` is then the teacher's argmax, else the cache's best id (absent for a sampled cache
+  without a top-k). ``teacher_view`` says in words where the KL came from;
 * ``rows``, ``rows_per_s`` and, for text models, ``tokens_per_s`` (attended input tokens per second of
-  student forward pass; the first batch is a warm-up and is not timed unless it is the only one).
+  student forward pass, the teacher's not included; the first batch is a warm-up and is not timed
+  unless it is the only one).
 
 Without a cache the rows are ``data`` packed exactly as ``cache-teacher`` packs them. With a cache
 the rows are the cache's rows: a text student is fed the cache's ``input_ids``; when ``data`` is
 given too (required for classification caches, which store no attention mask or no input at all)
 the inputs are ``data``'s rows at each cache row's ``sample_index``, checked by ``input_hash``.
 Causal LM position ``t`` predicts token ``t + 1``: it is scored against the teacher where the
-cache's mask is True, and against ``input_ids[t + 1]`` where ``mask[t]`` and ``mask[t + 1]`` are
-(text), or where ``mask[t]`` is (chat data, whose mask marks the positions predicting a target token).
+cache's (or the data rows') mask is True, and against ``input_ids[t + 1]`` where ``mask[t]`` and
+``mask[t + 1]`` are (text), or where ``mask[t]`` is (chat data, whose mask marks the positions
+predicting a target token).
 """
 
 from __future__ import annotations
@@ -37,7 +50,9 @@ from kdpipe.pipeline import metrics
 from kdpipe.pipeline.cache import TeacherCache, open_cache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.modules import load_module
-from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
+from kdpipe.pipeline.teachers import (
+    Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype, tokenizer_fingerprint,
+)
 
 from kdpipe.pipeline.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
 MODULE_WEIGHTS = "model.safetensors"
@@ -249,13 +264,15 @@ class _Scores:
 
     def __init__(self, task: str):
         self.task = task
-        self.nll, self.kl, self.top1 = metrics.Mean(), metrics.Mean(), metrics.Mean()
+        self.nll, self.top1 = metrics.Mean(), metrics.Mean()
+        self.kl_dense, self.kl_cache = metrics.Mean(), metrics.Mean()  # the teacher run here; the cache's targets
+        self.kl_cache_name: str | None = None  # what the cache's KL is (metrics.cache_kl_name)
         self.calibration = metrics.CalibrationBins()
         self.confusion: metrics.ConfusionMatrix | None = None
         self.rows = 0
         self.timings: list[tuple[float, int, int]] = []  # per batch: forward seconds, rows, fed tokens
 
-    def result(self, *, with_teacher: bool, text: bool) -> dict:
+    def result(self, *, text: bool) -> dict:
         out: dict = {"rows": self.rows}
         if self.task == "causal-lm":
             ce = self.nll.value
@@ -263,14 +280,23 @@ class _Scores:
                        accuracy=self.calibration_accuracy(), ece=self.calibration.value)
         else:
             out.update(accuracy=self.confusion.accuracy, macro_f1=self.confusion.macro_f1, ece=self.calibration.value)
-        if with_teacher:
-            out.update(positions=self.kl.count, kl_to_teacher=self.kl.value)
-            if self.top1.count:  # a sampled cache without a top-k does not know the teacher's best id
-                out["top1_agreement"] = self.top1.value
+        out.update(self.teacher_metrics())
         seconds, rows, tokens = (sum(t) for t in zip(*self.timings[1:] or self.timings))  # first batch: warm-up
         out["rows_per_s"] = rows / seconds if seconds else math.nan
         if text:
             out["tokens_per_s"] = tokens / seconds if seconds else math.nan
+        return out
+
+    def teacher_metrics(self) -> dict:
+        """Positions, each KL by its name (see module doc) and top-1 agreement; {} without a teacher."""
+        out: dict = {}
+        if self.kl_dense.count:
+            out.update(positions=self.kl_dense.count, kl_full=self.kl_dense.value)
+        if self.kl_cache.count and self.kl_cache_name not in out:  # a k = V cache adds nothing to the dense KL
+            out.setdefault("positions", self.kl_cache.count)
+            out[self.kl_cache_name] = self.kl_cache.value
+        if self.top1.count:  # a sampled cache without a top-k does not know the teacher's best id
+            out["top1_agreement"] = self.top1.value
         return out
 
     def calibration_accuracy(self) -> float:
@@ -313,7 +339,7 @@ def _hard_targets(model: EvalModel, batch: dict, v: int, mask_meaning: str) -> t
     return targets, valid
 
 
-def _score_batch(model: EvalModel, batch: dict, scores: _Scores, mask_meaning: str) -> None:
+def _score_batch(model: EvalModel, batch: dict, scores: _Scores, mask_meaning: str, teacher: Teacher | None) -> None:
     if "topk_ids" in batch and model.num_outputs is not None:
         _check_teacher_ids(batch, model.num_outputs)  # before the forward pass can fail on them
     logits = _forward(model, batch, scores)  # [N, V]
@@ -325,8 +351,10 @@ def _score_batch(model: EvalModel, batch: dict, scores: _Scores, mask_meaning: s
     if model.task == "classification":
         scores.confusion = scores.confusion or metrics.ConfusionMatrix(v)
         scores.confusion.add(pred[valid], targets[valid])
+    if teacher is not None:
+        _score_dense_teacher(logits, teacher, batch, scores)
     if "topk_ids" in batch:
-        _score_teacher(logits, batch, scores)
+        _score_cached_teacher(logits, batch, scores, top1=teacher is None)
 
 
 def _check_teacher_ids(batch: dict, v: int) -> None:
@@ -339,7 +367,19 @@ def _check_teacher_ids(batch: dict, v: int) -> None:
                           "the student's vocabulary must cover the teacher's")
 
 
-def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
+def _score_dense_teacher(logits: torch.Tensor, teacher: Teacher, batch: dict, scores: _Scores) -> None:
+    """The full-vocabulary KL and top-1 agreement against the teacher run on the batch's inputs."""
+    inputs = torch.from_numpy(batch["inputs"]).to(teacher.device)
+    attention = None if batch["attention"] is None else torch.from_numpy(batch["attention"]).to(teacher.device)
+    teacher_logits = teacher.logits(inputs, attention)  # [B, P, V_t], in the teacher's dtype
+    teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(logits.device).float()  # [N, V_t]
+    mask = torch.from_numpy(np.asarray(batch["mask"])).reshape(-1).to(logits.device)  # [N]
+    scores.kl_dense.add(*metrics.dense_kl_to_teacher(logits, teacher_logits, mask))
+    scores.top1.add(*metrics.top1_agreement(logits, teacher_logits.argmax(-1, keepdim=True), mask))
+
+
+def _score_cached_teacher(logits: torch.Tensor, batch: dict, scores: _Scores, *, top1: bool) -> None:
+    """The KL the cache's targets give (named by what it is) and, when ``top1``, the top-1 agreement."""
     _check_teacher_ids(batch, logits.shape[-1])
     k = batch["topk_ids"].shape[-1]
     mask = torch.from_numpy(batch["mask"]).reshape(-1).to(logits.device)  # [N]
@@ -350,11 +390,11 @@ def _score_teacher(logits: torch.Tensor, batch: dict, scores: _Scores) -> None:
     if "sample_ids" in batch:  # an unbiased estimate of the full KL from the draws (+ exact top-k)
         m = batch["sample_ids"].shape[-1]
         flat = lambda a: torch.from_numpy(a).reshape(n, m).to(logits.device)  # noqa: E731
-        scores.kl.add(*metrics.sampled_kl_to_teacher(logits, topk_ids, topk_logprobs, flat(batch["sample_ids"]),
+        scores.kl_cache.add(*metrics.sampled_kl_to_teacher(logits, topk_ids, topk_logprobs, flat(batch["sample_ids"]),
                                                      flat(batch["sample_logprobs"]), flat(batch["sample_weights"]), mask))
     else:
-        scores.kl.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
-    if k:  # the teacher's best id is known only with a top-k
+        scores.kl_cache.add(*metrics.sparse_kl_to_teacher(logits, topk_ids, topk_logprobs, tail_logprob, mask))
+    if k and top1:  # the teacher's best id is known only with a top-k
         scores.top1.add(*metrics.top1_agreement(logits, topk_ids, mask))
 
 
@@ -397,16 +437,19 @@ def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size=16, device="auto",
-                   max_rows=None, storage_options=None, on_rows=None) -> dict:
-    """Metrics of the model in ``model_dir`` on ``data`` and/or against the teacher ``cache``.
+def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=None, seq_len=None, batch_size=16,
+                   device="auto", max_rows=None, storage_options=None, on_rows=None) -> dict:
+    """Metrics of the model in ``model_dir`` on ``data`` and/or against the teacher ``cache``, and
+    against ``teacher`` run on the same rows.
 
     model_dir: a Hugging Face model dir or a kdpipe module dir. data: text path (causal LM / text
     classifier) or ``.npz`` (module). cache: a teacher cache dir or object-store URL (read with
-    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). seq_len: row length for text
-    data without a cache (see :func:`data_seq_len`; with a cache, the cache's). on_rows(new_rows, total):
-    called after each batch. Returns a flat JSON-ready dict (see the module doc for the keys; text
-    models add ``seq_len`` and ``seq_len_from``).
+    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). teacher: a model dir, hub id
+    or ``file.py:factory`` (with its ``weights``) to run on the rows for the full-vocabulary KL; against
+    a cache it must be the cache's teacher. seq_len: row length for text data without a cache (see
+    :func:`data_seq_len`; with a cache, the cache's). on_rows(new_rows, total): called after each batch.
+    Returns a flat JSON-ready dict (see the module doc for the keys; text models add ``seq_len`` and
+    ``seq_len_from``).
     """
     if data is None and cache is None:
         raise ConfigError("nothing to evaluate on: pass --data, --cache, or both")
@@ -414,12 +457,15 @@ def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size
         raise ConfigError("--batch-size and --max-rows must be at least 1")
     model = load_model(model_dir, device=resolve_device(device))
     scores, report = _Scores(model.task), on_rows or (lambda new_rows, total: None)
+    teacher = None if teacher is None else str(teacher)
     if cache is None:
         seq_len, seq_len_from = data_seq_len(model, model_dir, seq_len) if model.kind == "hf" else (None, None)
         rows = _data_rows(model, data, seq_len)
+        run_teacher = None if teacher is None else _data_teacher(teacher, weights, model, rows, device)
+        view = None if teacher is None else f"full vocabulary: teacher {teacher} run on the rows"
         n = min(len(rows.keys), max_rows or len(rows.keys))
         for batch in _data_batches(rows, n, batch_size):
-            _score_batch(model, batch, scores, rows.mask_meaning)
+            _score_batch(model, batch, scores, rows.mask_meaning, run_teacher)
             report(len(batch["inputs"]), n)
     else:
         with open_cache(cache, storage_options=storage_options) as c:
@@ -429,14 +475,61 @@ def evaluate_model(model_dir, *, data=None, cache=None, seq_len=None, batch_size
             n = min(len(c), max_rows or len(c))
             if n == 0:
                 raise CacheFormatError(f"cache {c.root} holds no rows; re-run cache-teacher")
+            run_teacher = None if teacher is None else _cache_teacher(c, teacher, weights, device)
+            scores.kl_cache_name, view = _cache_view(c, teacher)
             c.schedule(list(range(c.locate(n - 1)[0] + 1)))  # rows are read in order: shards too
             for batch in _cache_batches(c, rows, n, batch_size):
-                _score_batch(model, batch, scores, c.schema.mask_meaning)
+                _score_batch(model, batch, scores, c.schema.mask_meaning, run_teacher)
                 report(len(batch["inputs"]), n)
     header = {"model": str(model_dir), "task": model.task, "evaluated_on": "data" if cache is None else "cache"}
     if model.kind == "hf" and seq_len is not None:
         header.update(seq_len=seq_len, seq_len_from=seq_len_from)
-    return {**header, **scores.result(with_teacher=cache is not None, text=model.kind == "hf")}
+    result = {**header, **scores.result(text=model.kind == "hf")}
+    if view is not None:
+        result.update(teacher_view=view, kl_temperature=1.0)
+    return result
+
+
+# ----------------------------------------------------------------------------- the teacher
+def _cache_teacher(cache: TeacherCache, teacher: str, weights: str | None, device: str) -> Teacher:
+    """``teacher`` loaded as cache-teacher loads it, refused unless its fingerprint is the cache's teacher's."""
+    from kdpipe.pipeline.fidelity import load_cache_teacher
+
+    return load_cache_teacher(cache, teacher=teacher, weights=weights, device=device)
+
+
+def _data_teacher(teacher: str, weights: str | None, model: EvalModel, rows: "_DataRows", device: str) -> Teacher:
+    """``teacher`` loaded as cache-teacher loads it, for scoring ``data``'s rows; its tokenizer must be the model's."""
+    run_on = resolve_device(device)
+    if is_module_spec(teacher):
+        labels = rows.rows.labels
+        num_classes = int(np.max(labels)) + 1 if labels is not None and len(labels) else 0
+        loaded = load_module_teacher(teacher, weights=weights, device=run_on, dtype=torch.float32, num_classes=num_classes)
+    else:
+        loaded = load_hf_teacher(teacher, device=run_on, dtype=resolve_dtype("auto", run_on), task=model.task)
+    if loaded.task != model.task:
+        raise ConfigError(f"--teacher {teacher} is a {loaded.task} model but --model is a {model.task} model; "
+                          "pass the teacher the student was distilled from")
+    theirs, mine = loaded.tokenizer_fingerprint, model.tokenizer
+    if (theirs is None) != (mine is None) or (mine is not None and tokenizer_fingerprint(mine)["sha256"] != theirs["sha256"]):
+        raise ConfigError(f"--teacher {teacher} and --model use different tokenizers; pass the teacher the student "
+                          "was distilled from (they must share one tokenizer)")
+    return loaded
+
+
+def _cache_view(cache: TeacherCache, teacher: str | None) -> tuple[str, str]:
+    """The name of the KL the cache's targets give, and in words where the reported KL comes from."""
+    schema, vocab = cache.schema, int(cache.manifest["capture"]["teacher_vocab_size"])
+    name = metrics.cache_kl_name(top_k=schema.top_k, vocab_size=vocab, sampled=bool(schema.sample_draws))
+    if teacher is not None:
+        return name, f"full vocabulary: teacher {teacher} run on the cache's rows ({name}: {metrics.KL_MEANINGS[name]})"
+    what = {metrics.KL_FULL: f"top-{schema.top_k} of {vocab} cached ids, the full vocabulary",
+            metrics.KL_TOPK_BINS: f"top-{schema.top_k} of {vocab} cached ids + a tail bucket: a lower bound of the "
+                                  "full KL (--teacher gives the full KL)",
+            metrics.KL_FULL_ESTIMATE: f"{schema.sample_draws} draws per position"
+                                      + (f" + top-{schema.top_k}" if schema.top_k else "")
+                                      + ": an unbiased estimate of the full KL"}[name]
+    return name, f"the cache's {what}"
 
 
 def cache_holds_inputs(cache, *, storage_options=None) -> bool:

@@ -15,6 +15,26 @@ import torch.nn.functional as F
 
 from kdpipe.pipeline.losses import sampled_kd_loss, sparse_kd_loss
 
+# ----------------------------------------------------------------------------- what a KL to the teacher is
+# Every evaluation names its KL(teacher || student) by what was computed, never plainly "KL to teacher":
+KL_FULL = "kl_full"  # over the full vocabulary: the teacher run on the rows, or a cache with k = V
+KL_TOPK_BINS = "kl_topk_bins"  # on a top-k cache's (k+1)-bin view (k < V): a lower bound of the full KL
+KL_FULL_ESTIMATE = "kl_full_estimate"  # a sampled cache's unbiased estimate of the full KL
+LEGACY_KL = "kl_to_teacher"  # what runs of earlier versions wrote, in any of the three senses
+KL_MEANINGS = {
+    KL_FULL: "KL(teacher || student) over the full vocabulary",
+    KL_TOPK_BINS: "KL on the cache's (k+1)-bin view (top-k + tail bucket): a lower bound of the full KL",
+    KL_FULL_ESTIMATE: "unbiased estimate of the full-vocabulary KL from the cache's draws",
+}
+
+
+def cache_kl_name(*, top_k: int, vocab_size: int, sampled: bool) -> str:
+    """The name of the KL a cache's targets give: :data:`KL_FULL_ESTIMATE` when the draws are used
+    (``sampled``), :data:`KL_FULL` for a top-k with ``k = V``, else :data:`KL_TOPK_BINS`."""
+    if sampled:
+        return KL_FULL_ESTIMATE
+    return KL_FULL if top_k >= vocab_size else KL_TOPK_BINS
+
 
 # ----------------------------------------------------------------------------- per-batch functions
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -98,6 +118,23 @@ def sampled_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, sampl
     mean = sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs,
                            sample_weights, temperature=temperature, kind="forward-kl", mask=mask)
     return mean.detach() * count / temperature**2, count
+
+
+def dense_kl_to_teacher(student_logits, teacher_logits, mask, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Summed KL(p_T || q_T) over the full vocabulary, and the number of positions where ``mask`` is True.
+
+    student_logits: [N, V_s]; teacher_logits: [N, V_t] raw logits with ``V_t <= V_s`` (a student's
+    padded vocabulary: its extra ids have teacher probability 0 and count only in ``q_T``'s
+    normaliser); mask: [N] bool. Plain KL at ``temperature``, without the loss's T^2 factor, in fp32.
+    """
+    v_student, v_teacher = student_logits.shape[-1], teacher_logits.shape[-1]
+    if v_teacher > v_student:
+        raise ValueError(f"the teacher has {v_teacher} outputs but the student only {v_student}; "
+                         "the student's vocabulary must cover the teacher's")
+    log_q = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)[:, :v_teacher]  # [n, V_t]
+    log_p = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)  # [n, V_t]
+    kl = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # [n]; p = 0 adds nothing
+    return kl.sum().detach(), int(mask.sum())
 
 
 def top1_agreement(student_logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:

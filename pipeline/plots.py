@@ -1,9 +1,11 @@
 """Training curves from train-student's ``metrics.jsonl`` files (one JSON object per line with
-``step``, ``split`` ("train" or "eval") and numbers such as ``loss``, ``kd``, ``ce``, ``kl_to_teacher``).
+``step``, ``split`` ("train" or "eval") and numbers such as ``loss``, ``kd``, ``ce``, ``kl_topk_bins``).
 
 Each panel holds one quantity in one unit, so its curves compare: the held-out CE (with the teacher's
-as a reference when known), the KL to the teacher, the top-1 agreement (accuracy for classification),
-and the training objective on its own (its KD term is T^2-scaled).
+as a reference when known), the KL to the teacher under the name of what it is (``kl_topk_bins``, a
+lower bound of the full KL; ``kl_full``; ``kl_full_estimate``; runs of earlier versions wrote
+``kl_to_teacher``, which is read too), the top-1 agreement (accuracy for classification), and the
+training objective on its own (its KD term is T^2-scaled).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import math
 import os
 from pathlib import Path
 
+from kdpipe.pipeline import metrics
 from kdpipe.pipeline.data import jsonl_records
 from kdpipe.pipeline.errors import DataError
 from kdpipe.pipeline.fileio import atomic_path
 
-DEFAULT_KEYS = ("ce", "kl_to_teacher", "top1_agreement", "loss")
+KL_KEYS = (metrics.KL_FULL, metrics.KL_TOPK_BINS, metrics.KL_FULL_ESTIMATE, metrics.LEGACY_KL)
+DEFAULT_KEYS = ("ce", *KL_KEYS, "top1_agreement", "loss")  # a panel per key that a run has
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -62,7 +66,13 @@ def panel_for(key: str, *, unit: str) -> Panel:
     known = {
         "ce": Panel("held-out cross-entropy (train batches faint)", f"CE, nats per {unit}", train="faint",
                     teacher_line=True),
-        "kl_to_teacher": Panel("KL(teacher ‖ student), held-out, T = 1", f"nats per {unit}", train=None),
+        metrics.KL_FULL: Panel("full-vocabulary KL(teacher ‖ student), held-out, T = 1", f"nats per {unit}", train=None),
+        metrics.KL_TOPK_BINS: Panel("KL on the (k+1)-bin view (a lower bound of the full KL), held-out, T = 1",
+                                    f"nats per {unit}", train=None),
+        metrics.KL_FULL_ESTIMATE: Panel("estimated full KL(teacher ‖ student), held-out, T = 1", f"nats per {unit}",
+                                        train=None),
+        metrics.LEGACY_KL: Panel("KL(teacher ‖ student) on the cache's targets, held-out, T = 1", f"nats per {unit}",
+                                 train=None),
         "top1_agreement": Panel("top-1 agreement with the teacher", f"fraction of {unit}s", train=None),
         "accuracy": Panel("held-out accuracy", "fraction of examples", train=None, teacher_line=True),
         "loss": Panel("training objective: α·T²·KL + (1 − α)·CE", "nats (KD term × T²)", evaluated=False),
@@ -75,8 +85,8 @@ def plot_training_curves(metrics_files: dict[str, str | os.PathLike], out_png: s
     """One panel per key present in any run (:func:`panel_for`), steps on x; the PNG is written atomically.
 
     metrics_files: run label -> metrics.jsonl path; each run keeps one colour. Held-out evaluations are
-    dashed points; the suptitle says how many held-out rows each used (their ``rows``). ``ce``,
-    ``kl_to_teacher`` and ``top1_agreement`` show evaluations only (``ce`` with the training batches'
+    dashed points; the suptitle says how many held-out rows each used (their ``rows``). ``ce``, the KL
+    keys (:data:`KL_KEYS`) and ``top1_agreement`` show evaluations only (``ce`` with the training batches'
     CE faint), ``loss`` the training objective only, labelled with each run's alpha and T (the KD term is
     T^2-scaled, so it is not comparable with a CE). For classification runs (eval records with
     ``accuracy``) ``top1_agreement`` shows the accuracy. ``references``: the teacher's metrics by key,

@@ -280,8 +280,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """On the first ``eval_rows`` held-out cache rows (``rows``: how many): KL(teacher || student) at
-        T=1 (on the top-k + tail bins, a lower bound; with the estimator of a sampled cache, an unbiased
-        estimate of the full KL), CE, top-1 agreement, and accuracy for a classification cache."""
+        T=1 named by what it is (``kl_topk_bins`` on the top-k + tail bins, a lower bound; ``kl_full`` at
+        k = V; ``kl_full_estimate`` with the estimator of a sampled cache), CE, top-1 agreement, and
+        accuracy for a classification cache."""
         if self.eval_set.num_rows == 0:
             return {}
         self.model.eval()
@@ -306,7 +307,9 @@ class Trainer:
         self.model.train()
         top1 = {"top1_agreement": agree.value} if agree.count else {}  # unknown without a top-k
         accuracy = {"accuracy": correct.value} if self.task == "classification" else {}
-        return {"kl_to_teacher": kl.value, **top1, **accuracy, "ce": ce.value,
+        kl_name = metrics.cache_kl_name(top_k=self.cache.schema.top_k, sampled=bool(self.estimator),
+                                        vocab_size=int(self.cache.manifest["capture"]["teacher_vocab_size"]))
+        return {kl_name: kl.value, **top1, **accuracy, "ce": ce.value,
                 "perplexity": math.exp(min(ce.value, 50)), "temperature": temperature,
                 "rows": self.eval_set.num_rows}
 

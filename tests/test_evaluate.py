@@ -1,7 +1,9 @@
 """Tests for kdpipe.pipeline.evaluate, kdpipe.pipeline.plots and the ``evaluate``/``plot`` stages.
 
-The end-to-end check: a teacher evaluated against its own cache agrees with it exactly
-(top-1 agreement 1, KL ~ 0), and its hard-label numbers equal Hugging Face's own loss.
+The end-to-end checks: a teacher evaluated against its own cache agrees with it exactly
+(top-1 agreement 1, KL ~ 0), and its hard-label numbers equal Hugging Face's own loss; with
+``--teacher`` the full-vocabulary KL equals a dense computation on the teacher's and student's own
+logits, and the cache's (k+1)-bin KL stays below it (a lower bound), each under its own name.
 """
 from __future__ import annotations
 
@@ -65,14 +67,15 @@ def test_teacher_against_its_own_cache_agrees_exactly(tiny_lm_dir, lm_cache):
     result = evaluate_model(tiny_lm_dir, cache=lm_cache, batch_size=5)
     assert result["evaluated_on"] == "cache" and result["rows"] == ROWS
     assert result["top1_agreement"] == 1.0
-    assert abs(result["kl_to_teacher"]) < 1e-3  # 0 up to the cache's fp16 rounding
+    assert abs(result["kl_topk_bins"]) < 1e-3  # 0 up to the cache's value rounding
+    assert "kl_full" not in result and "kl_to_teacher" not in result  # top-16 of 300: only the lower bound
     assert result["perplexity"] == pytest.approx(math.exp(result["ce"]))
     assert result["tokens_per_s"] > 0
 
 
 def test_another_model_disagrees_with_the_cache(other_lm_dir, lm_cache):
     result = evaluate_model(other_lm_dir, cache=lm_cache)
-    assert result["kl_to_teacher"] > 0.1
+    assert result["kl_topk_bins"] > 0.1
     assert result["top1_agreement"] < 0.5
 
 
@@ -89,7 +92,7 @@ def test_data_ce_equals_hugging_face_loss(tiny_lm_dir, text_dir):
     assert result["tokens"] == 4 * (SEQ_LEN - 1)
     assert result["ce"] == pytest.approx(float(expected), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["ce"]))
-    assert "kl_to_teacher" not in result
+    assert not {"kl_full", "kl_topk_bins", "kl_full_estimate", "kl_to_teacher"} & set(result)
 
 
 def test_cache_rows_and_data_rows_score_the_same(tiny_lm_dir, text_dir, lm_cache):
@@ -133,14 +136,15 @@ def test_cli_json_is_valid_and_matches_the_library(tiny_lm_dir, lm_cache):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["rows"] == 4 and metrics["top1_agreement"] == 1.0
-    assert set(metrics) >= {"ce", "perplexity", "tokens", "kl_to_teacher", "ece", "tokens_per_s"}
+    assert set(metrics) >= {"ce", "perplexity", "tokens", "kl_topk_bins", "ece", "tokens_per_s"}
+    assert "lower bound" in metrics["teacher_view"] and "kl_to_teacher" not in metrics
 
 
 def test_cli_human_output_and_one_line_errors(tiny_lm_dir, lm_cache):
     result = cli(main, "evaluate", "--model", tiny_lm_dir, "--cache", lm_cache, "--max-rows", 2)
     assert result.exit_code == 0, result.output
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    assert lines["top1_agreement"].strip() == "1" and "kl_to_teacher" in lines
+    assert lines["top1_agreement"].strip() == "1" and "lower bound of the full KL" in lines["kl_topk_bins"]
     failed = cli(main, "evaluate", "--model", tiny_lm_dir)
     assert failed.exit_code == 2 and failed.stderr.strip().startswith("error: nothing to evaluate on")
 
@@ -184,7 +188,7 @@ def test_module_against_its_own_cache(module_dir, module_teacher, tmp_path):
     cache = capture(module_teacher["spec"], module_teacher["data"], tmp_path / "cache",
                     "--weights", module_teacher["weights"], "--top-k", 4)
     result = evaluate_model(module_dir, cache=cache, data=module_teacher["data"])
-    assert result["top1_agreement"] == 1.0 and abs(result["kl_to_teacher"]) < 1e-3
+    assert result["top1_agreement"] == 1.0 and abs(result["kl_topk_bins"]) < 1e-3
     with pytest.raises(ConfigError, match="pass --data"):
         evaluate_model(module_dir, cache=cache)
     with np.load(module_teacher["data"]) as npz:  # the same labels, but other images

@@ -112,3 +112,37 @@ def test_mean_is_nan_before_anything_is_counted():
     mean.add(torch.tensor(3.0), 2)
     mean.add(1.0, 2)
     assert mean.value == 1.0
+
+
+def test_dense_kl_to_teacher_is_the_kl_over_every_id_and_bounds_the_topk_bins_kl():
+    g = torch.Generator().manual_seed(5)
+    teacher, student = torch.randn(12, 40, generator=g) * 2, torch.randn(12, 40, generator=g) * 2
+    mask = torch.rand(12, generator=g) > 0.25
+    total, count = metrics.dense_kl_to_teacher(student, teacher, mask, temperature=2.0)
+    p, q = F.softmax(teacher.double() / 2, -1), F.softmax(student.double() / 2, -1)
+    expected = sum(float((p[i] * (p[i] / q[i]).log()).sum()) for i in range(12) if mask[i])
+    assert count == int(mask.sum()) and float(total) == pytest.approx(expected, rel=1e-5)
+    log_p = F.log_softmax(teacher, -1)
+    for k in (1, 5, 39):
+        ids = teacher.topk(k, dim=-1).indices
+        tail = torch.logsumexp(log_p.scatter(1, ids, -math.inf), -1)
+        bins, _ = metrics.sparse_kl_to_teacher(student, ids, log_p.gather(1, ids), tail, mask)
+        full, _ = metrics.dense_kl_to_teacher(student, teacher, mask)
+        assert bins <= full + 1e-6
+
+
+def test_dense_kl_to_teacher_with_a_padded_student_vocabulary():
+    g = torch.Generator().manual_seed(6)
+    teacher, student = torch.randn(4, 10, generator=g), torch.randn(4, 16, generator=g)
+    total, _ = metrics.dense_kl_to_teacher(student, teacher, torch.ones(4, dtype=torch.bool))
+    log_p, log_q = F.log_softmax(teacher.double(), -1), F.log_softmax(student.double(), -1)[:, :10]
+    assert float(total) == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="must cover the teacher's"):
+        metrics.dense_kl_to_teacher(teacher, student, torch.ones(4, dtype=torch.bool))
+
+
+def test_cache_kl_name_says_what_the_kl_is():
+    assert metrics.cache_kl_name(top_k=32, vocab_size=2048, sampled=False) == "kl_topk_bins"
+    assert metrics.cache_kl_name(top_k=2048, vocab_size=2048, sampled=False) == "kl_full"
+    assert metrics.cache_kl_name(top_k=12, vocab_size=2048, sampled=True) == "kl_full_estimate"
+    assert "lower bound" in metrics.KL_MEANINGS["kl_topk_bins"]
