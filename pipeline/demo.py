@@ -1,10 +1,16 @@
-"""The demo: the whole job on the shipped data, teacher cached once, two students compared.
+"""The demo: the whole job on the shipped data, teacher cached once, students compared.
 
 Causal LM (default): the shipped Llama teacher (``data/teacher``) is cached over the Shakespeare
-training split and the held-out play; a student is trained from the cache with KD, the same student
-is trained on hard labels only for the same steps, and teacher and both students are evaluated on
-the held-out play. Classification: the same with the ResNet teacher and the small CNN student on
-real MNIST digits (``data/mnist``).
+training split and the held-out play (top-64: the k that ``benchmarks/k_sweep.py`` measured to keep
+most of online KD's gain, see the README); a student is trained from the cache with KD, the same
+student on hard labels only, and the same student with **online dense KD** (the teacher in memory,
+the KL over the whole vocabulary: :class:`~kdpipe.pipeline.online_kd.OnlineKDTrainer`), all with the
+same initialisation, rows, order and schedule. Teacher and students are evaluated on the held-out
+play with the teacher run on its rows, so every row has the full-vocabulary KL (``kl_full``) next to
+the cache's (k+1)-bin KL (``kl_topk_bins``, a lower bound), and each student its CE gap to the online
+reference. Classification: the ResNet teacher and the small CNN student on real MNIST digits
+(``data/mnist``); its cache holds all 10 classes (k = V), so cached KD is already dense KD and no
+online student is trained.
 """
 
 from __future__ import annotations
@@ -20,16 +26,15 @@ from kdpipe.pipeline.capture import (
     CapturePlan, CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights,
 )
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.evaluate import evaluate_model
+from kdpipe.pipeline.evaluate import evaluate_model, load_model
 from kdpipe.pipeline.fileio import atomic_write_json
+from kdpipe.pipeline.online_kd import OnlineKDTrainer
 from kdpipe.pipeline.plots import plot_training_curves
 from kdpipe.pipeline.train import Trainer
+from kdpipe.pipeline.teachers import resolve_device
 from kdpipe.pipeline.train_config import TrainConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-# The demo's caches keep float16 values (the README's figures were measured with them; format 2's
-# quantized default changes the students' numbers in the fourth decimal).
-DEMO_VALUES = "float16"
 
 
 @dataclasses.dataclass
@@ -42,17 +47,18 @@ class DemoTask:
     top_k: int
     temperatures: tuple[float, ...]
     seq_len: int
-    train: dict  # TrainConfig overrides shared by both students
-    kd: dict  # overrides of the KD student only
+    train: dict  # TrainConfig overrides shared by all students
+    kd: dict  # overrides of the KD students (cached and online)
+    online: bool = False  # also train the online dense-KD reference (causal LM teachers)
 
 
 TASKS = {
     "causal-lm": DemoTask(
         teacher=str(DATA / "teacher"), weights=None,
         train_data=str(DATA / "shakespeare" / "train"), heldout_data=str(DATA / "shakespeare" / "heldout"),
-        student=str(DATA / "students" / "lm-student.json"), top_k=32, temperatures=(1.0, 2.0), seq_len=128,
+        student=str(DATA / "students" / "lm-student.json"), top_k=64, temperatures=(1.0, 2.0), seq_len=128,
         train=dict(steps=800, batch_size=16, lr=3e-3, warmup=20, eval_every=100, eval_rows=48),
-        kd=dict(alpha=0.9, temperature=1.0),
+        kd=dict(alpha=0.9, temperature=1.0), online=True,
     ),
     "classification": DemoTask(
         teacher=f"{DATA / 'mnist_models.py'}:resnet_teacher", weights=str(DATA / "mnist" / "teacher.safetensors"),
@@ -109,16 +115,17 @@ def run_demo(out: str | Path | None = None, *, task: str = "causal-lm", device: 
     started, timed = time.perf_counter(), _Timer()
     caches = {split: _cache(spec, out, split, device=device, overwrite=overwrite, report=report, timed=timed)
               for split in ("train", "heldout")}
+    students = ("kd", "hard-label", "online") if spec.online else ("kd", "hard-label")
     runs = {name: _train(spec, out, name, task=task, device=device, steps=steps, report=report, timed=timed)
-            for name in ("kd", "hard-label")}
-    table = _evaluate(spec, out, task=task, device=device, rows=caches["heldout"]["totals"]["rows"], report=report,
-                      timed=timed)
+            for name in students}
+    table = _evaluate(spec, out, students, task=task, device=device, rows=caches["heldout"]["totals"]["rows"],
+                      report=report, timed=timed)
     report.done()
-    plot = plot_training_curves({"KD": out / "kd" / "metrics.jsonl", "hard-label": out / "hard-label" / "metrics.jsonl"},
-                                out / "curves.png", keys=("ce", "kl_to_teacher", "top1_agreement", "loss"),
-                                references=table["teacher"])
+    curves = {RUN_LABELS[name]: out / name / "metrics.jsonl" for name in students}
+    plot = plot_training_curves(curves, out / "curves.png", references=table["teacher"])
     results = {"task": task, "out": str(out), "table": table, "timings_s": timed.seconds,
-               "wall_s": round(time.perf_counter() - started, 1), "plot": str(plot),
+               "wall_s": round(time.perf_counter() - started, 1), "plot": str(plot), "top_k": spec.top_k,
+               "vocab_size": caches["train"]["capture"]["teacher_vocab_size"],
                "cache_bytes_per_token": caches["train"]["totals"]["bytes_per_token"], "steps": runs["kd"]["total_steps"]}
     atomic_write_json(out / "results.json", results)
     return results
@@ -141,8 +148,7 @@ def _cache(spec: DemoTask, out: Path, split: str, *, device, overwrite, report: 
     """The teacher cache of ``split`` in ``out/cache-SPLIT``: captured, or reused when finished with these settings."""
     settings = CaptureSettings(teacher=spec.teacher, weights=spec.weights, out=str(out / f"cache-{split}"),
                                data=spec.train_data if split == "train" else spec.heldout_data, top_k=spec.top_k,
-                               temperatures=spec.temperatures, seq_len=spec.seq_len, batch_size=32, device=device,
-                               value_dtype=DEMO_VALUES)
+                               temperatures=spec.temperatures, seq_len=spec.seq_len, batch_size=32, device=device)
     if overwrite:
         shutil.rmtree(settings.out, ignore_errors=True)
     plan = plan_capture(settings, load_weights=False)
@@ -155,8 +161,12 @@ def _cache(spec: DemoTask, out: Path, split: str, *, device, overwrite, report: 
         return run_capture(with_teacher_weights(plan), on_rows=report.captured, on_data=report.data_read)
 
 
+RUN_LABELS = {"kd": "KD (cached)", "hard-label": "hard-label", "online": "online KD"}  # curves.png legend
+TABLE_LABELS = {"kd": "kd student", "hard-label": "hard-label student", "online": "online KD student"}
+
+
 def _train(spec: DemoTask, out: Path, name: str, *, task, device, steps, report: DemoReport, timed: _Timer) -> dict:
-    """Train the ``kd`` or ``hard-label`` student into ``out/NAME`` (from scratch); its run manifest."""
+    """Train the ``kd``, ``hard-label`` or ``online`` student into ``out/NAME`` (from scratch); its run manifest."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     config = TrainConfig(
@@ -164,28 +174,46 @@ def _train(spec: DemoTask, out: Path, name: str, *, task, device, steps, report:
         eval_cache=str(out / "cache-heldout"), checkpoint_every=0,
         data=spec.train_data if task == "classification" else None,
         eval_data=spec.heldout_data if task == "classification" else None,
-        **{**spec.train, **(spec.kd if name == "kd" else dict(alpha=0.0)), **({"steps": steps} if steps else {})},
+        **{**spec.train, **(dict(alpha=0.0) if name == "hard-label" else spec.kd), **({"steps": steps} if steps else {}),
+           **(dict(fused_loss=False) if name == "online" else {})},
     )
     config.validate()
     report.phase(f"train {name} student", total=config.steps, unit="step")
     with timed(f"train {name} student"):
-        trainer = Trainer(config)
+        if name == "online":
+            teacher = load_model(spec.teacher, device=resolve_device(device)).module  # fp32, eval mode
+            trainer = OnlineKDTrainer(config, teacher)
+        else:
+            trainer = Trainer(config)
         trainer.setup()
-        return trainer.finish(trainer.fit(on_step=report.trained))
+        try:
+            return trainer.finish(trainer.fit(on_step=report.trained))
+        finally:
+            trainer.close()
 
 
-def _evaluate(spec: DemoTask, out: Path, *, task, device, rows: int, report: DemoReport, timed: _Timer) -> dict:
-    """Teacher and both students on the held-out cache: their metrics by label."""
-    models = {"teacher": spec.teacher if task == "causal-lm" else _module_dir(out / "teacher", spec),
-              "kd student": out / "kd" / "model", "hard-label student": out / "hard-label" / "model"}
+def _evaluate(spec: DemoTask, out: Path, students, *, task, device, rows: int, report: DemoReport,
+              timed: _Timer) -> dict:
+    """Teacher and students on the held-out cache, the teacher run on its rows (causal LM; a
+    classification cache with k = V gives the full KL itself): their metrics by label, and each
+    student's CE gap to the online-KD student when there is one."""
+    models = {"teacher": spec.teacher if task == "causal-lm" else _module_dir(out / "teacher", spec)}
+    models.update({TABLE_LABELS[name]: out / name / "model" for name in students})
     # A causal-LM cache holds its rows' tokens; a classification cache reads its inputs from the data.
     heldout = spec.heldout_data if task == "classification" else None
+    teacher = spec.teacher if task == "causal-lm" else None
     table = {}
     for label, model in models.items():
         report.phase(f"evaluate {label}", total=rows, unit="row")
         with timed(f"evaluate {label}"):
-            table[label] = evaluate_model(model, data=heldout, cache=str(out / "cache-heldout"), device=device,
-                                          on_rows=lambda new_rows, total: report.evaluated(new_rows))
+            table[label] = evaluate_model(model, data=heldout, cache=str(out / "cache-heldout"), teacher=teacher,
+                                          device=device, on_rows=lambda new_rows, total: report.evaluated(new_rows))
+    online = table.get(TABLE_LABELS["online"])
+    if online is not None:
+        for label in models:
+            if label != "teacher":
+                table[label]["ce_gap_to_online"] = table[label]["ce"] - online["ce"]
+                table[label]["ce_gap_to_online_pct"] = 100 * (table[label]["ce"] / online["ce"] - 1)
     return table
 
 

@@ -9,12 +9,14 @@ from kdpipe.stages import display
 from kdpipe.stages.cli import user_errors
 from kdpipe.stages.display import Progress
 
+# (key in the results table, column title); a column shows when any row has the key.
 COLUMNS = {
-    "causal-lm": [("ce", "held-out CE"), ("perplexity", "perplexity"), ("kl_to_teacher", "KL to teacher"),
-                  ("top1_agreement", "top-1 agree"), ("tokens_per_s", "tokens/s")],
+    "causal-lm": [("ce", "held-out CE"), ("ce_gap_to_online_pct", "CE vs online"), ("kl_topk_bins", "KL (k+1)-bin"),
+                  ("kl_full", "KL full vocab"), ("top1_agreement", "top-1 agree"), ("tokens_per_s", "tokens/s")],
     "classification": [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"),
-                       ("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agree"), ("rows_per_s", "rows/s")],
+                       ("kl_full", "KL full vocab"), ("top1_agreement", "top-1 agree"), ("rows_per_s", "rows/s")],
 }
+WIDTH = 15
 
 
 @click.command("demo")
@@ -28,7 +30,8 @@ COLUMNS = {
                                                 "(of any settings, or of the other task's demo).")
 @user_errors
 def demo(out, task, device, steps, overwrite):
-    """Cache the shipped teacher, train a KD and a hard-label student, compare all three.
+    """Cache the shipped teacher, train a cached-KD, a hard-label and (causal LM) an online dense-KD student;
+    compare them with the teacher on held-out data, with the full-vocabulary KL.
 
     A second run into the same --out reuses its teacher caches and trains the students again.
     """
@@ -83,23 +86,44 @@ class DemoDisplay(DemoReport):
 
 
 def _print_table(results: dict) -> None:
-    task, columns = results["task"], COLUMNS[results["task"]]
+    task, table = results["task"], results["table"]
+    columns = [(key, title) for key, title in COLUMNS[task] if any(key in row for row in table.values())]
     click.echo(f"\nheld-out results after {results['steps']} steps per student ({task}):\n")
-    click.echo(f"{'model':<20}" + "".join(f"{title:>15}" for _, title in columns))
-    for label, metrics in results["table"].items():
-        click.echo(f"{label:<20}" + "".join(_cell(metrics.get(key)) for key, _ in columns))
-    kd, hard = results["table"]["kd student"], results["table"]["hard-label student"]
+    click.echo(f"{'model':<20}" + "".join(f"{title:>{WIDTH}}" for _, title in columns))
+    for label, metrics in table.items():
+        click.echo(f"{label:<20}" + "".join(_cell(metrics.get(key), percent=key.endswith("_pct")) for key, _ in columns))
+    click.echo("")
+    k, vocab = results["top_k"], results["vocab_size"]
+    if task == "causal-lm":
+        click.echo(f"kd student: trained from the top-{k} cache ({results['cache_bytes_per_token']:.0f} bytes/token); "
+                   "online KD student: the teacher in memory, dense KL over all "
+                   f"{vocab:,} tokens (same student, rows, order and schedule).")
+        click.echo(f"KL (k+1)-bin: on the top-{k} held-out cache's (k+1)-bin view, a lower bound of the full KL; "
+                   "KL full vocab: the teacher run on the held-out rows. CE vs online: CE over the online KD "
+                   "student's, in %.")
+    else:
+        click.echo(f"The cache holds all {vocab} classes (k = V): its KL is the full KL, and cached KD is dense KD.")
+    kd, hard = table["kd student"], table["hard-label student"]
     key = "ce" if task == "causal-lm" else "accuracy"
     better = kd[key] < hard[key] if key == "ce" else kd[key] > hard[key]
-    click.echo(f"\nKD student {'beats' if better else 'does NOT beat'} the hard-label student on held-out {key} "
+    click.echo(f"KD student {'beats' if better else 'does NOT beat'} the hard-label student on held-out {key} "
                f"({kd[key]:.4f} vs {hard[key]:.4f}).")
+    online = table.get("online KD student")
+    if online is not None:
+        gain = hard["ce"] - online["ce"]
+        kept = (hard["ce"] - kd["ce"]) / gain if gain > 0 else float("nan")
+        click.echo(f"The cached top-{k} student keeps {kept:.0%} of online KD's CE gain over hard labels "
+                   f"({kd['ce_gap_to_online']:+.4f} nats from online KD).")
     click.echo(f"curves: {results['plot']}   table: {results['out']}/results.json   wall time: {results['wall_s']:.0f} s")
 
 
-def _cell(value) -> str:
-    """A table cell: 4 decimals (a KL that rounds to zero is 0.0000, not -0.0000), or a whole number from 1000."""
+def _cell(value, *, percent: bool = False) -> str:
+    """A table cell: 4 decimals (a KL that rounds to zero is 0.0000, not -0.0000), a whole number from 1000,
+    or a signed percentage."""
     if value is None:
-        return f"{'-':>15}"
+        return f"{'-':>{WIDTH}}"
+    if percent:
+        return f"{0.0 if round(value, 1) == 0 else value:>+{WIDTH - 1}.1f}%"
     if value >= 1000:
-        return f"{value:>15,.0f}"
-    return f"{0.0 if round(value, 4) == 0 else value:>15.4f}"
+        return f"{value:>{WIDTH},.0f}"
+    return f"{0.0 if round(value, 4) == 0 else value:>{WIDTH}.4f}"
