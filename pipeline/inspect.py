@@ -57,9 +57,25 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
         "shards": m["totals"]["shards"],
         "device": m.get("device"),
         "finished_at": m.get("finished_at"),
+        "command": _command_line(m.get("command")),
+        "software": _software_line(m.get("software") or {}),
         "sampled_rows": len(sample),
         "mean_tail_mass": fidelity,
     }
+
+
+def _command_line(command: dict | None) -> str | None:
+    """``kdpipe cache-teacher ...`` as recorded (what ``kdpipe reproduce`` re-runs), or None."""
+    import shlex
+
+    return f"kdpipe {shlex.join(command['args'])}" if command else None
+
+
+def _software_line(software: dict) -> str:
+    """``kdpipe 0.1.0, torch 2.13.0+cpu, python 3.11.7; packages.txt sha256 5e6a5627ad1f``."""
+    versions = ", ".join(f"{k} {software[k]}" for k in ("kdpipe", "torch", "python") if software.get(k))
+    packages = f"; packages.txt sha256 {software['packages_sha256'][:12]}" if software.get("packages_sha256") else ""
+    return versions + packages
 
 
 def describe_encoding(summary: dict) -> str:

@@ -235,14 +235,12 @@ def _with_storage_options(args: list[str], storage_options: str | None) -> list[
 
 
 # ---------------------------------------------------------------- comparing
-def compare(recorded: Recorded, out: str, *, storage_options: dict | None = None) -> Comparison:
-    """Output by output, whether what the re-run wrote to ``out`` equals what was recorded."""
+def compare(recorded: Recorded, rerun: Recorded) -> Comparison:
+    """Output by output, whether what the re-run wrote (read back with :func:`load_recorded`) equals
+    what was recorded."""
     if recorded.kind == "cache":
-        from kdpipe.pipeline.cache import read_manifest
-
-        new = read_manifest(CacheLocation(out, storage_options))[0]
-        return _compare_caches(recorded.record, new)
-    return _compare_runs(recorded.record, Path(out))
+        return _compare_caches(recorded.record, rerun.record)
+    return _compare_runs(recorded.record, rerun.record)
 
 
 def _compare_caches(old: dict, new: dict) -> Comparison:
@@ -265,8 +263,7 @@ def _compare_caches(old: dict, new: dict) -> Comparison:
     return Comparison(matched, differed)
 
 
-def _compare_runs(old: dict, new_dir: Path) -> Comparison:
-    new = json.loads((new_dir / RUN_MANIFEST).read_text())
+def _compare_runs(old: dict, new: dict) -> Comparison:
     matched, differed = [], []
     for key in ("cache_manifest_sha256", "cache_shards"):
         if old.get(key) != new.get(key):
@@ -305,17 +302,20 @@ def _without_timings(metrics: dict | None) -> dict | None:
 
 
 # ---------------------------------------------------------------- the environment
-def environment_differences(recorded: Recorded) -> list[str]:
-    """``name: recorded X, now Y`` for every recorded package version, machine fact and image identity
-    that differs from the running environment."""
+def environment_differences(recorded: Recorded, rerun: Recorded | None = None) -> list[str]:
+    """``name: X recorded, Y now`` for every recorded package version, machine fact and image identity
+    that differs from what the re-run recorded (from this process when there is no re-run: it failed)."""
     found = []
-    now_packages = parse_packages("\n".join(installed_packages()))
+    if rerun is not None and rerun.packages is not None:
+        now_packages, now = rerun.packages, rerun.record.get("software") or {}
+    else:
+        now_packages, now = parse_packages("\n".join(installed_packages())), software_versions()
     if recorded.packages is not None:
         for name in sorted(recorded.packages.keys() | now_packages.keys()):
             a, b = recorded.packages.get(name), now_packages.get(name)
             if a != b:
                 found.append(f"{name}: {a or 'not installed'} recorded, {b or 'not installed'} now")
-    software, now = recorded.record.get("software") or {}, software_versions()
+    software = recorded.record.get("software") or {}
     keys = _MACHINE_KEYS if recorded.packages is not None else tuple(k for k in software if k not in ("image",))
     for key in keys:
         if key in software and software.get(key) != now.get(key):
@@ -342,8 +342,5 @@ def reproducibility_notes(recorded: Recorded) -> list[str]:
     if software.get("torch") and software["torch"] != torch.__version__:
         notes.append(f"it was computed with torch {software['torch']}, this is torch {torch.__version__}: "
                      "other torch builds compute other bits")
-    if software.get("torch_threads") and software["torch_threads"] != torch.get_num_threads():
-        notes.append(f"torch used {software['torch_threads']} CPU threads then and {torch.get_num_threads()} now: "
-                     "set OMP_NUM_THREADS={0} to match (reductions may group differently)".format(software["torch_threads"]))
     return notes
 

@@ -75,7 +75,7 @@ EXPLAINED = {"tokens": "captured: positions holding the teacher's distribution"}
 
 def _print_summary(summary: dict) -> None:
     for key in ("path", "task", "teacher", "data", "format", "top_k", "temperatures", "seq_len",
-                "rows", "tokens", "shards", "device", "finished_at"):
+                "rows", "tokens", "shards", "device", "finished_at", "command", "software"):
         why = f"  ({EXPLAINED[key]})" if key in EXPLAINED else ""
         click.echo(f"{key + ':':16} {summary[key]}{why}")
     click.echo(f"{'encoding:':16} {describe_encoding(summary)}")

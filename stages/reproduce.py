@@ -44,12 +44,13 @@ def reproduce(path, out, storage_options):
             click.echo(f"error: the re-run failed (exit {code}; its error is above); nothing was compared", err=True)
             _print_differences(rep.environment_differences(recorded))
             sys.exit(1)
-    comparison = rep.compare(recorded, out, storage_options=options)
+    rerun = rep.load_recorded(out, storage_options=options)
+    comparison = rep.compare(recorded, rerun)
     for line in comparison.matched:
         click.echo(f"same     {line}")
     for line in comparison.differed:
         click.echo(f"DIFFERS  {line}")
-    _print_differences(rep.environment_differences(recorded))
+    _print_differences(rep.environment_differences(recorded, rerun))
     if comparison.identical:
         click.echo(f"identical: {len(comparison.matched)} outputs match the recorded ones")
         return

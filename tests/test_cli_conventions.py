@@ -20,7 +20,7 @@ from kdpipe.stages.cli import main
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
 # Flags of other programs that kdpipe's messages and help mention.
-OTHER_PROGRAMS_FLAGS = {"--nproc-per-node": "torchrun", "--show-toplevel": "git", "--logdir": "tensorboard"}
+OTHER_PROGRAMS_FLAGS = {"--nproc-per-node": "torchrun", "--standalone": "torchrun", "--show-toplevel": "git", "--logdir": "tensorboard"}
 
 
 def kdpipe(*args):

@@ -70,6 +70,8 @@ def test_capture_reproduces_bit_for_bit(work):
     assert manifest["command"]["args"][:2] == ["-q", "cache-teacher"]
     assert NOT_RECORDED in manifest["command"]["args"] and SECRET not in (work / "cache" / "manifest.json").read_text()
     assert manifest["software"]["packages_sha256"] == sha256(work / "cache" / "packages.txt")
+    shown = kdpipe("inspect", "cache", cwd=work).stdout
+    assert "command:         kdpipe -q cache-teacher --teacher" in shown and "packages.txt sha256" in shown
 
     done = kdpipe("reproduce", "cache", cwd=work)
 
@@ -94,6 +96,23 @@ def test_training_run_reproduces_model_bytes_and_metrics(run, tmp_path):
     assert [e["to_total_steps"] for e in again["extensions"]] == [6]  # replayed as it happened: 4 steps, then 6
     assert "same     model/model.safetensors" in done.stdout
     assert "same     final_eval_metrics" in done.stdout and "identical: " in done.stdout
+
+
+def test_torchrun_run_is_reproduced_under_torchrun(work, tmp_path):
+    """A run of 2 processes (gloo) is re-run under torchrun with 2 processes: same model bytes."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kdpipe"]
+    done = subprocess.run([*launch, "-q", "train-student", "--cache", str(work / "cache"), "--student", str(STUDENT),
+                           "--out", str(tmp_path / "ddp"), "--steps", "3", "--batch-size", "2", "--eval-every", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    done = kdpipe("reproduce", "ddp", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torchrun --nproc-per-node 2 kdpipe -q train-student" in done.stderr
+    assert sha256(tmp_path / "ddp-reproduced" / "model" / "model.safetensors") == \
+        sha256(tmp_path / "ddp" / "model" / "model.safetensors")
+    assert "environment: every recorded package version and machine fact is the same" in done.stdout
 
 
 def test_recorded_versions_that_differ_are_named(work, tmp_path):

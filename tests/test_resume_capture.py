@@ -33,7 +33,7 @@ SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-siz
             "--temperature", "1", "--temperature", "2"]
 # Manifest entries allowed to differ: times, the checksum over them, and the software versions (the
 # checkout's git commit moves when someone commits while this runs).
-TIMESTAMPS = {"started_at", "finished_at", "checksum", "software"}
+TIMESTAMPS = {"started_at", "finished_at", "checksum", "software", "command"}  # and the command line: its --out differs
 
 
 def capture_args(teacher, data, out, *extra) -> list[str]:

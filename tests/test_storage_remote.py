@@ -30,7 +30,7 @@ BUCKET = "kdpipe-test"
 # 3 rows of seq-len 32 per shard: many small shards.
 SETTINGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "3", "--shard-size-mb", "0.0035",
             "--temperature", "1", "--temperature", "2"]
-TIMESTAMPS = {"started_at", "finished_at", "checksum", "software"}
+TIMESTAMPS = {"started_at", "finished_at", "checksum", "software", "command"}  # and the command line: its --out differs
 STUDENT = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 32,
     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -170,6 +170,17 @@ def test_sigkill_of_a_capture_to_s3_then_resume_equals_uninterrupted(s3_url, cap
 
 
 # ---------------------------------------------------------------------------- verify, inspect
+def test_reproduce_an_s3_cache_into_s3(remote_cache):
+    """``kdpipe reproduce`` re-runs the recorded capture into s3://.../cache-reproduced (its process
+    reads the endpoint and credentials from the environment) and finds every shard identical."""
+    result = run_cli("reproduce", remote_cache)
+    assert result.exit_code == 0, result.output
+    shards = json.loads(get(prefix_of(remote_cache), "manifest.json"))["shards"]
+    assert result.output.count("same     shard") == len(shards) and "identical: " in result.output
+    again = json.loads(get(prefix_of(remote_cache) + "-reproduced", "manifest.json"))
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in shards]
+
+
 def test_verify_and_inspect_read_from_s3(remote_cache):
     ok = run_cli("verify", remote_cache)
     assert ok.exit_code == 0 and f"OK {remote_cache}: every shard matches" in ok.output
