@@ -83,6 +83,8 @@ def _print_metrics(result: dict) -> None:
     width = max(map(len, shown)) + 2
     for key, value in shown.items():
         why = result.get("seq_len_from") if key == "seq_len" else EXPLAINED.get(key)
+        if key == metrics.KL_TOPK_BINS and metrics.KL_FULL in result:  # --teacher was given
+            why = why.removesuffix("; --teacher gives the full KL")
         click.echo(f"{key + ':':{width}} {_format(value)}" + (f"  ({why})" if why else ""))
 
 
