@@ -341,6 +341,10 @@ CASES = [
      "is another run: settings.lr", None),
     ("resume-no-run", "--resume on a folder with no run",
      lambda i, o: _train(i, o) + ["--steps", 2, "--resume"], "holds no kdpipe training run", None),
+    ("evaluate-other-teacher", "evaluate --teacher with a model other than the cache's teacher",
+     lambda i, o: ["evaluate", "--model", _other_run(i) / "model", "--cache", i.cache, "--teacher", _other_run(i) / "model",
+                   "--max-rows", 2],
+     "is not the teacher cache", None),
 ]
 
 
