@@ -15,6 +15,7 @@ Fast and offline: it reads files and the installed distributions' metadata only.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from importlib import metadata
@@ -172,6 +173,8 @@ def test_makefile_unlocked_torch_is_the_locked_one():
 
 def test_venv_matches_cpu_dev_lock():
     if not VENV_MARKER.is_file():
+        if os.environ.get("CI"):  # .ci/run installs from the lock: a missing marker there is a broken install
+            pytest.fail(f"CI run in {sys.prefix} without {VENV_MARKER.name}: .ci/run must install with `make setup`")
         pytest.skip(f"this environment ({sys.prefix}) was not installed from a lock: no {VENV_MARKER.name} "
                     "(`make setup` writes it when it installs from locks/cpu-dev.txt)")
     lock_path, recorded_sha = VENV_MARKER.read_text().split()
