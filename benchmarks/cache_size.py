@@ -16,7 +16,7 @@ every chunk of 16 rows x positions with zstd level 3 (as the zarr shards do) and
 - totals per stored entry: ids + values + the per-position float32 fields (``logsumexp`` and
   ``tail_logprob`` at the captured temperatures) and per-row fields, all compressed the same way.
 
-Then, **as implemented** (format 2, ``kdpipe.pipeline.schema.encode_rows``): the same probe encoded with
+Then, **as implemented** (format 2, ``kdpipe.pipeline.cache.schema.encode_rows``): the same probe encoded with
 each ``--values`` mode into a real zarr shard (ids bit-packed, ``logsumexp``/``tail_logprob`` as the
 format stores them), with bytes per stored entry and per token from the shard files (the slope between
 a shard of all probe rows and one of half of them: a real shard's ~6 KB of zip and zarr metadata is
@@ -48,7 +48,7 @@ import torch
 import zstandard
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture
 from kdpipe.pipeline.data.stream import collect
-from kdpipe.pipeline.topk import sparse_view_of_logits
+from kdpipe.pipeline.capture.topk import sparse_view_of_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_ROWS = 16  # rows per zarr chunk, as the shards store them
@@ -321,8 +321,8 @@ def measure(name, teacher, args) -> dict:
 # ----------------------------------------------------------------------------- as implemented
 def implemented(pr, temps, vocab) -> dict:
     """Each ``--values`` mode of format 2 on the probe's rows: a real shard's bytes and the decoded KL."""
-    from kdpipe.pipeline.encoding import id_bits
-    from kdpipe.pipeline.schema import CacheSchema, decode_rows, encode_rows
+    from kdpipe.pipeline.cache.encoding import id_bits
+    from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows, encode_rows
     from kdpipe.pipeline.storage.zarr_shard import ZarrZipFormat
 
     n_rows, P = pr["mask"].shape

@@ -43,7 +43,7 @@ import torch
 
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
 from kdpipe.pipeline.data.stream import collect
-from kdpipe.pipeline.topk import sparse_view_of_logits, sparse_view_of_logits_reference
+from kdpipe.pipeline.capture.topk import sparse_view_of_logits, sparse_view_of_logits_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = {  # Qwen2-1.5B-shaped Llama: 1.78 B parameters with the 151,936-row lm-head

@@ -50,8 +50,8 @@ def run_child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss
-    from kdpipe.pipeline.losses import distillation_loss
+    from kdpipe.pipeline.train.fused_kd import fused_linear_distillation_loss
+    from kdpipe.pipeline.train.losses import distillation_loss
 
     torch.set_num_threads(args.threads)
     n, h, v, k, T = args.rows * args.seq_len, args.hidden, args.vocab, args.top_k, args.temperature

@@ -276,7 +276,7 @@ def main():
 
         import torch
         from kdpipe.pipeline.data import BlockStream, PackingSpec, resolve_source
-        from kdpipe.pipeline.teachers import load_hf_teacher
+        from kdpipe.pipeline.capture.teachers import load_hf_teacher
 
         teacher = load_hf_teacher(teacher_dir, device=torch.device("cpu"), dtype=torch.float32)
         spec = PackingSpec("causal-lm", args.seq_len, teacher.tokenizer)

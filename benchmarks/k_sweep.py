@@ -14,7 +14,7 @@ forward KL) the same student is trained, per training seed (its initialisation a
 - ``sampled`` and ``mixed``: ``--sample`` draws, and exact top-K + M tail draws (``--mixed K:M``),
   chosen to cost the bytes/token of the ``--budget-k`` top-k cache (found with ``kdpipe cache-teacher
   --dry-run --probe-rows 32``; the real captures are checked against a 10% band, and a miss is reported);
-- ``online``: dense KD with the teacher in memory (:class:`kdpipe.pipeline.online_kd.OnlineKDTrainer`,
+- ``online``: dense KD with the teacher in memory (:class:`kdpipe.pipeline.train.online_kd.OnlineKDTrainer`,
   reading the rows of the first top-k cache, so its rows and order are the cached students');
 - ``hard-labels``: alpha = 0.
 
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_targets  # noqa: E402  (the shared capture, training and report helpers)
 
-from kdpipe.pipeline.evaluate import evaluate_model, load_model  # noqa: E402
+from kdpipe.pipeline.evaluate.run import evaluate_model, load_model  # noqa: E402
 
 HELDOUT_K = 32  # the held-out cache whose (k+1)-bin KL is reported next to the full KL
 METRICS = ("ce", "kl_full", "kl_topk_bins", "top1_agreement")

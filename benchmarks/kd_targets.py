@@ -16,7 +16,7 @@ the same rows in the same order, with each of these targets:
   unbiased estimator;
 - ``mixed``: exact top-k plus M draws from the tail (``--top-k k --sample M``);
 - ``online``: the reference: the teacher in memory, dense forward KL over all 2,048 tokens
-  (``kdpipe.pipeline.online_kd.OnlineKDTrainer``, the library's ``Trainer`` on the ``topk-fp16`` cache,
+  (``kdpipe.pipeline.train.online_kd.OnlineKDTrainer``, the library's ``Trainer`` on the ``topk-fp16`` cache,
   so its rows, order, schedule, clipping and initialisation are those of the cached runs, with the loss
   replaced by ``alpha * dense_kd_loss(student, teacher(batch["input_ids"])) + (1 - alpha) * CE``);
 - ``hard-labels``: alpha = 0 (no teacher at all), same rows and order.
@@ -64,11 +64,11 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
-from kdpipe.pipeline.dataset import CacheDataset
-from kdpipe.pipeline.evaluate import evaluate_model, load_model
-from kdpipe.pipeline.online_kd import OnlineKDTrainer
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.dataset import CacheDataset
+from kdpipe.pipeline.evaluate.run import evaluate_model, load_model
+from kdpipe.pipeline.train.online_kd import OnlineKDTrainer
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe.pipeline.cache import TeacherCache
+from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
-from kdpipe.pipeline.dataset import CacheDataset
-from kdpipe.pipeline.encoding import id_bits
-from kdpipe.pipeline.schema import CacheSchema, decode_rows, encode_rows
+from kdpipe.pipeline.train.dataset import CacheDataset
+from kdpipe.pipeline.cache.encoding import id_bits
+from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows, encode_rows
 
 ENCODINGS = {
     "top-64 quantized (format 2 default)": {"top_k": 64},

@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the test suite's S3 server and latenc
 
 from s3_server import LatencyProxy, S3Server, s3_environment  # noqa: E402
 
-from kdpipe.pipeline.cache import TeacherCache  # noqa: E402
-from kdpipe.pipeline.dataset import CacheDataset  # noqa: E402
-from kdpipe.pipeline.manifest import software_versions  # noqa: E402
+from kdpipe.pipeline.cache.reader import TeacherCache  # noqa: E402
+from kdpipe.pipeline.train.dataset import CacheDataset  # noqa: E402
+from kdpipe.pipeline.cache.manifest import software_versions  # noqa: E402
 from kdpipe.pipeline.storage.location import CacheLocation  # noqa: E402
 
 

@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdpipe.pipeline.capture import CaptureSettings, plan_capture, run_capture
-from kdpipe.pipeline.losses import dense_kd_loss, hard_label_ce
-from kdpipe.pipeline.targets import teacher_targets
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.losses import dense_kd_loss, hard_label_ce
+from kdpipe.pipeline.train.targets import teacher_targets
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig
 
 STUDENT = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=128, intermediate_size=344,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)

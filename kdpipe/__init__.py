@@ -17,12 +17,12 @@ See ``docs/library.md``. The command-line stages are in :mod:`kdpipe.stages`; th
 
 __version__ = "0.1.0"
 
-from kdpipe.pipeline.cache import TeacherCache, open_cache  # noqa: E402
-from kdpipe.pipeline.dataset import CacheDataset  # noqa: E402
-from kdpipe.pipeline.fused_kd import output_head  # noqa: E402
-from kdpipe.pipeline.losses import KINDS as LOSS_KINDS  # noqa: E402
-from kdpipe.pipeline.objective import DistillationLoss, TargetCollator, distillation_loss  # noqa: E402
-from kdpipe.pipeline.targets import TeacherTargets  # noqa: E402
+from kdpipe.pipeline.cache.reader import TeacherCache, open_cache  # noqa: E402
+from kdpipe.pipeline.train.dataset import CacheDataset  # noqa: E402
+from kdpipe.pipeline.train.fused_kd import output_head  # noqa: E402
+from kdpipe.pipeline.train.losses import KINDS as LOSS_KINDS  # noqa: E402
+from kdpipe.pipeline.train.objective import DistillationLoss, TargetCollator, distillation_loss  # noqa: E402
+from kdpipe.pipeline.train.targets import TeacherTargets  # noqa: E402
 
 __all__ = [
     "CacheDataset", "DistillationLoss", "LOSS_KINDS", "TargetCollator", "TeacherCache", "TeacherTargets",

@@ -4,7 +4,7 @@ Causal LM (default): the shipped Llama teacher (``data/teacher``) is cached over
 training split and the held-out play (top-128: the smallest k whose student ``benchmarks/k_sweep.py``
 measured within noise of online dense KD, see the README's "Choosing k"); a student is trained from the cache with KD, the same
 student on hard labels only, and the same student with **online dense KD** (the teacher in memory,
-the KL over the whole vocabulary: :class:`~kdpipe.pipeline.online_kd.OnlineKDTrainer`), all with the
+the KL over the whole vocabulary: :class:`~kdpipe.pipeline.train.online_kd.OnlineKDTrainer`), all with the
 same initialisation, rows, order and schedule. Teacher and students are evaluated on the held-out
 play with the teacher run on its rows, so every row has the full-vocabulary KL (``kl_full``) next to
 the cache's (k+1)-bin KL (``kl_topk_bins``, a lower bound), and each student its CE gap to the online
@@ -26,13 +26,13 @@ from kdpipe.pipeline.capture import (
     CapturePlan, CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights,
 )
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.evaluate import evaluate_model, load_model
+from kdpipe.pipeline.evaluate.run import evaluate_model, load_model
 from kdpipe.pipeline.fileio import atomic_write_json
-from kdpipe.pipeline.online_kd import OnlineKDTrainer
-from kdpipe.pipeline.plots import plot_training_curves
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.teachers import resolve_device
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.online_kd import OnlineKDTrainer
+from kdpipe.pipeline.evaluate.plots import plot_training_curves
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.capture.teachers import resolve_device
+from kdpipe.pipeline.train.config import TrainConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

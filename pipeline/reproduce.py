@@ -23,10 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdpipe.pipeline.checkpoint import RESUMABLE_SETTINGS
+from kdpipe.pipeline.train.checkpoint import RESUMABLE_SETTINGS
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.manifest import MANIFEST_NAME, manifest_checksum, software_versions
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, manifest_checksum, software_versions
 from kdpipe.pipeline.provenance import PACKAGES_FILE, installed_packages, parse_packages
 from kdpipe.pipeline.storage.location import CacheLocation, is_url
 
@@ -100,8 +100,8 @@ def load_recorded(path: str, *, storage_options: dict | None = None) -> Recorded
 
 
 def _load_cache(path: str, storage_options: dict | None) -> Recorded:
-    from kdpipe.pipeline.cache import read_manifest
-    from kdpipe.pipeline.verify import verify_cache
+    from kdpipe.pipeline.cache.reader import read_manifest
+    from kdpipe.pipeline.cache.verify import verify_cache
 
     location = CacheLocation(path, storage_options)
     manifest = read_manifest(location)[0]  # refuses a manifest that does not match its checksum

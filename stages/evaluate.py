@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from kdpipe.pipeline import metrics
+from kdpipe.pipeline.evaluate import metrics
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.evaluate import cache_holds_inputs, evaluate_model
-from kdpipe.pipeline.plots import DEFAULT_KEYS, plot_training_curves
+from kdpipe.pipeline.evaluate.run import cache_holds_inputs, evaluate_model
+from kdpipe.pipeline.evaluate.plots import DEFAULT_KEYS, plot_training_curves
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
 from kdpipe.stages.display import Progress

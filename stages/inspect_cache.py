@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from kdpipe.pipeline.cache import open_cache
+from kdpipe.pipeline.cache.reader import open_cache
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.inspect import describe_encoding, summarize_cache
+from kdpipe.pipeline.cache.inspect import describe_encoding, summarize_cache
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
 
@@ -54,7 +54,7 @@ def inspect_cache(cache, as_json, sample_rows, fidelity, teacher, weights, data,
 
 def _fidelity(cache, *, teacher, weights, data, rows, device, seed, trust_remote_code) -> dict:
     from kdpipe.pipeline.data import rows_from_arrays
-    from kdpipe.pipeline.fidelity import fidelity_report, load_cache_teacher
+    from kdpipe.pipeline.evaluate.fidelity import fidelity_report, load_cache_teacher
 
     loaded = load_cache_teacher(cache, teacher=teacher, weights=weights, device=device,
                                 trust_remote_code=trust_remote_code)

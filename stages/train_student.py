@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from kdpipe.pipeline.cache import DEFAULT_READ_AHEAD
-from kdpipe.pipeline.losses import KINDS
-from kdpipe.pipeline.plots import plot_training_curves
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig, merge_config
+from kdpipe.pipeline.cache.reader import DEFAULT_READ_AHEAD
+from kdpipe.pipeline.train.losses import KINDS
+from kdpipe.pipeline.evaluate.plots import plot_training_curves
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig, merge_config
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.stages.cli import storage_options_flag, user_errors
 from kdpipe.stages.display import Progress, training_fields

@@ -8,7 +8,7 @@ import click
 
 from kdpipe.pipeline.storage.location import parse_storage_options
 from kdpipe.pipeline.storage.object_store import redact_url
-from kdpipe.pipeline.verify import verify_cache as verify
+from kdpipe.pipeline.cache.verify import verify_cache as verify
 from kdpipe.stages.cli import storage_options_flag, user_errors
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from kdpipe import open_cache
-from kdpipe.pipeline.encoding import GRID_STEP
+from kdpipe.pipeline.cache.encoding import GRID_STEP
 from kdpipe.pipeline.errors import CacheFormatError
 from kdpipe.stages.cli import main
 

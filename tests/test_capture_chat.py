@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from test_capture import assert_matches_dense
 
 from kdpipe import open_cache
-from kdpipe.pipeline.evaluate import evaluate_model
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.evaluate.run import evaluate_model
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from kdpipe.pipeline.capture.plan import CaptureSettings
 from kdpipe.pipeline.distributed import launch_from_env
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.progress import RankProgress
+from kdpipe.pipeline.capture.progress import RankProgress
 from kdpipe.stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

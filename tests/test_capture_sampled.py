@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdpipe import open_cache
-from kdpipe.pipeline.encoding import GRID_STEP
+from kdpipe.pipeline.cache.encoding import GRID_STEP
 from test_capture import TEMPERATURES, capture, run_cli
 
 V1_CACHE = Path(__file__).parent / "fixtures" / "cache_v1"

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from kdpipe.pipeline.dataset import CacheDataset, split_rows
+from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import IntegrityError
 from kdpipe.stages.cli import main
 

@@ -5,9 +5,9 @@ import zlib
 import numpy as np
 import pytest
 
-from kdpipe.pipeline import encoding
+from kdpipe.pipeline.cache import encoding
 from kdpipe.pipeline.errors import CacheFormatError
-from kdpipe.pipeline.schema import CacheSchema, decode_rows, encode_rows
+from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows, encode_rows
 from kdpipe.pipeline.storage.base import get_format
 
 
@@ -65,7 +65,7 @@ def test_quantizing_unsorted_values_is_refused():
 
 
 def random_rows(schema: CacheSchema, n: int, rng) -> dict:
-    """Logical rows as a capture makes them (see kdpipe.pipeline.schema)."""
+    """Logical rows as a capture makes them (see kdpipe.pipeline.cache.schema)."""
     vocab = 2**schema.id_bits if schema.packed else 200
     P, k, m, nT = schema.positions, schema.top_k, schema.sample_draws, len(schema.temperatures)
     rows = {"sample_index": np.arange(n, dtype=np.int64), "input_hash": rng.integers(0, 2**63, n).astype(np.uint64)}

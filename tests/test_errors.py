@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kdpipe.pipeline.manifest import manifest_checksum
+from kdpipe.pipeline.cache.manifest import manifest_checksum
 from kdpipe.stages.cli import main
 
 MODELS = '''

@@ -1,4 +1,4 @@
-"""Tests for kdpipe.pipeline.evaluate, kdpipe.pipeline.plots and the ``evaluate``/``plot`` stages.
+"""Tests for kdpipe.pipeline.evaluate.run, kdpipe.pipeline.evaluate.plots and the ``evaluate``/``plot`` stages.
 
 The end-to-end checks: a teacher evaluated against its own cache agrees with it exactly
 (top-1 agreement 1, KL ~ 0), and its hard-label numbers equal Hugging Face's own loss; with
@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.errors import ConfigError, DataError
-from kdpipe.pipeline.evaluate import evaluate_model
-from kdpipe.pipeline.plots import plot_training_curves
+from kdpipe.pipeline.evaluate.run import evaluate_model
+from kdpipe.pipeline.evaluate.plots import plot_training_curves
 from kdpipe.stages.cli import main
 from kdpipe.stages.evaluate import plot
 

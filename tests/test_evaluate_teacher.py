@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import kdpipe
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.evaluate import evaluate_model
+from kdpipe.pipeline.evaluate.run import evaluate_model
 from kdpipe.stages.cli import main
 
 from conftest import VOCAB

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kdpipe.pipeline.cache import open_cache
-from kdpipe.pipeline.encoding import GRID_STEP
-from kdpipe.pipeline.fidelity import fidelity_report, load_cache_teacher
+from kdpipe.pipeline.cache.reader import open_cache
+from kdpipe.pipeline.cache.encoding import GRID_STEP
+from kdpipe.pipeline.evaluate.fidelity import fidelity_report, load_cache_teacher
 from kdpipe.stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for kdpipe.pipeline.fused_kd: the fused lm-head + sparse KD loss equals the unfused loss on
+"""Tests for kdpipe.pipeline.train.fused_kd: the fused lm-head + sparse KD loss equals the unfused loss on
 ``hidden @ W.T + b`` in value and gradient, and never makes an ``[N, V]`` tensor."""
 import json
 import subprocess
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline.fused_kd import default_chunk_rows, fused_linear_distillation_loss, output_head
-from kdpipe.pipeline.losses import KINDS, distillation_loss
-from kdpipe.pipeline.targets import TeacherTargets, fold_padded_vocab
+from kdpipe.pipeline.train.fused_kd import default_chunk_rows, fused_linear_distillation_loss, output_head
+from kdpipe.pipeline.train.losses import KINDS, distillation_loss
+from kdpipe.pipeline.train.targets import TeacherTargets, fold_padded_vocab
 
 N, H, V = 37, 16, 50
 TEMPS = (1.0, 2.0, 4.0)
@@ -283,7 +283,7 @@ def test_no_tensor_of_n_by_v_is_ever_made():
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss
+    from kdpipe.pipeline.train.fused_kd import fused_linear_distillation_loss
     torch.set_num_threads(1)
     n, h, v, k = 2048, 8, 131072, 16
     g = torch.Generator().manual_seed(0)

@@ -1,11 +1,11 @@
-"""Tests for kdpipe.pipeline.losses: sparse (top-k + tail) KD losses against the dense reference."""
+"""Tests for kdpipe.pipeline.train.losses: sparse (top-k + tail) KD losses against the dense reference."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline.losses import (
+from kdpipe.pipeline.train.losses import (
     KINDS,
     TAIL_LOGPROB_FLOOR,
     dense_kd_loss,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kdpipe.pipeline.errors import CacheFormatError
-from kdpipe.pipeline.manifest import load_manifest, resolve_shard_path, shard_block, shard_name
+from kdpipe.pipeline.cache.manifest import load_manifest, resolve_shard_path, shard_block, shard_name
 
 
 def test_shard_names_are_zero_padded_and_do_not_name_the_rank():
@@ -33,7 +33,7 @@ def write_manifest(root, **fields):
         "value_dtype": "float16", "input_len": 4, "has_label": False},
         "shards": [], "capture": {"format": "zarr"}, "totals": {"rows": 0}}
     manifest.update(fields)
-    from kdpipe.pipeline.manifest import manifest_checksum
+    from kdpipe.pipeline.cache.manifest import manifest_checksum
 
     manifest["checksum"] = manifest_checksum(manifest)
     (root / "manifest.json").write_text(json.dumps(manifest))

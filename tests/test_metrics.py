@@ -1,11 +1,11 @@
-"""Tests for kdpipe.pipeline.metrics against explicit reference computations."""
+"""Tests for kdpipe.pipeline.evaluate.metrics against explicit reference computations."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline import metrics
+from kdpipe.pipeline.evaluate import metrics
 
 
 def test_token_cross_entropy_equals_f_cross_entropy_on_masked_positions():

@@ -174,7 +174,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(fresh_venv):
     root, work = fresh_venv
     probe = (
         "import json, sys, importlib.metadata as md\n"
-        "import kdpipe, kdpipe.pipeline.cache, kdpipe.stages.cli\n"
+        "import kdpipe, kdpipe.pipeline.cache.reader, kdpipe.stages.cli\n"
         "files = {n: m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'kdpipe'}\n"
         "print(json.dumps({'files': files, 'version': md.version('kdpipe'), '__version__': kdpipe.__version__}))\n"
     )

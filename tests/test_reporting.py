@@ -1,4 +1,4 @@
-"""kdpipe.pipeline.reporting: --report-to names, the scalars of a metrics record, and each tracker fed
+"""kdpipe.pipeline.train.reporting: --report-to names, the scalars of a metrics record, and each tracker fed
 the records of metrics.jsonl (TensorBoard for real; wandb and mlflow through stand-in modules that
 record the calls, since neither is a dependency)."""
 
@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from kdpipe.pipeline import reporting
+from kdpipe.pipeline.train import reporting
 from kdpipe.pipeline.errors import ConfigError
 
 RECORDS = [

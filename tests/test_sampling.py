@@ -1,12 +1,12 @@
-"""Tests for kdpipe.pipeline.sampling (draws from the teacher's tail, importance weights) and
+"""Tests for kdpipe.pipeline.cache.sampling (draws from the teacher's tail, importance weights) and
 losses.sampled_kd_loss (the unbiased KD estimator on sampled and mixed targets)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline import sampling
-from kdpipe.pipeline.losses import SAMPLED_KINDS, dense_kd_loss, sampled_kd_loss
-from kdpipe.pipeline.sampling import draw_samples, sample_weights
+from kdpipe.pipeline.cache import sampling
+from kdpipe.pipeline.train.losses import SAMPLED_KINDS, dense_kd_loss, sampled_kd_loss
+from kdpipe.pipeline.cache.sampling import draw_samples, sample_weights
 
 V = 64
 NEG_INF = float("-inf")
@@ -23,7 +23,7 @@ def gen(seed):
 
 
 def exact_view(z, k, temperatures):
-    """The cache's exact part (as pipeline.topk stores it): top-k ids, z - max z, and per T the
+    """The cache's exact part (as pipeline.capture.topk stores it): top-k ids, z - max z, and per T the
     logsumexp of (z - max z) / T and the log mass outside the top-k (0 at k = 0, -inf at k = V)."""
     zs = z - z.amax(dim=1, keepdim=True)
     ids = zs.topk(k, dim=1).indices

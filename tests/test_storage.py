@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.encoding import decode_float_values, encode_float_values
-from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
+from kdpipe.pipeline.cache.encoding import decode_float_values, encode_float_values
+from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
 
 

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from s3_server import client
 
 from kdpipe import open_cache
-from kdpipe.pipeline.cache import TeacherCache
-from kdpipe.pipeline.dataset import CacheDataset
+from kdpipe.pipeline.cache.reader import TeacherCache
+from kdpipe.pipeline.train.dataset import CacheDataset
 from kdpipe.pipeline.errors import IntegrityError
 from kdpipe.stages.cli import main
 

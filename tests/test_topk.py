@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdpipe.pipeline.topk import sparse_view_of_logits
+from kdpipe.pipeline.capture.topk import sparse_view_of_logits
 
 
 def test_sparse_view_is_exact_and_independent_of_chunking():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.pipeline.teachers import Teacher, load_hf_teacher
-from kdpipe.pipeline.topk import (
+from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher
+from kdpipe.pipeline.capture.topk import (
     sparse_view_of_hidden,
     sparse_view_of_logits,
     sparse_view_of_logits_reference,

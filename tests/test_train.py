@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig, merge_config
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig, merge_config
 from kdpipe.stages.cli import main
 
 STUDENT = {

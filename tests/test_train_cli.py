@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from kdpipe.pipeline.schedule import warmup_cosine
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import merge_config
+from kdpipe.pipeline.train.schedule import warmup_cosine
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import merge_config
 from kdpipe.stages.cli import main
 from kdpipe.stages.train_student import train_student
 
@@ -238,7 +238,7 @@ def test_report_to_an_uninstalled_tracker_or_an_unknown_name_is_one_line(lm_cach
 
 # ----------------------------------------------------------------------------- curves
 def test_train_student_writes_curves_saying_how_many_rows_the_eval_points_use(lm_cache, student, tmp_path):
-    from kdpipe.pipeline.plots import _eval_rows_note, read_metrics
+    from kdpipe.pipeline.evaluate.plots import _eval_rows_note, read_metrics
 
     out = tmp_path / "run"
     result = run_cli(*train_args(lm_cache, student, out, "--steps", 4, "--eval-every", 2, "--eval-rows", 3))

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.stages.cli import main
 
 pytestmark = pytest.mark.slow

@@ -20,11 +20,11 @@ from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
 from kdpipe.pipeline.errors import ConfigError, DataError
-from kdpipe.pipeline import encoding
-from kdpipe.pipeline.schema import CacheSchema, narrowest_id_dtype
+from kdpipe.pipeline.cache import encoding
+from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.storage.location import CacheLocation, is_url
-from kdpipe.pipeline.teachers import (
+from kdpipe.pipeline.capture.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
 )
 
@@ -331,9 +331,9 @@ def packing_spec(settings: CaptureSettings, source: datalib.Source, teacher: Tea
 def finished_capture(plan: CapturePlan) -> dict | None:
     """The manifest of the finished capture in ``--out`` when it has these settings and data; None
     when there is none; raises naming the differing setting (or data file) when there is another."""
-    from kdpipe.pipeline.cache import read_manifest
-    from kdpipe.pipeline.manifest import MANIFEST_NAME
-    from kdpipe.pipeline.progress import capture_identity, check_same_data, check_same_identity, manifest_identity
+    from kdpipe.pipeline.cache.reader import read_manifest
+    from kdpipe.pipeline.cache.manifest import MANIFEST_NAME
+    from kdpipe.pipeline.capture.progress import capture_identity, check_same_data, check_same_identity, manifest_identity
 
     location = CacheLocation(plan.settings.out, plan.settings.storage_options)
     if location.info(MANIFEST_NAME) is None:

@@ -16,7 +16,7 @@ import zstandard
 
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.run import Draws, batch_rows
-from kdpipe.pipeline.schema import encode_rows
+from kdpipe.pipeline.cache.schema import encode_rows
 from kdpipe.pipeline.storage.base import get_format
 
 

@@ -3,7 +3,7 @@
 :func:`plan_capture` loads the teacher (or only its config, for a dry run) and checks every setting;
 :func:`run_capture` streams the data as blocks of rows (:mod:`kdpipe.pipeline.data.stream`:
 tokenised by worker processes ahead of the teacher, memory bounded whatever the corpus size), runs
-the teacher batch by batch, turns logits into the sparse view (:mod:`kdpipe.pipeline.topk`) and hands
+the teacher batch by batch, turns logits into the sparse view (:mod:`kdpipe.pipeline.capture.topk`) and hands
 finished shards to a background writer thread, so the teacher never waits for the disk. A block's
 rows are cut into shards of at most ``rows_per_shard`` rows named ``b<block>-p<part>``, so a shard's
 name and content depend only on the settings and the data: a rerun skips shards already finished
@@ -19,12 +19,12 @@ Crash safety: every shard and every progress record lands atomically (``*.tmp``,
 a capture killed at any moment (SIGKILL included) leaves finished shards, stray ``*.tmp`` files and at
 most one shard renamed but not yet recorded. Restarting with the same command removes the stray files,
 keeps the recorded shards whose sha256 still matches and redoes the rest (see
-:mod:`kdpipe.pipeline.progress`). A failed write (disk full, read-only --out) stops the capture with a
+:mod:`kdpipe.pipeline.capture.progress`). A failed write (disk full, read-only --out) stops the capture with a
 :class:`~kdpipe.pipeline.errors.WriteError`; what was written before stays valid.
 
 ``--out`` on an object store (``s3://bucket/prefix``): a shard is written to a local staging folder,
 hashed, then uploaded, and becomes visible only once its upload completes; records and the manifest
-are single PUTs (see :mod:`kdpipe.pipeline.progress`).
+are single PUTs (see :mod:`kdpipe.pipeline.capture.progress`).
 """
 
 from __future__ import annotations
@@ -42,24 +42,24 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline import progress as progresslib
+from kdpipe.pipeline.capture import progress as progresslib
 from kdpipe.pipeline.distributed import Group
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.data.stream import Block
 from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
 from kdpipe.pipeline.fileio import sha256_file, write_errors
-from kdpipe.pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
+from kdpipe.pipeline.cache.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.provenance import command_record
-from kdpipe.pipeline.sampling import Samples, draw_samples
-from kdpipe.pipeline.schema import encode_rows
+from kdpipe.pipeline.cache.sampling import Samples, draw_samples
+from kdpipe.pipeline.cache.schema import encode_rows
 from kdpipe.pipeline.storage.base import get_format
 from kdpipe.pipeline.storage.location import CacheLocation
-from kdpipe.pipeline.topk import SparseView, sparse_view_of_logits
+from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_logits
 
 
 def batch_rows(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Draws | None" = None) -> dict[str, np.ndarray]:
     """Run the teacher on rows ``index`` of ``block`` and return their logical cache rows (see
-    :mod:`kdpipe.pipeline.schema`; the writer thread encodes them); ``draws``: the shard's seeded
+    :mod:`kdpipe.pipeline.cache.schema`; the writer thread encodes them); ``draws``: the shard's seeded
     generator, for a sampled capture."""
     teacher, schema, rows = plan.teacher, plan.schema, block.rows
     inputs = torch.from_numpy(rows.inputs[index]).to(teacher.device)
@@ -120,7 +120,7 @@ def _scatter(values: torch.Tensor, mask: np.ndarray, dtype) -> np.ndarray:
 
 
 def _rows(plan: CapturePlan, block: Block, index, mask, view: SparseView, samples: Samples | None) -> dict[str, np.ndarray]:
-    """The logical rows (see :mod:`kdpipe.pipeline.schema`) of rows ``index``; padding positions hold zeros."""
+    """The logical rows (see :mod:`kdpipe.pipeline.cache.schema`) of rows ``index``; padding positions hold zeros."""
     schema, rows = plan.schema, block.rows
     columns = {
         "sample_index": block.sample_index[index],
@@ -305,7 +305,7 @@ class _ShardWriter:
             raise self._error
 
     def put_shard(self, name: str, block: int, part: int, columns: dict):
-        """Encode (see :func:`~kdpipe.pipeline.schema.encode_rows`) and write the logical rows ``columns``."""
+        """Encode (see :func:`~kdpipe.pipeline.cache.schema.encode_rows`) and write the logical rows ``columns``."""
         self.check()
         self._queue.put(lambda: self._write(name, block, part, columns))
 

@@ -103,7 +103,7 @@ def check_hub_dataset(name: str, *, timeout: float = 10.0) -> None:
     import huggingface_hub
     from huggingface_hub import constants
 
-    from kdpipe.pipeline.hub import MISSING, ask_hub
+    from kdpipe.pipeline.models.hub import MISSING, ask_hub
 
     if constants.HF_HUB_OFFLINE:
         return

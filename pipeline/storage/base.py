@@ -1,6 +1,6 @@
 """The contract every shard format implements, and the registry that maps a name to it.
 
-A shard holds consecutive cache rows of one schema (see :mod:`kdpipe.pipeline.schema`) in chunks of
+A shard holds consecutive cache rows of one schema (see :mod:`kdpipe.pipeline.cache.schema`) in chunks of
 ``chunk_rows`` rows. Writers write a whole shard at once and land it atomically; readers read any
 row range, one chunk at a time.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.schema import CacheSchema
+from kdpipe.pipeline.cache.schema import CacheSchema
 
 
 class ShardReader(abc.ABC):

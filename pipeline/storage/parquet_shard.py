@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.pipeline.fileio import atomic_path
-from kdpipe.pipeline.schema import CacheSchema
+from kdpipe.pipeline.cache.schema import CacheSchema
 from kdpipe.pipeline.storage.base import ShardFormat, ShardReader
 
 _SHAPES_KEY = b"kdpipe.shapes"

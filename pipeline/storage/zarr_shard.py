@@ -16,7 +16,7 @@ import zarr
 from zarr.storage import MemoryStore, ZipStore
 
 from kdpipe.pipeline.fileio import atomic_path
-from kdpipe.pipeline.schema import CacheSchema
+from kdpipe.pipeline.cache.schema import CacheSchema
 from kdpipe.pipeline.storage.base import ShardFormat, ShardReader
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)

@@ -25,10 +25,10 @@ Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]
 sampled id). Sampled caches (``sample_draws = m > 0``) drew ``m`` ids with replacement per position
 from the teacher at ``sample_temperature``, outside the top-k (``top_k`` may be 0: sampled only).
 
-That is the *logical* row, what :meth:`~kdpipe.pipeline.cache.TeacherCache.read_rows` returns.
+That is the *logical* row, what :meth:`~kdpipe.pipeline.cache.reader.TeacherCache.read_rows` returns.
 How it is stored depends on the format version (:meth:`CacheSchema.fields` lists the stored fields):
 format 1 keeps the ids as the narrowest unsigned dtype and the values as ``value_dtype``; format 2
-(``id_bits`` set) bit-packs every id and may quantize the values (:mod:`kdpipe.pipeline.encoding`).
+(``id_bits`` set) bit-packs every id and may quantize the values (:mod:`kdpipe.pipeline.cache.encoding`).
 
 ``mask_meaning`` says what ``mask`` marks: ``"real-token"`` (text and classification: every real
 token; the hard label at ``t`` also needs ``mask[t + 1]``) or ``"next-token-target"`` (chat data:
@@ -44,7 +44,7 @@ import math
 
 import numpy as np
 
-from kdpipe.pipeline import encoding
+from kdpipe.pipeline.cache import encoding
 from kdpipe.pipeline.errors import CacheFormatError
 
 TASKS = ("causal-lm", "classification")
@@ -97,7 +97,7 @@ class CacheSchema:
 
     @property
     def packed(self) -> bool:
-        """Format 2: ids bit-packed (see :mod:`kdpipe.pipeline.encoding`)."""
+        """Format 2: ids bit-packed (see :mod:`kdpipe.pipeline.cache.encoding`)."""
         return self.id_bits is not None
 
     def logical_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

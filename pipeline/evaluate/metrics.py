@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline.losses import sampled_kd_loss, sparse_kd_loss
+from kdpipe.pipeline.train.losses import sampled_kd_loss, sparse_kd_loss
 
 # ----------------------------------------------------------------------------- what a KL to the teacher is
 # Every evaluation names its KL(teacher || student) by what was computed, never plainly "KL to teacher":
@@ -96,7 +96,7 @@ def sparse_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, teache
     student_logits: [N, V]; topk_ids: [N, k] int64; teacher_topk_logprobs: [N, k] ``log p(i)``;
     teacher_tail_logprob: [N] ``log(1 - sum_topk p)`` (``-inf`` when empty); mask: [N] bool.
     Lumping the tail into one bin can only lose divergence, so this is a lower bound of the full-vocabulary
-    KL, exact at k = V. Computed by :func:`kdpipe.pipeline.losses.sparse_kd_loss` (forward KL); at
+    KL, exact at k = V. Computed by :func:`kdpipe.pipeline.train.losses.sparse_kd_loss` (forward KL); at
     another ``temperature`` the teacher log-probs must be at that T and the student is tempered alike
     (the result is the plain KL, without the loss's T^2 factor).
     """
@@ -110,7 +110,7 @@ def sampled_kl_to_teacher(student_logits, topk_ids, teacher_topk_logprobs, sampl
                           sample_weights, mask, *, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """Summed KL(teacher || student) of a sampled cache's targets, and the number of positions.
 
-    Shapes as :func:`kdpipe.pipeline.losses.sampled_kd_loss` (exact top-k ``[N, k]``, possibly
+    Shapes as :func:`kdpipe.pipeline.train.losses.sampled_kd_loss` (exact top-k ``[N, k]``, possibly
     ``k = 0``, plus importance-weighted draws ``[N, m]``); mask: [N] bool. An unbiased estimate of
     the full-vocabulary KL (not a bound): plain KL, without the loss's T^2 factor.
     """

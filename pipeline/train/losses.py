@@ -260,7 +260,7 @@ def distillation_loss(student_logits, labels, topk_ids, teacher_topk_logprobs, t
 
 # ----------------------------------------------------------------------------- sampled targets
 # Divergences that are expectations under the teacher p, hence estimable from draws of p
-# (pipeline.sampling); reverse KL, JS and TVD need p where the student puts mass.
+# (pipeline.cache.sampling); reverse KL, JS and TVD need p where the student puts mass.
 SAMPLED_KINDS = ("forward-kl", "skew-kl")
 
 
@@ -307,7 +307,7 @@ def sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids,
     Per position the estimate is
     ``D = sum_{i in S} p_T(i) (log p_T(i) - log t(i)) + sum_j w_j (log p_T(j) - log t(j))`` with ``t = q_T``
     (forward-kl) or ``t = lam p_T + (1 - lam) q_T`` (skew-kl, ``lam = skew_lambda``). With the importance
-    weights of ``pipeline.sampling.sample_weights``, ``E[D]`` is the dense divergence over the whole
+    weights of ``pipeline.cache.sampling.sample_weights``, ``E[D]`` is the dense divergence over the whole
     vocabulary and ``E[grad D]`` its gradient. Reverse KL, JS and TVD are refused (ValueError).
 
     Args:

@@ -12,8 +12,8 @@ import torch
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_path, atomic_write_json
-from kdpipe.pipeline.modules import build_module, load_module
-from kdpipe.pipeline.teachers import is_module_spec
+from kdpipe.pipeline.models.modules import build_module, load_module
+from kdpipe.pipeline.capture.teachers import is_module_spec
 
 MODULE_META = "kdpipe_module.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")

@@ -25,7 +25,7 @@ function of the step number alone:
   checkpoint's.
 
 Under ``torchrun`` every process trains the same model wrapped in ``DistributedDataParallel`` on
-its share of each global batch (:mod:`kdpipe.pipeline.dataset`), so a step of W ranks x batch b is
+its share of each global batch (:mod:`kdpipe.pipeline.train.dataset`), so a step of W ranks x batch b is
 the step of one process that accumulates the W per-rank losses (and, when every row has as many
 target tokens, of one process with batch W*b). Rank 0 alone writes the run directory.
 """
@@ -42,20 +42,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline.train import checkpoint as ckpt
 from kdpipe.pipeline import distributed
-from kdpipe.pipeline.cache import TeacherCache
+from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
-from kdpipe.pipeline.dataset import CacheDataset, split_rows
+from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.fused_kd import output_head
-from kdpipe.pipeline import metrics, reporting
-from kdpipe.pipeline.objective import distillation_objective, targets_for, uses_draws
-from kdpipe.pipeline.schedule import parse_schedule, phase_at, warmup_cosine
-from kdpipe.pipeline.students import load_student, load_tokenizer, save_student
-from kdpipe.pipeline.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
-from kdpipe.pipeline.teachers import resolve_device, tokenizer_fingerprint
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.fused_kd import output_head
+from kdpipe.pipeline.evaluate import metrics
+from kdpipe.pipeline.train import reporting
+from kdpipe.pipeline.train.objective import distillation_objective, targets_for, uses_draws
+from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
+from kdpipe.pipeline.models.students import load_student, load_tokenizer, save_student
+from kdpipe.pipeline.train.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
+from kdpipe.pipeline.capture.teachers import resolve_device, tokenizer_fingerprint
+from kdpipe.pipeline.train.config import TrainConfig
 
 
 class Trainer:
@@ -147,7 +148,7 @@ class Trainer:
         targets = "; the cache's draws unused: --loss " + self.config.loss + " takes the top-k + tail bins" \
             if schema.sample_draws else ""
         if self.head is not None:
-            return "fused: lm-head and loss chunk by chunk (pipeline/fused_kd.py)" + targets
+            return "fused: lm-head and loss chunk by chunk (pipeline/train/fused_kd.py)" + targets
         why = ("--no-fused-loss" if not self.config.fused_loss else
                "the student's output layer is not a plain nn.Linear of a causal LM")
         return f"unfused: full student logits ({why})" + targets

@@ -5,7 +5,7 @@
 * on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
   ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
 * against the teacher, KL(teacher || student) at T = 1 under a name that says what it is
-  (:data:`~kdpipe.pipeline.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
+  (:data:`~kdpipe.pipeline.evaluate.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
   best id) and ``positions`` (how many were scored), over the valid positions:
 
   - ``kl_full``: over the full vocabulary. With ``teacher`` the teacher is run on the same rows (loaded
@@ -46,15 +46,15 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline import metrics
-from kdpipe.pipeline.cache import TeacherCache, open_cache
+from kdpipe.pipeline.evaluate import metrics
+from kdpipe.pipeline.cache.reader import TeacherCache, open_cache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
-from kdpipe.pipeline.modules import load_module
-from kdpipe.pipeline.teachers import (
+from kdpipe.pipeline.models.modules import load_module
+from kdpipe.pipeline.capture.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype, tokenizer_fingerprint,
 )
 
-from kdpipe.pipeline.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
+from kdpipe.pipeline.models.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
 MODULE_WEIGHTS = "model.safetensors"
 DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context (see data_seq_len)
 
@@ -418,8 +418,8 @@ def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
     """The row length a train-student run dir (``model_dir`` or its parent) trained on: recorded in its
     ``run.json``, or (runs of earlier versions) read from the manifest of the cache it names, when that
     cache is a folder here; None otherwise."""
-    from kdpipe.pipeline.checkpoint import RUN_MANIFEST
-    from kdpipe.pipeline.manifest import MANIFEST_NAME
+    from kdpipe.pipeline.train.checkpoint import RUN_MANIFEST
+    from kdpipe.pipeline.cache.manifest import MANIFEST_NAME
 
     run = next((d / RUN_MANIFEST for d in (model_dir, model_dir.parent) if (d / RUN_MANIFEST).is_file()), None)
     if run is None:
@@ -444,7 +444,7 @@ def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=No
 
     model_dir: a Hugging Face model dir or a kdpipe module dir. data: text path (causal LM / text
     classifier) or ``.npz`` (module). cache: a teacher cache dir or object-store URL (read with
-    ``storage_options``, see :class:`~kdpipe.pipeline.cache.TeacherCache`). teacher: a model dir, hub id
+    ``storage_options``, see :class:`~kdpipe.pipeline.cache.reader.TeacherCache`). teacher: a model dir, hub id
     or ``file.py:factory`` (with its ``weights``) to run on the rows for the full-vocabulary KL; against
     a cache it must be the cache's teacher. seq_len: row length for text data without a cache (see
     :func:`data_seq_len`; with a cache, the cache's). on_rows(new_rows, total): called after each batch.
@@ -493,7 +493,7 @@ def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=No
 # ----------------------------------------------------------------------------- the teacher
 def _cache_teacher(cache: TeacherCache, teacher: str, weights: str | None, device: str) -> Teacher:
     """``teacher`` loaded as cache-teacher loads it, refused unless its fingerprint is the cache's teacher's."""
-    from kdpipe.pipeline.fidelity import load_cache_teacher
+    from kdpipe.pipeline.evaluate.fidelity import load_cache_teacher
 
     return load_cache_teacher(cache, teacher=teacher, weights=weights, device=device)
 

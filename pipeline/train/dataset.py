@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdpipe.pipeline.cache import TeacherCache, release_shard
+from kdpipe.pipeline.cache.reader import TeacherCache, release_shard
 from kdpipe.pipeline.data import input_hash
 from kdpipe.pipeline.errors import IntegrityError
 

@@ -6,7 +6,7 @@ captured temperature ``T`` and over the positions the cache counts (``mask``):
 - ``kl_bins``: ``KL(dense || reconstructed)`` (:func:`kl_per_position`) in nats per position on the
   cache's (k+1)-bin view (top-k + tail bucket, docs/THEORY.md section 3). "Dense" is the recomputed teacher's ``p_T`` gathered on the
   cache's top-k ids plus the rest of its mass as the tail bin; "reconstructed" is what the trainer
-  reads from the cache (:func:`~kdpipe.pipeline.targets.teacher_targets`: the decoded values,
+  reads from the cache (:func:`~kdpipe.pipeline.train.targets.teacher_targets`: the decoded values,
   renormalised over the k+1 bins when they are quantized). It measures what the value encoding
   loses; None for a sampled-only cache (k = 0: no bins).
 - ``mass_covered``: the dense ``p_T`` mass on the ids the cache holds (top-k and drawn ids), averaged
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline.cache import TeacherCache
+from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
-from kdpipe.pipeline.losses import dense_kd_loss
-from kdpipe.pipeline.objective import distillation_objective, targets_for
-from kdpipe.pipeline.targets import TeacherTargets
-from kdpipe.pipeline.teachers import (
+from kdpipe.pipeline.train.losses import dense_kd_loss
+from kdpipe.pipeline.train.objective import distillation_objective, targets_for
+from kdpipe.pipeline.train.targets import TeacherTargets
+from kdpipe.pipeline.capture.teachers import (
     Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
 )
 
@@ -113,7 +113,7 @@ def check_teacher(cache: TeacherCache, teacher: Teacher, name: str) -> None:
 
 # ----------------------------------------------------------------------------- the probe
 def read_probe(cache: TeacherCache, rows: int) -> dict[str, np.ndarray]:
-    """The cache's first ``rows`` rows in the logical fields of :mod:`~kdpipe.pipeline.schema`,
+    """The cache's first ``rows`` rows in the logical fields of :mod:`~kdpipe.pipeline.cache.schema`,
     stacked with a leading row axis (shards read in order, each released once read)."""
     n = min(rows, len(cache))
     if n == 0:
@@ -191,7 +191,7 @@ def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
     The KL divergence of positive measures: it is the KL itself when ``p`` and ``q`` both sum to 1, and
     stays ``>= 0`` (0 only at ``q = p``) when the reconstruction ``q`` does not quite sum to 1 (float
-    values are not renormalised; see :func:`~kdpipe.pipeline.targets.teacher_targets`), where the
+    values are not renormalised; see :func:`~kdpipe.pipeline.train.targets.teacher_targets`), where the
     plain ``sum p log(p / q)`` could be negative.
     """
     p, q = log_p.exp(), log_q.exp()

@@ -15,8 +15,8 @@ import typing
 from pathlib import Path
 
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.losses import KINDS
-from kdpipe.pipeline.reporting import parse_report_to
+from kdpipe.pipeline.train.losses import KINDS
+from kdpipe.pipeline.train.reporting import parse_report_to
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0 (0 turns it off)")
 
     def storage(self) -> dict:
-        """How to read the caches: keyword arguments of :class:`~kdpipe.pipeline.cache.TeacherCache`."""
+        """How to read the caches: keyword arguments of :class:`~kdpipe.pipeline.cache.reader.TeacherCache`."""
         return {"storage_options": self.storage_options, "local_cache": self.local_cache,
                 "local_cache_gb": self.local_cache_gb, "read_ahead": self.read_ahead}
 
@@ -146,7 +146,7 @@ def merge_config(file: str | None, overrides: dict, *, resume: bool = False) -> 
     ``overrides``: the flags given (None = not given). With ``resume``, ``out`` (a flag or a key of the
     file) names the run directory whose ``run.json`` supplies every setting not given; a ``steps`` or
     ``epochs`` given replaces the recorded length (whether the run may take it is checked when it
-    resumes: :func:`kdpipe.pipeline.checkpoint.check_resumable`).
+    resumes: :func:`kdpipe.pipeline.train.checkpoint.check_resumable`).
     """
     given = {**_read_file(file), **{k: v for k, v in overrides.items() if v is not None}}
     values = {**(_recorded(given) if resume else {}), **given}
@@ -178,7 +178,7 @@ def _read_file(file: str | None) -> dict:
 
 def _recorded(given: dict) -> dict:
     """The settings recorded by the run in ``given["out"]``, less the length when one is given."""
-    from kdpipe.pipeline.checkpoint import recorded_settings
+    from kdpipe.pipeline.train.checkpoint import recorded_settings
 
     if not given.get("out"):
         raise ConfigError("--resume needs --out RUN_DIR, the run directory to continue")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import remove_stale_tmp, sha256_file, write_errors
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
 from kdpipe.pipeline.provenance import PACKAGES_FILE, packages_text
 from kdpipe.pipeline.storage.location import CacheLocation
 

@@ -1,6 +1,6 @@
 """Online dense KD: the reference a cached student is measured against.
 
-:class:`OnlineKDTrainer` is the library's :class:`~kdpipe.pipeline.train.Trainer` with one change:
+:class:`OnlineKDTrainer` is the library's :class:`~kdpipe.pipeline.train.trainer.Trainer` with one change:
 its loss runs the teacher (held in memory) on each batch's rows and uses the dense forward KL over
 the whole vocabulary, ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE``. Everything else -- the
 cache it reads rows from, their order, the schedule, clipping, initialisation -- is the cached
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kdpipe.pipeline.losses import dense_kd_loss, hard_label_ce
-from kdpipe.pipeline.train import Trainer
-from kdpipe.pipeline.train_config import TrainConfig
+from kdpipe.pipeline.train.losses import dense_kd_loss, hard_label_ce
+from kdpipe.pipeline.train.trainer import Trainer
+from kdpipe.pipeline.train.config import TrainConfig
 
 
 class OnlineKDTrainer(Trainer):

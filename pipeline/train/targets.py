@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.sampling import sample_weights
+from kdpipe.pipeline.cache.sampling import sample_weights
 
 IGNORE = -100
 

@@ -1,6 +1,6 @@
 """How a cache's ids and values become bytes (format 2), and back.
 
-Format 2 stores the same logical rows as format 1 (see :mod:`kdpipe.pipeline.schema`) in fewer bytes,
+Format 2 stores the same logical rows as format 1 (see :mod:`kdpipe.pipeline.cache.schema`) in fewer bytes,
 chosen by measurement (``benchmarks/cache_size.py``):
 
 - **Ids** (top-k, sampled and input ids) are bit-packed in ``ceil(log2 V)`` bits each, in rank order,

@@ -19,9 +19,9 @@ import torch
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.sampling import sample_weights
-from kdpipe.pipeline.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
-from kdpipe.pipeline.schema import CacheSchema, decode_rows
+from kdpipe.pipeline.cache.sampling import sample_weights
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
+from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows
 from kdpipe.pipeline.storage.base import ShardReader, get_format
 from kdpipe.pipeline.storage.local_copies import LocalCopies
 from kdpipe.pipeline.storage.location import CacheLocation
@@ -33,7 +33,7 @@ DEFAULT_READ_AHEAD = 4  # remote shards downloaded ahead of the reader (benchmar
 def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature: float) -> np.ndarray:
     """``log p_T`` of the cached ids: ``topk_logits / T - logsumexp_T`` (both max-shifted), fp32.
 
-    topk_logits: [..., k] float32 (decoded, see :func:`~kdpipe.pipeline.schema.decode_rows`);
+    topk_logits: [..., k] float32 (decoded, see :func:`~kdpipe.pipeline.cache.schema.decode_rows`);
     logsumexp: [...] at ``T``.
     """
     return topk_logits / np.float32(temperature) - logsumexp[..., None]
@@ -185,11 +185,11 @@ class TeacherCache:
 
     def read_rows(self, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` of shard ``shard``, decoded into the logical fields of
-        :mod:`kdpipe.pipeline.schema` (ids int64, values float32), with a leading row axis."""
+        :mod:`kdpipe.pipeline.cache.schema` (ids int64, values float32), with a leading row axis."""
         return decode_rows(self.schema, self.shard_reader(shard).read(start, stop))
 
     def read_raw(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i`` in the logical fields of :mod:`kdpipe.pipeline.schema`, at no temperature."""
+        """Row ``i`` in the logical fields of :mod:`kdpipe.pipeline.cache.schema`, at no temperature."""
         shard, row = self.locate(int(i))
         return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
 
@@ -225,7 +225,7 @@ class TeacherCache:
 
     def _sample_weights(self, raw: dict, j: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``log p_T`` at a row's drawn ids and their importance weights at ``T`` (see
-        :func:`kdpipe.pipeline.sampling.sample_weights`), ``[P, m]`` each."""
+        :func:`kdpipe.pipeline.cache.sampling.sample_weights`), ``[P, m]`` each."""
         schema = self.schema
         j0 = schema.temperature_index(schema.sample_temperature)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731

@@ -4,7 +4,7 @@ A :class:`Teacher` turns a batch of model inputs into logits ``[B, P, V]`` (``P 
 a causal LM, ``P = 1`` for a classifier) and describes itself for the manifest (fingerprint).
 :meth:`Teacher.sparse_view` goes straight to the cache's sparse view of the target positions; for
 an HF causal LM whose output head is a plain ``nn.Linear`` it runs the decoder only and computes the
-head in vocabulary blocks (:func:`~kdpipe.pipeline.topk.sparse_view_of_hidden`), so the
+head in vocabulary blocks (:func:`~kdpipe.pipeline.capture.topk.sparse_view_of_hidden`), so the
 ``[tokens, V]`` logits are never materialised.
 """
 
@@ -20,8 +20,8 @@ import torch
 
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_files
-from kdpipe.pipeline.modules import load_module
-from kdpipe.pipeline.topk import SparseView, sparse_view_of_hidden, sparse_view_of_logits
+from kdpipe.pipeline.models.modules import load_module
+from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_hidden, sparse_view_of_logits
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -388,7 +388,7 @@ def check_hub_teacher(name: str, *, timeout: float = 10.0) -> None:
     import huggingface_hub
     from huggingface_hub import constants
 
-    from kdpipe.pipeline.hub import MISSING, ask_hub
+    from kdpipe.pipeline.models.hub import MISSING, ask_hub
 
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return

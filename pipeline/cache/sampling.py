@@ -5,7 +5,7 @@ draws with replacement from one proposal ``pi``: ``p_T0`` restricted to the comp
 renormalised (``pi = p_T0`` when ``k = 0``), at one sampling temperature ``T0`` (docs/THEORY.md
 section 6). Stored per position: the unique sampled ids, how often each was drawn,
 and their exact values ``z_i - max z``. With the exact ``lse_T`` and log tail mass of each captured
-temperature ``T`` (as :mod:`pipeline.topk` stores them) every sampled id gets
+temperature ``T`` (as :mod:`pipeline.capture.topk` stores them) every sampled id gets
 
     log p_T(i) = (z_i - max z) / T  - lse_T
     log pi(i)  = (z_i - max z) / T0 - lse_T0 - tail_logprob_T0      (tail_logprob_T0 = 0 when k = 0)
@@ -13,7 +13,7 @@ temperature ``T`` (as :mod:`pipeline.topk` stores them) every sampled id gets
 
 and ``E[sum_i w_i f(i)] = sum_{v not in S} p_T(v) f(v)`` for any ``f``: plain importance sampling with
 exact probabilities, unbiased at every captured ``T`` (at ``T = T0``, ``w_i = count_i / M * r_T0``).
-:func:`pipeline.losses.sampled_kd_loss` turns these into an unbiased KD loss.
+:func:`pipeline.train.losses.sampled_kd_loss` turns these into an unbiased KD loss.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from .losses import _check_temperature
+from kdpipe.pipeline.train.losses import _check_temperature
 
 # fp32 working memory per chunk of rows: the [rows, V] proposal weights plus the copy torch.multinomial
 # may make of them stay under this.

@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 from kdpipe.pipeline.errors import CacheFormatError
-from kdpipe.pipeline.schema import CacheSchema
+from kdpipe.pipeline.cache.schema import CacheSchema
 
 FORMAT_NAME = "kdpipe-cache"
 FORMAT_VERSION = 2  # what this kdpipe writes: packed ids, optionally quantized values, samples
-READABLE_VERSIONS = (1, 2)  # 1: ids as unsigned arrays, float values (see kdpipe.pipeline.schema)
+READABLE_VERSIONS = (1, 2)  # 1: ids as unsigned arrays, float values (see kdpipe.pipeline.cache.schema)
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 
@@ -121,7 +121,7 @@ def load_manifest(root: str | os.PathLike) -> dict:
     """Read and validate ``root/manifest.json``; raises :class:`CacheFormatError` naming the fix.
 
     ``root`` is a local folder; a cache on an object store is read by
-    :func:`kdpipe.pipeline.cache.read_manifest`, which validates with :func:`parse_manifest`.
+    :func:`kdpipe.pipeline.cache.reader.read_manifest`, which validates with :func:`parse_manifest`.
     """
     root = Path(root)
     path = root / MANIFEST_NAME

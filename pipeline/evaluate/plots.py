@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from kdpipe.pipeline import metrics
+from kdpipe.pipeline.evaluate import metrics
 from kdpipe.pipeline.data import jsonl_records
 from kdpipe.pipeline.errors import DataError
 from kdpipe.pipeline.fileio import atomic_path

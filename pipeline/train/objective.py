@@ -6,11 +6,11 @@ users (``kdpipe.distillation_loss``, ``kdpipe.DistillationLoss``):
 - :func:`targets_for` turns a batch of cache rows into flat :class:`TeacherTargets` at one captured
   temperature: the causal shift done, quantized values renormalised against the exact tail, and the
   draws of a sampled (or mixed) cache attached when the loss kind can use them
-  (:data:`~kdpipe.pipeline.losses.SAMPLED_KINDS`);
+  (:data:`~kdpipe.pipeline.train.losses.SAMPLED_KINDS`);
 - :func:`distillation_objective` computes ``alpha * kd + (1 - alpha) * ce`` on them: the unbiased
   estimator when the targets carry draws, else the (k+1)-bin view (top-k + tail bucket), from the
   student's logits or, given its last hidden states and lm-head, fused with the head
-  (:mod:`kdpipe.pipeline.fused_kd`: the ``[N, V]`` logits never exist).
+  (:mod:`kdpipe.pipeline.train.fused_kd`: the ``[N, V]`` logits never exist).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.fused_kd import fused_linear_distillation_loss
-from kdpipe.pipeline import losses
-from kdpipe.pipeline.losses import KINDS, SAMPLED_KINDS, _check_unit, hard_label_ce, sampled_kd_loss
-from kdpipe.pipeline.schema import CacheSchema
-from kdpipe.pipeline.targets import Sampling, TeacherTargets, fold_padded_vocab, teacher_targets
+from kdpipe.pipeline.train.fused_kd import fused_linear_distillation_loss
+from kdpipe.pipeline.train import losses
+from kdpipe.pipeline.train.losses import KINDS, SAMPLED_KINDS, _check_unit, hard_label_ce, sampled_kd_loss
+from kdpipe.pipeline.cache.schema import CacheSchema
+from kdpipe.pipeline.train.targets import Sampling, TeacherTargets, fold_padded_vocab, teacher_targets
 
 
 def uses_draws(schema: CacheSchema, kind: str) -> bool:
@@ -93,7 +93,7 @@ def distillation_objective(targets: TeacherTargets, *, alpha: float, temperature
 
 
 class TargetCollator:
-    """Collate function for :class:`~kdpipe.pipeline.dataset.CacheDataset` batches: the student's
+    """Collate function for :class:`~kdpipe.pipeline.train.dataset.CacheDataset` batches: the student's
     inputs plus the flat teacher targets at one captured temperature (picklable, so it runs in the
     DataLoader's worker processes)::
 
@@ -138,7 +138,7 @@ class DistillationLoss(torch.nn.Module):
     takes the targets (:class:`TeacherTargets` or the ``"teacher"`` dict of :class:`TargetCollator`)
     and the student's raw logits ``[B, P, V]`` or ``[N, V]``; or, for the fused path that never makes the
     ``[N, V]`` logits, ``hidden=[B, P, H]`` with ``head_weight=[V, H]`` and ``head_bias`` (see
-    :func:`kdpipe.pipeline.fused_kd.output_head`). Returns ``{"loss", "kd", "ce"}`` (fp32 scalars;
+    :func:`kdpipe.pipeline.train.fused_kd.output_head`). Returns ``{"loss", "kd", "ce"}`` (fp32 scalars;
     ``"loss"`` carries the gradient).
     """
 

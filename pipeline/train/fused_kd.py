@@ -42,7 +42,7 @@ import numbers
 
 import torch
 
-from kdpipe.pipeline.losses import (
+from kdpipe.pipeline.train.losses import (
     TAIL_LOGPROB_FLOOR,
     _check_kind,
     _check_labels,
