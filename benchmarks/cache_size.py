@@ -323,7 +323,7 @@ def implemented(pr, temps, vocab) -> dict:
     """Each ``--values`` mode of format 2 on the probe's rows: a real shard's bytes and the decoded KL."""
     from kdpipe.pipeline.cache.encoding import id_bits
     from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows, encode_rows
-    from kdpipe.pipeline.storage.zarr_shard import ZarrZipFormat
+    from kdpipe.pipeline.cache.storage.zarr_shard import ZarrZipFormat
 
     n_rows, P = pr["mask"].shape
     k = pr["ids"].shape[1]

@@ -134,7 +134,7 @@ def differences(actual: Path, expected: Path) -> list[str]:
         for field, value in row_b.items():
             if field not in row_a or row_a[field].dtype != value.dtype or not np.array_equal(row_a[field], value):
                 problems.append(f"row {i} field {field}")
-    from kdpipe.pipeline.capture.progress import first_difference
+    from kdpipe.pipeline.provenance import first_difference
 
     strip = lambda m: {k: v for k, v in m.items() if k not in TIMESTAMPS}  # noqa: E731
     diff = first_difference(strip(b.manifest), strip(a.manifest))

@@ -35,7 +35,7 @@ from s3_server import LatencyProxy, S3Server, s3_environment  # noqa: E402
 from kdpipe.pipeline.cache.reader import TeacherCache  # noqa: E402
 from kdpipe.pipeline.train.dataset import CacheDataset  # noqa: E402
 from kdpipe.pipeline.cache.manifest import software_versions  # noqa: E402
-from kdpipe.pipeline.storage.location import CacheLocation  # noqa: E402
+from kdpipe.pipeline.cache.storage.location import CacheLocation  # noqa: E402
 
 
 def build_cache(args, folder: Path) -> str:

@@ -23,16 +23,21 @@ import time
 from pathlib import Path
 
 from kdpipe.pipeline.capture import (
-    CapturePlan, CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights,
+    CapturePlan,
+    CaptureSettings,
+    finished_capture,
+    plan_capture,
+    run_capture,
+    with_teacher_weights,
 )
 from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.evaluate.plots import plot_training_curves
 from kdpipe.pipeline.evaluate.run import evaluate_model, load_model
 from kdpipe.pipeline.fileio import atomic_write_json
-from kdpipe.pipeline.train.online_kd import OnlineKDTrainer
-from kdpipe.pipeline.evaluate.plots import plot_training_curves
-from kdpipe.pipeline.train.trainer import Trainer
-from kdpipe.pipeline.capture.teachers import resolve_device
+from kdpipe.pipeline.models.devices import resolve_device
 from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.pipeline.train.online_kd import OnlineKDTrainer
+from kdpipe.pipeline.train.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

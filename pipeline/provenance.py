@@ -7,7 +7,9 @@
 - inside the kdpipe image, the build identity the image recorded (:func:`image_identity`):
   base image, lock file and its sha256, read from the JSON file named by ``$KDPIPE_IMAGE_INFO``.
 
-``kdpipe reproduce`` (:mod:`kdpipe.pipeline.reproduce`) reads them back.
+``kdpipe reproduce`` (:mod:`kdpipe.pipeline.reproduce`) reads them back; :func:`first_difference` names
+where a recorded identity and the current one part. :func:`redact_url` is how kdpipe shows or records
+any URL: without the credentials it may carry.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ IMAGE_INFO_ENV = "KDPIPE_IMAGE_INFO"
 NOT_RECORDED = "<not recorded>"
 # Options whose value may hold credentials: recorded as NOT_RECORDED.
 SECRET_OPTIONS = ("--storage-options",)
+_URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_WORDS = re.compile(r"(secret|token|password|passwd|credential|api[_-]?key|access[_-]?key)", re.I)
 
 _command: list[str] | None = None
@@ -47,8 +50,6 @@ def command_record() -> dict | None:
 def redact_args(args: list[str]) -> list[str]:
     """``args`` with the values of options that may hold secrets replaced by NOT_RECORDED and the user
     info of URLs (``s3://user:secret@host``) by ``***``."""
-    from kdpipe.pipeline.storage.object_store import redact_url
-
     out, hide_next = [], False
     for arg in args:
         name = arg.split("=", 1)[0]
@@ -61,6 +62,11 @@ def redact_args(args: list[str]) -> list[str]:
         else:
             out.append(redact_url(arg))
     return out
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the user info of every URL in it (``scheme://user:secret@host``) replaced by ``***``."""
+    return _URL_USERINFO.sub(r"\1***@", str(text))
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,3 +116,19 @@ def machine_record() -> dict:
 
     return {"machine": platform.machine(), "system": platform.system(), "torch_threads": torch.get_num_threads(),
             "torch_cuda": torch.version.cuda}
+
+
+def first_difference(old, new, path: str = "") -> str | None:
+    """Dotted path of the first differing entry of two JSON-like values, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path} (was {_short(old)}, now {_short(new)})"
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

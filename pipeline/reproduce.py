@@ -23,12 +23,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdpipe.pipeline.train.checkpoint import RESUMABLE_SETTINGS
+from kdpipe.pipeline.cache.manifest import (
+    MANIFEST_NAME,
+    manifest_checksum,
+    software_versions,
+)
+from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, manifest_checksum, software_versions
 from kdpipe.pipeline.provenance import PACKAGES_FILE, installed_packages, parse_packages
-from kdpipe.pipeline.storage.location import CacheLocation, is_url
+from kdpipe.pipeline.train.checkpoint import RESUMABLE_SETTINGS
 
 RUN_MANIFEST = "run.json"
 # Options that place a capture's writer among several: a re-run is one process (shards do not depend on it).

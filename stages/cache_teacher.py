@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import click
 
-from kdpipe.pipeline.capture import (
-    CaptureSettings, finished_capture, launch_from_env, plan_capture, process_group, run_capture, with_teacher_weights,
-)
-from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
 from kdpipe.pipeline.cache.encoding import VALUE_ENCODINGS
-from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.capture.probe import probe_capture
 from kdpipe.pipeline.cache.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR
+from kdpipe.pipeline.cache.storage.location import CacheLocation, parse_storage_options
+from kdpipe.pipeline.capture import (
+    CaptureSettings,
+    finished_capture,
+    launch_from_env,
+    plan_capture,
+    process_group,
+    run_capture,
+    with_teacher_weights,
+)
+from kdpipe.pipeline.capture.probe import probe_capture
 from kdpipe.pipeline.capture.progress import PROGRESS_DIR
-from kdpipe.pipeline.storage.location import CacheLocation, parse_storage_options
-from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
+from kdpipe.pipeline.errors import ConfigError
 from kdpipe.stages.display import Progress, capture_fields, capture_progress, plural
+from kdpipe.stages.options import storage_options_flag, user_errors
 
 
 @click.command("cache-teacher")

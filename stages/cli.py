@@ -1,51 +1,20 @@
 """The ``kdpipe`` command: one subcommand per stage.
 
-Library errors (:class:`KdpipeError`) and click's usage errors (a missing option, a bad value) become
-a one-line ``error: ...`` on stderr and exit code 2; anything else is a bug and keeps its traceback.
+Library errors (:class:`KdpipeError`, turned into one line by each command's ``user_errors``, see
+:mod:`options`) and click's usage errors (a missing option, a bad value) become a one-line ``error: ...``
+on stderr and exit code 2; anything else is a bug and keeps its traceback.
 ``kdpipe -q`` / ``--log-level`` set what is shown besides results and errors (see :mod:`display`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import sys
 
 import click
 
 from kdpipe import __version__
 from kdpipe.pipeline import provenance
-from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.stages import display
-
-
-STORAGE_OPTIONS_HELP = (
-    "JSON object of fsspec options for an s3:// (gs://, az://) cache, e.g. "
-    "'{\"endpoint_url\": \"http://minio:9000\"}'; credentials otherwise come from the environment, "
-    "config files or the instance role. Never recorded."
-)
-
-
-def storage_options_flag(command):
-    """``--storage-options JSON`` (parse it with :func:`kdpipe.pipeline.storage.location.parse_storage_options`)."""
-    return click.option("--storage-options", "storage_options", default=None, metavar="JSON", help=STORAGE_OPTIONS_HELP)(command)
-
-
-def user_errors(command):
-    """Turn library errors into one line on stderr and a non-zero exit, without a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except KdpipeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished shards are kept; re-run the same command to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 def package_version() -> str:
@@ -123,29 +92,15 @@ def main(quiet, log_level):
 
 def _register():
     from kdpipe.stages.cache_teacher import cache_teacher
+    from kdpipe.stages.demo import demo
+    from kdpipe.stages.evaluate import evaluate, plot
     from kdpipe.stages.inspect_cache import inspect_cache
+    from kdpipe.stages.reproduce import reproduce
+    from kdpipe.stages.train_student import train_student
     from kdpipe.stages.verify_cache import verify_cache
 
-    for command in (cache_teacher, inspect_cache, verify_cache):
+    for command in (cache_teacher, inspect_cache, verify_cache, train_student, evaluate, plot, demo, reproduce):
         main.add_command(command)
-    try:
-        from kdpipe.stages.train_student import train_student
-
-        main.add_command(train_student)
-    except ImportError:  # pragma: no cover - stage two not installed yet
-        pass
-    try:
-        from kdpipe.stages.evaluate import evaluate, plot
-
-        main.add_command(evaluate)
-        main.add_command(plot)
-    except ImportError:  # pragma: no cover
-        pass
-    from kdpipe.stages.demo import demo
-    from kdpipe.stages.reproduce import reproduce
-
-    main.add_command(demo)
-    main.add_command(reproduce)
 
 
 _register()

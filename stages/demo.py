@@ -6,8 +6,8 @@ import click
 
 from kdpipe.pipeline.demo import TASKS, DemoReport, run_demo
 from kdpipe.stages import display
-from kdpipe.stages.cli import user_errors
 from kdpipe.stages.display import Progress
+from kdpipe.stages.options import user_errors
 
 # (key in the results table, column title); a column shows when any row has the key.
 COLUMNS = {

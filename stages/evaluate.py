@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from kdpipe.pipeline.evaluate import metrics
+from kdpipe.pipeline.cache.storage.location import parse_storage_options
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.evaluate.run import cache_holds_inputs, evaluate_model
 from kdpipe.pipeline.evaluate.plots import DEFAULT_KEYS, plot_training_curves
-from kdpipe.pipeline.storage.location import parse_storage_options
-from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.pipeline.evaluate.run import cache_holds_inputs, evaluate_model
+from kdpipe.pipeline.train import metrics
 from kdpipe.stages.display import Progress
+from kdpipe.stages.options import storage_options_flag, user_errors
 
 
 @click.command("evaluate")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from kdpipe.pipeline.cache.reader import open_cache
-from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.cache.inspect import describe_encoding, summarize_cache
-from kdpipe.pipeline.storage.location import parse_storage_options
-from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.pipeline.cache.reader import open_cache
+from kdpipe.pipeline.cache.storage.location import parse_storage_options
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.stages.options import storage_options_flag, user_errors
 
 
 @click.command("inspect")

@@ -8,14 +8,13 @@ import click
 from click.core import ParameterSource
 
 from kdpipe.pipeline.cache.reader import DEFAULT_READ_AHEAD
-from kdpipe.pipeline.train.losses import KINDS
+from kdpipe.pipeline.cache.storage.location import parse_storage_options
 from kdpipe.pipeline.evaluate.plots import plot_training_curves
-from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.pipeline.train.config import TrainConfig, merge_config
-from kdpipe.pipeline.storage.location import parse_storage_options
-from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.pipeline.train.losses import KINDS
+from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.stages.display import Progress, training_fields
-
+from kdpipe.stages.options import storage_options_flag, user_errors
 
 _DEFAULTS = TrainConfig()  # each flag's default is the setting's (shown by --help)
 _REQUIRED = "  [required unless in --config or restored by --resume]"

@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from kdpipe.pipeline.storage.location import parse_storage_options
-from kdpipe.pipeline.storage.object_store import redact_url
+from kdpipe.pipeline.cache.storage.location import parse_storage_options
 from kdpipe.pipeline.cache.verify import verify_cache as verify
-from kdpipe.stages.cli import storage_options_flag, user_errors
+from kdpipe.pipeline.provenance import redact_url
+from kdpipe.stages.options import storage_options_flag, user_errors
 
 
 @click.command("verify")

@@ -8,7 +8,7 @@ import pytest
 from kdpipe.pipeline.cache import encoding
 from kdpipe.pipeline.errors import CacheFormatError
 from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows, encode_rows
-from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.cache.storage.base import get_format
 
 
 @pytest.mark.parametrize("bits", range(1, 49))

@@ -1,11 +1,11 @@
-"""Tests for kdpipe.pipeline.evaluate.metrics against explicit reference computations."""
+"""Tests for kdpipe.pipeline.train.metrics against explicit reference computations."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.pipeline.evaluate import metrics
+from kdpipe.pipeline.train import metrics
 
 
 def test_token_cross_entropy_equals_f_cross_entropy_on_masked_positions():

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from kdpipe import open_cache
 from kdpipe.pipeline import fileio
-from kdpipe.pipeline.storage import zarr_shard
+from kdpipe.pipeline.cache.storage import zarr_shard
 from kdpipe.stages.cli import main
 
 KDPIPE = [sys.executable, "-c", "from kdpipe.stages.cli import main; main()"]

@@ -6,7 +6,7 @@ import pytest
 from kdpipe.pipeline.fileio import sha256_file
 from kdpipe.pipeline.cache.encoding import decode_float_values, encode_float_values
 from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
-from kdpipe.pipeline.storage.base import get_format
+from kdpipe.pipeline.cache.storage.base import get_format
 
 
 def random_columns(schema: CacheSchema, rows: int, seed: int = 0) -> dict:

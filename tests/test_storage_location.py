@@ -12,10 +12,11 @@ import time
 import pytest
 
 from kdpipe.pipeline.errors import ConfigError, IntegrityError, StorageError
-from kdpipe.pipeline.storage.local_copies import LocalCopies
-from kdpipe.pipeline.storage.location import CacheLocation, is_url, parse_storage_options
-from kdpipe.pipeline.storage.object_store import redact_url, s3_options
-from kdpipe.pipeline.storage.read_ahead import ShardReadAhead
+from kdpipe.pipeline.cache.storage.local_copies import LocalCopies
+from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url, parse_storage_options
+from kdpipe.pipeline.cache.storage.object_store import s3_options
+from kdpipe.pipeline.provenance import redact_url
+from kdpipe.pipeline.cache.storage.read_ahead import ShardReadAhead
 
 
 # ---------------------------------------------------------------------------- URLs and options

@@ -5,7 +5,7 @@
 - :mod:`.sampling`: sampled teacher targets (draws from the tail) and their importance weights;
 - :mod:`.manifest`: ``manifest.json``, shard names, software versions, the manifest's checksum;
 - :mod:`.reader`: :class:`~kdpipe.pipeline.cache.reader.TeacherCache`, a finished cache read row by row;
-- :mod:`.verify` and :mod:`.inspect`: checking a cache's bytes against its manifest, and summarising it.
-
-Shards are written and read through :mod:`kdpipe.pipeline.storage` (Zarr or Parquet, local or remote).
+- :mod:`.verify` and :mod:`.inspect`: checking a cache's bytes against its manifest, and summarising it;
+- :mod:`.storage`: shards as files, one writer/reader pair per format (Zarr, Parquet), on local disk or
+  an object store.
 """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.cache.encoding import GRID_STEP
+from kdpipe.pipeline.cache.reader import TeacherCache
 
 
 def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0) -> dict:

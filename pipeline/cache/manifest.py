@@ -14,8 +14,8 @@ import re
 import subprocess
 from pathlib import Path, PurePosixPath
 
-from kdpipe.pipeline.errors import CacheFormatError
 from kdpipe.pipeline.cache.schema import CacheSchema
+from kdpipe.pipeline.errors import CacheFormatError
 
 FORMAT_NAME = "kdpipe-cache"
 FORMAT_VERSION = 2  # what this kdpipe writes: packed ids, optionally quantized values, samples

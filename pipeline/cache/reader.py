@@ -1,7 +1,7 @@
 """Reading a finished cache: :func:`open_cache` and :class:`TeacherCache`.
 
 A cache is a local folder or an object-store URL (``s3://bucket/prefix``; see
-:mod:`kdpipe.pipeline.storage.location`). A remote shard is downloaded whole into a local folder,
+:mod:`kdpipe.pipeline.cache.storage.location`). A remote shard is downloaded whole into a local folder,
 its sha256 checked against the manifest while it streams, and opened there; downloads run
 ``read_ahead`` shards ahead of the reader along the order given to :meth:`TeacherCache.schedule`.
 """
@@ -17,15 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdpipe.pipeline.cache.manifest import (
+    MANIFEST_NAME,
+    SHARD_DIR,
+    load_manifest,
+    parse_manifest,
+    resolve_shard_path,
+)
+from kdpipe.pipeline.cache.sampling import sample_weights
+from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows
+from kdpipe.pipeline.cache.storage.base import ShardReader, get_format
+from kdpipe.pipeline.cache.storage.local_copies import LocalCopies
+from kdpipe.pipeline.cache.storage.location import CacheLocation
+from kdpipe.pipeline.cache.storage.read_ahead import ShardReadAhead
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file
-from kdpipe.pipeline.cache.sampling import sample_weights
-from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
-from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows
-from kdpipe.pipeline.storage.base import ShardReader, get_format
-from kdpipe.pipeline.storage.local_copies import LocalCopies
-from kdpipe.pipeline.storage.location import CacheLocation
-from kdpipe.pipeline.storage.read_ahead import ShardReadAhead
 
 DEFAULT_READ_AHEAD = 4  # remote shards downloaded ahead of the reader (benchmarks/remote_read.py)
 

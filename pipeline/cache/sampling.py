@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from kdpipe.pipeline.train.losses import _check_temperature
+from kdpipe.pipeline.cache.schema import check_temperature
 
 # fp32 working memory per chunk of rows: the [rows, V] proposal weights plus the copy torch.multinomial
 # may make of them stay under this.
@@ -105,7 +105,7 @@ def draw_samples(logits, topk_ids, *, temperature, draws, generator) -> Samples:
 
     Works in chunks of rows whose fp32 ``[rows, V]`` temporaries stay under ``CHUNK_BYTES``.
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     draws = _check_draws(draws)
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: pass [n, V] (flatten batch/time first)")
@@ -142,7 +142,7 @@ def sample_weights(sample_logits, counts, *, logsumexp, logsumexp_t0, tail_logpr
     ``sum_{v not in S} p_T(v) f(v)`` without bias. At ``T = T0`` the weight is ``count / M * r_T0``.
     The arithmetic is in fp64.
     """
-    t, t0 = _check_temperature(temperature), _check_temperature(sample_temperature)
+    t, t0 = check_temperature(temperature), check_temperature(sample_temperature)
     draws = _check_draws(draws)
     if sample_logits.dim() != 2 or counts.shape != sample_logits.shape:
         raise ValueError(f"sample_logits {tuple(sample_logits.shape)} and counts {tuple(counts.shape)}: "

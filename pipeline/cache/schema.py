@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 
@@ -50,6 +51,14 @@ from kdpipe.pipeline.errors import CacheFormatError
 TASKS = ("causal-lm", "classification")
 VALUE_DTYPES = encoding.VALUE_ENCODINGS  # how top-k (and sampled) values are stored
 MASK_MEANINGS = ("real-token", "next-token-target")
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float, or ValueError unless it is a finite number > 0 (a capture's, a loss's)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: pass a finite number > 0 (e.g. 1.0 or 2.0)")
+    return float(temperature)
 
 
 def narrowest_id_dtype(vocab_size: int) -> str:

@@ -12,12 +12,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kdpipe.pipeline.cache.reader import read_manifest
-from kdpipe.pipeline.fileio import sha256_file
 from kdpipe.pipeline.cache.manifest import SHARD_DIR, resolve_shard_path
+from kdpipe.pipeline.cache.reader import read_manifest
 from kdpipe.pipeline.cache.schema import CacheSchema
-from kdpipe.pipeline.storage.base import get_format
-from kdpipe.pipeline.storage.location import CacheLocation
+from kdpipe.pipeline.cache.storage.base import get_format
+from kdpipe.pipeline.cache.storage.location import CacheLocation
+from kdpipe.pipeline.fileio import sha256_file
 
 PARALLEL_DOWNLOADS = 4
 

@@ -17,16 +17,20 @@ from typing import Callable
 import torch
 
 from kdpipe.pipeline import data as datalib
+from kdpipe.pipeline.cache import encoding
+from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
+from kdpipe.pipeline.cache.storage.base import get_format
+from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url
+from kdpipe.pipeline.capture.teachers import (
+    Teacher,
+    load_hf_teacher,
+    load_module_teacher,
+)
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
 from kdpipe.pipeline.errors import ConfigError, DataError
-from kdpipe.pipeline.cache import encoding
-from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
-from kdpipe.pipeline.storage.base import get_format
-from kdpipe.pipeline.storage.location import CacheLocation, is_url
-from kdpipe.pipeline.capture.teachers import (
-    Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
-)
+from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
+from kdpipe.pipeline.models.modules import is_module_spec
 
 # Compressed size / raw size of each stored field without a probe (a dry run that loads no weights):
 # rounded from benchmarks/cache_size.py on the demo teacher (fp16 values 11.8 bits of 16, quantized
@@ -331,9 +335,14 @@ def packing_spec(settings: CaptureSettings, source: datalib.Source, teacher: Tea
 def finished_capture(plan: CapturePlan) -> dict | None:
     """The manifest of the finished capture in ``--out`` when it has these settings and data; None
     when there is none; raises naming the differing setting (or data file) when there is another."""
-    from kdpipe.pipeline.cache.reader import read_manifest
     from kdpipe.pipeline.cache.manifest import MANIFEST_NAME
-    from kdpipe.pipeline.capture.progress import capture_identity, check_same_data, check_same_identity, manifest_identity
+    from kdpipe.pipeline.cache.reader import read_manifest
+    from kdpipe.pipeline.capture.progress import (
+        capture_identity,
+        check_same_data,
+        check_same_identity,
+        manifest_identity,
+    )
 
     location = CacheLocation(plan.settings.out, plan.settings.storage_options)
     if location.info(MANIFEST_NAME) is None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from kdpipe.pipeline.cache.schema import encode_rows
+from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.run import Draws, batch_rows
-from kdpipe.pipeline.cache.schema import encode_rows
-from kdpipe.pipeline.storage.base import get_format
 
 
 def probe_capture(plan: CapturePlan, rows: int) -> dict:

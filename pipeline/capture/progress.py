@@ -27,11 +27,18 @@ import json
 import threading
 from pathlib import Path
 
+from kdpipe.pipeline.cache.manifest import (
+    MANIFEST_NAME,
+    SHARD_DIR,
+    manifest_checksum,
+    resolve_shard_path,
+    shard_block,
+    utc_now,
+)
+from kdpipe.pipeline.cache.storage.location import CacheLocation
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import remove_stale_tmp, sha256_file, write_errors
-from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, manifest_checksum, resolve_shard_path, shard_block, utc_now
-from kdpipe.pipeline.provenance import PACKAGES_FILE, packages_text
-from kdpipe.pipeline.storage.location import CacheLocation
+from kdpipe.pipeline.provenance import PACKAGES_FILE, first_difference, packages_text
 
 PROGRESS_DIR = "_progress"
 _IDENTITY_SECTIONS = ("teacher", "tokenizer", "data")
@@ -66,22 +73,6 @@ def check_same_data(old: dict, new: dict, out: Path) -> None:
             f"{out} was captured from other content of data file {changed[0]} (its sha256 differs); "
             "use a new --out, or pass --overwrite to capture the data as it is now"
         )
-
-
-def first_difference(old, new, path: str = "") -> str | None:
-    """Dotted path of the first differing entry of two JSON-like values, or None when equal."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
-            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-        return None
-    return None if old == new else f"{path} (was {_short(old)}, now {_short(new)})"
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_same_identity(old: dict, new: dict, out: Path) -> None:

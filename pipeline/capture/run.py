@@ -42,19 +42,24 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline.capture import progress as progresslib
-from kdpipe.pipeline.distributed import Group
-from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
-from kdpipe.pipeline.data.stream import Block
-from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
-from kdpipe.pipeline.fileio import sha256_file, write_errors
-from kdpipe.pipeline.cache.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
-from kdpipe.pipeline.provenance import command_record
+from kdpipe.pipeline.cache.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    shard_name,
+    software_versions,
+)
 from kdpipe.pipeline.cache.sampling import Samples, draw_samples
 from kdpipe.pipeline.cache.schema import encode_rows
-from kdpipe.pipeline.storage.base import get_format
-from kdpipe.pipeline.storage.location import CacheLocation
+from kdpipe.pipeline.cache.storage.base import get_format
+from kdpipe.pipeline.cache.storage.location import CacheLocation
+from kdpipe.pipeline.capture import progress as progresslib
+from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_logits
+from kdpipe.pipeline.data.stream import Block
+from kdpipe.pipeline.distributed import Group
+from kdpipe.pipeline.errors import ConfigError, TeacherError, WriteError
+from kdpipe.pipeline.fileio import sha256_file, write_errors
+from kdpipe.pipeline.provenance import command_record
 
 
 def batch_rows(plan: CapturePlan, block: Block, index: np.ndarray, draws: "Draws | None" = None) -> dict[str, np.ndarray]:

@@ -11,20 +11,23 @@ head in vocabulary blocks (:func:`~kdpipe.pipeline.capture.topk.sparse_view_of_h
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import re
 from pathlib import Path
 
 import torch
 
+from kdpipe.pipeline.capture.topk import (
+    SparseView,
+    sparse_view_of_hidden,
+    sparse_view_of_logits,
+)
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_files
 from kdpipe.pipeline.models.modules import load_module
-from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_hidden, sparse_view_of_logits
+from kdpipe.pipeline.models.tokenizers import tokenizer_fingerprint
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNCHECKED = "unchecked"
 
 
@@ -257,43 +260,6 @@ def _is_neutral(value) -> bool:
     return False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 (or fp16 without bf16 support) on CUDA, fp32 on CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in _DTYPES:
-        raise ConfigError(f"unknown --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """Hash of the tokenizer's full definition plus its vocabulary size and special ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = backend.to_str()
-    else:  # slow tokenizer: its vocabulary is its definition
-        definition = repr(sorted(tokenizer.get_vocab().items()))
-    special = {
-        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
-    }
-    return {
-        "sha256": hashlib.sha256(definition.encode()).hexdigest(),
-        "vocab_size": len(tokenizer),
-        "special_ids": special,
-        "class": type(tokenizer).__name__,
-    }
-
-
 def _hf_task(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -309,7 +275,12 @@ def load_hf_teacher(
     """Load an HF teacher on ``device``; with ``device_map="auto"``, spread over the GPUs by
     accelerate (within ``max_memory`` when given; all on the CPU without GPUs), inputs going to the
     device of its embedding layer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
@@ -429,8 +400,3 @@ def load_module_teacher(
         kind="module", task="classification", vocab_size=num_classes, max_positions=None,
         fingerprint=fingerprint, model=model, device=device,
     )
-
-
-def is_module_spec(spec: str) -> bool:
-    """``package.module:factory`` or ``file.py:factory`` (a path never has a ':' on POSIX here)."""
-    return ":" in spec and not Path(spec).exists()

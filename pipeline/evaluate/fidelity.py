@@ -33,13 +33,17 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache.reader import TeacherCache
+from kdpipe.pipeline.capture.teachers import (
+    Teacher,
+    load_hf_teacher,
+    load_module_teacher,
+)
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
+from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
+from kdpipe.pipeline.models.modules import is_module_spec
 from kdpipe.pipeline.train.losses import dense_kd_loss
 from kdpipe.pipeline.train.objective import distillation_objective, targets_for
 from kdpipe.pipeline.train.targets import TeacherTargets
-from kdpipe.pipeline.capture.teachers import (
-    Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype,
-)
 
 STUDENT = "random logits ~ N(0, 1), independent per position and vocabulary entry (a CPU torch.Generator)"
 TEACHER_ROWS_BUDGET = 2**27  # rows per teacher forward: at most this many logits (rows x P x V), at least one row

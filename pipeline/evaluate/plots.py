@@ -15,10 +15,10 @@ import math
 import os
 from pathlib import Path
 
-from kdpipe.pipeline.evaluate import metrics
 from kdpipe.pipeline.data import jsonl_records
 from kdpipe.pipeline.errors import DataError
 from kdpipe.pipeline.fileio import atomic_path
+from kdpipe.pipeline.train import metrics
 
 KL_KEYS = (metrics.KL_FULL, metrics.KL_TOPK_BINS, metrics.KL_FULL_ESTIMATE, metrics.LEGACY_KL)
 DEFAULT_KEYS = ("ce", *KL_KEYS, "top1_agreement", "loss")  # a panel per key that a run has

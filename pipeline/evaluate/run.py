@@ -5,7 +5,7 @@
 * on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
   ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
 * against the teacher, KL(teacher || student) at T = 1 under a name that says what it is
-  (:data:`~kdpipe.pipeline.evaluate.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
+  (:data:`~kdpipe.pipeline.train.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
   best id) and ``positions`` (how many were scored), over the valid positions:
 
   - ``kl_full``: over the full vocabulary. With ``teacher`` the teacher is run on the same rows (loaded
@@ -46,16 +46,19 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline.evaluate import metrics
 from kdpipe.pipeline.cache.reader import TeacherCache, open_cache
-from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
-from kdpipe.pipeline.models.modules import load_module
 from kdpipe.pipeline.capture.teachers import (
-    Teacher, is_module_spec, load_hf_teacher, load_module_teacher, resolve_device, resolve_dtype, tokenizer_fingerprint,
+    Teacher,
+    load_hf_teacher,
+    load_module_teacher,
 )
+from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
+from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
+from kdpipe.pipeline.models.modules import is_module_spec
+from kdpipe.pipeline.models.students import MODULE_META, load_saved_module
+from kdpipe.pipeline.models.tokenizers import tokenizer_fingerprint
+from kdpipe.pipeline.train import metrics
 
-from kdpipe.pipeline.models.students import MODULE_META as MODULE_CONFIG  # noqa: E402  (one name for module dirs)
-MODULE_WEIGHTS = "model.safetensors"
 DEFAULT_SEQ_LEN = 256  # as cache-teacher; capped at the model's context (see data_seq_len)
 
 
@@ -91,20 +94,25 @@ def load_model(model_dir: str | Path, *, device: torch.device) -> EvalModel:
     ``.py`` file relative to the dir itself.
     """
     root = Path(model_dir)
-    if not (root / MODULE_CONFIG).is_file() and not (root / "config.json").is_file() and (root / "model").is_dir():
+    if not (root / MODULE_META).is_file() and not (root / "config.json").is_file() and (root / "model").is_dir():
         root = root / "model"  # a train-student run dir: its final model
-    if (root / MODULE_CONFIG).is_file():
+    if (root / MODULE_META).is_file():
         return _load_module_dir(root, device)
     if (root / "config.json").is_file():
         return _load_hf_dir(root, device)
     raise ConfigError(
-        f"--model {model_dir} holds neither config.json (Hugging Face) nor {MODULE_CONFIG} (module); "
+        f"--model {model_dir} holds neither config.json (Hugging Face) nor {MODULE_META} (module); "
         "point it at a train-student output dir or a model dir saved with save_pretrained"
     )
 
 
 def _load_hf_dir(root: Path, device: torch.device) -> EvalModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     try:
         config = AutoConfig.from_pretrained(root, trust_remote_code=False)
@@ -123,17 +131,7 @@ def _load_hf_dir(root: Path, device: torch.device) -> EvalModel:
 
 
 def _load_module_dir(root: Path, device: torch.device) -> EvalModel:
-    try:
-        spec = json.loads((root / MODULE_CONFIG).read_text())["factory"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ConfigError(f"{root / MODULE_CONFIG} must be JSON like "
-                          '{"factory": "package.module:factory"}') from None
-    module_name, _, factory = spec.rpartition(":")
-    if module_name.endswith(".py") and (root / module_name).is_file():  # a file next to the weights
-        spec = f"{(root / module_name).resolve()}:{factory}"
-    if not (root / MODULE_WEIGHTS).is_file():
-        raise ConfigError(f"module dir {root} has no {MODULE_WEIGHTS}; it must hold the trained weights")
-    module = load_module(spec, root / MODULE_WEIGHTS).to(device=device, dtype=torch.float32)
+    module = load_saved_module(root).to(device=device, dtype=torch.float32)
     return EvalModel("module", "classification", module.eval(), device)
 
 
@@ -418,8 +416,8 @@ def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:
     """The row length a train-student run dir (``model_dir`` or its parent) trained on: recorded in its
     ``run.json``, or (runs of earlier versions) read from the manifest of the cache it names, when that
     cache is a folder here; None otherwise."""
-    from kdpipe.pipeline.train.checkpoint import RUN_MANIFEST
     from kdpipe.pipeline.cache.manifest import MANIFEST_NAME
+    from kdpipe.pipeline.train.checkpoint import RUN_MANIFEST
 
     run = next((d / RUN_MANIFEST for d in (model_dir, model_dir.parent) if (d / RUN_MANIFEST).is_file()), None)
     if run is None:

@@ -98,3 +98,8 @@ def load_module(spec: str, weights: str | Path | None) -> torch.nn.Module:
             first = str(exc).splitlines()[0]
             raise TeacherError(f"weights {weights} do not fit {spec!r}: {first}") from None
     return module
+
+
+def is_module_spec(spec: str) -> bool:
+    """``package.module:factory`` or ``file.py:factory`` (a path never has a ':' on POSIX here)."""
+    return ":" in spec and not Path(spec).exists()

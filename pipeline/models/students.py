@@ -12,10 +12,11 @@ import torch
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_path, atomic_write_json
-from kdpipe.pipeline.models.modules import build_module, load_module
-from kdpipe.pipeline.capture.teachers import is_module_spec
+from kdpipe.pipeline.models.modules import build_module, is_module_spec, load_module
+from kdpipe.pipeline.models.tokenizers import load_tokenizer
 
-MODULE_META = "kdpipe_module.json"
+MODULE_META = "kdpipe_module.json"  # a saved module student: {"factory": "package.module:factory"}
+MODULE_WEIGHTS = "model.safetensors"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
@@ -36,7 +37,11 @@ def load_student(spec: str, *, task: str, seed: int, tokenizer_path: str | None 
         model = load_saved_module(spec) if (Path(spec) / MODULE_META).is_file() else build_module(spec)
         probe_classes = getattr(model, "num_classes", None)
         return Student("module", model, probe_classes or 0, spec)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     path = Path(spec)
     if not path.exists():
@@ -57,23 +62,21 @@ def load_student(spec: str, *, task: str, seed: int, tokenizer_path: str | None 
     return Student("hf", model, int(vocab), spec, tokenizer, pretrained)
 
 
-def load_tokenizer(path: str | None, *, required: bool):
-    """The tokenizer in ``path``; None when there is none and it was not asked for explicitly."""
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        if required:
-            raise ConfigError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}; pass a directory with tokenizer files") from None
-        return None
-
-
 def load_saved_module(model_dir: str | Path) -> torch.nn.Module:
-    meta = json.loads((Path(model_dir) / MODULE_META).read_text())
-    return load_module(meta["factory"], Path(model_dir) / "model.safetensors")
+    """A module dir as :func:`save_student` writes it: its factory (a ``.py`` file named there is looked
+    up next to the weights first) with its weights loaded."""
+    root = Path(model_dir)
+    try:
+        spec = json.loads((root / MODULE_META).read_text())["factory"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{root / MODULE_META} must be JSON like "
+                          '{"factory": "package.module:factory"}') from None
+    module_name, _, factory = spec.rpartition(":")
+    if module_name.endswith(".py") and (root / module_name).is_file():  # a file next to the weights
+        spec = f"{(root / module_name).resolve()}:{factory}"
+    if not (root / MODULE_WEIGHTS).is_file():
+        raise ConfigError(f"module dir {root} has no {MODULE_WEIGHTS}; it must hold the trained weights")
+    return load_module(spec, root / MODULE_WEIGHTS)
 
 
 def save_student(student: Student, out_dir: Path) -> None:
@@ -84,7 +87,7 @@ def save_student(student: Student, out_dir: Path) -> None:
         if student.tokenizer is not None:
             student.tokenizer.save_pretrained(out_dir)
         return
-    save_state_dict(student.model, out_dir / "model.safetensors")
+    save_state_dict(student.model, out_dir / MODULE_WEIGHTS)
     atomic_write_json(out_dir / MODULE_META, {"factory": student.spec})
 
 

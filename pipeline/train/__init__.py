@@ -7,6 +7,7 @@
 - :mod:`.losses` and :mod:`.fused_kd`: sparse distillation losses, and the fused lm-head + loss;
 - :mod:`.schedule`: learning-rate and (T, alpha) schedules;
 - :mod:`.checkpoint`: ``run.json``, checkpoints and resuming;
+- :mod:`.metrics`: KL to the teacher (full, (k+1)-bin lower bound, sampled estimate) and agreement;
 - :mod:`.reporting`: metrics to TensorBoard, Weights & Biases or MLflow;
 - :mod:`.online_kd`: the online dense-KD reference (teacher in memory), for comparisons.
 """

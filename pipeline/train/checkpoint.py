@@ -21,12 +21,16 @@ from pathlib import Path
 
 import torch
 
+from kdpipe.pipeline.cache.manifest import manifest_checksum, software_versions, utc_now
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from kdpipe.pipeline.cache.manifest import manifest_checksum, software_versions, utc_now
-from kdpipe.pipeline.provenance import PACKAGES_FILE, command_record, packages_text
-from kdpipe.pipeline.capture.progress import first_difference
 from kdpipe.pipeline.models.students import load_state_dict_into, save_state_dict
+from kdpipe.pipeline.provenance import (
+    PACKAGES_FILE,
+    command_record,
+    first_difference,
+    packages_text,
+)
 
 RUN_MANIFEST = "run.json"
 METRICS = "metrics.jsonl"

@@ -9,10 +9,11 @@ recorded instead of the defaults (:func:`merge_config`).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
+
+import tomllib
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train.losses import KINDS
@@ -112,7 +113,7 @@ class TrainConfig:
 
     def recorded(self) -> dict:
         """The settings as a run manifest records them: no storage options, URLs without user info."""
-        from kdpipe.pipeline.storage.object_store import redact_url
+        from kdpipe.pipeline.provenance import redact_url
 
         values = dataclasses.asdict(self)
         values.pop("storage_options")

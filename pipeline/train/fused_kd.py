@@ -42,13 +42,13 @@ import numbers
 
 import torch
 
+from kdpipe.pipeline.cache.schema import check_temperature
 from kdpipe.pipeline.train.losses import (
     TAIL_LOGPROB_FLOOR,
     _check_kind,
     _check_labels,
     _check_mask,
     _check_sparse_targets,
-    _check_temperature,
     _check_unit,
     _divergence,
 )
@@ -149,7 +149,7 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
     in the autocast dtype when autocast is on (like the unfused lm-head), else in the inputs' dtype.
     """
     alpha = _check_unit("alpha", alpha)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
     if hidden.dim() != 2:

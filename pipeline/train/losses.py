@@ -17,6 +17,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from kdpipe.pipeline.cache.schema import check_temperature
+
 KINDS = ("forward-kl", "reverse-kl", "js", "tvd", "skew-kl")
 # Floor for the teacher's tail-bin log-prob in sparse reverse KL (see sparse_kd_loss).
 TAIL_LOGPROB_FLOOR = math.log(1e-12)
@@ -24,13 +26,6 @@ _NEG_INF = float("-inf")
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: pass a finite number > 0 (e.g. 1.0 or 2.0)")
-    return float(temperature)
-
-
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown kind={kind!r}: use one of {', '.join(KINDS)}")
@@ -183,7 +178,7 @@ def sparse_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     student puts mass there. Top-k bins are not floored. When the tail is truly empty (k = V) the
     student's tail is empty too, the bin contributes 0, and sparse equals dense exactly.
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
     n, v = _check_student_logits(student_logits)
@@ -209,7 +204,7 @@ def dense_kd_loss(student_logits, teacher_logits, *, temperature, kind="forward-
     probability exactly 0 and the student does not. Meant for tests and online KD (it allocates
     several [N, V] temporaries).
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
     if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
@@ -248,7 +243,7 @@ def distillation_loss(student_logits, labels, topk_ids, teacher_topk_logprobs, t
     A term whose weight is exactly 0 is not computed and is returned as a zero tensor.
     """
     alpha = _check_unit("alpha", alpha)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_kind(kind)
     zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     kd = zero if alpha == 0.0 else sparse_kd_loss(
@@ -322,7 +317,7 @@ def sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids,
 
     Returns: scalar ``T**2 * mean over counted positions`` (0, connected to ``student_logits``, if none).
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_sampled_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
     n, v = _check_student_logits(student_logits)

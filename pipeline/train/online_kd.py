@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.losses import dense_kd_loss, hard_label_ce
 from kdpipe.pipeline.train.trainer import Trainer
-from kdpipe.pipeline.train.config import TrainConfig
 
 
 class OnlineKDTrainer(Trainer):

@@ -22,8 +22,8 @@ import dataclasses
 
 import torch
 
-from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.cache.sampling import sample_weights
+from kdpipe.pipeline.errors import ConfigError
 
 IGNORE = -100
 

@@ -42,21 +42,29 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdpipe.pipeline.train import checkpoint as ckpt
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
-from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.pipeline.train.fused_kd import output_head
-from kdpipe.pipeline.evaluate import metrics
-from kdpipe.pipeline.train import reporting
-from kdpipe.pipeline.train.objective import distillation_objective, targets_for, uses_draws
-from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
-from kdpipe.pipeline.models.students import load_student, load_tokenizer, save_student
-from kdpipe.pipeline.train.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
-from kdpipe.pipeline.capture.teachers import resolve_device, tokenizer_fingerprint
+from kdpipe.pipeline.models.devices import resolve_device
+from kdpipe.pipeline.models.students import load_student, save_student
+from kdpipe.pipeline.models.tokenizers import load_tokenizer, tokenizer_fingerprint
+from kdpipe.pipeline.train import checkpoint as ckpt
+from kdpipe.pipeline.train import metrics, reporting
 from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
+from kdpipe.pipeline.train.fused_kd import output_head
+from kdpipe.pipeline.train.objective import (
+    distillation_objective,
+    targets_for,
+    uses_draws,
+)
+from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
+from kdpipe.pipeline.train.targets import (
+    TeacherTargets,
+    check_student_vocab,
+    fold_padded_vocab,
+)
 
 
 class Trainer:

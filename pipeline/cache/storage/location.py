@@ -21,9 +21,14 @@ import re
 import shutil
 from pathlib import Path
 
+from kdpipe.pipeline.cache.storage.object_store import (
+    endpoint_of,
+    open_filesystem,
+    storage_errors,
+)
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_path, atomic_write_bytes
-from kdpipe.pipeline.storage.object_store import endpoint_of, open_filesystem, redact_url, storage_errors
+from kdpipe.pipeline.provenance import redact_url
 
 DOWNLOAD_BLOCK = 8 << 20  # bytes per ranged GET while downloading a shard
 WHOLE_GET_MAX = 16 << 20  # objects up to this size are downloaded with one GET, in memory

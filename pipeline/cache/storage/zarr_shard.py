@@ -15,9 +15,9 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore, ZipStore
 
-from kdpipe.pipeline.fileio import atomic_path
 from kdpipe.pipeline.cache.schema import CacheSchema
-from kdpipe.pipeline.storage.base import ShardFormat, ShardReader
+from kdpipe.pipeline.cache.storage.base import ShardFormat, ShardReader
+from kdpipe.pipeline.fileio import atomic_path
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 

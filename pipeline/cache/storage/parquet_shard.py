@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdpipe.pipeline.fileio import atomic_path
 from kdpipe.pipeline.cache.schema import CacheSchema
-from kdpipe.pipeline.storage.base import ShardFormat, ShardReader
+from kdpipe.pipeline.cache.storage.base import ShardFormat, ShardReader
+from kdpipe.pipeline.fileio import atomic_path
 
 _SHAPES_KEY = b"kdpipe.shapes"
 

@@ -3,7 +3,7 @@
 The reader says in which order it will read shards (:meth:`ShardReadAhead.schedule`, e.g. once per
 epoch); background threads keep the next ``read_ahead`` shards of that order downloaded and checked
 (:data:`PARALLEL_DOWNLOADS` at a time) into
-:class:`~kdpipe.pipeline.storage.local_copies.LocalCopies`, so the reader does not wait on the
+:class:`~kdpipe.pipeline.cache.storage.local_copies.LocalCopies`, so the reader does not wait on the
 store's per-request latency. :meth:`ShardReadAhead.get` blocks until a shard is there (an
 unscheduled shard is downloaded then); :meth:`ShardReadAhead.release` lets it be evicted once it is
 neither in use nor among the next ones.
@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from kdpipe.pipeline.storage.local_copies import LocalCopies
+from kdpipe.pipeline.cache.storage.local_copies import LocalCopies
 
 # Downloads in flight at once, in the order of the schedule: the next shard the reader needs arrives
 # first instead of sharing the bandwidth (and, on a busy machine, the CPU) with those after it.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.cache.schema import CacheSchema
+from kdpipe.pipeline.errors import ConfigError
 
 
 class ShardReader(abc.ABC):
@@ -55,8 +55,8 @@ class ShardFormat(abc.ABC):
 
 def get_format(name: str) -> ShardFormat:
     """The registered shard format called ``name`` (``zarr`` or ``parquet``)."""
-    from kdpipe.pipeline.storage.parquet_shard import ParquetFormat
-    from kdpipe.pipeline.storage.zarr_shard import ZarrZipFormat
+    from kdpipe.pipeline.cache.storage.parquet_shard import ParquetFormat
+    from kdpipe.pipeline.cache.storage.zarr_shard import ZarrZipFormat
 
     formats = {f.name: f for f in (ZarrZipFormat(), ParquetFormat())}
     if name not in formats:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
 from kdpipe.pipeline.errors import ConfigError, KdpipeError, StorageError
+from kdpipe.pipeline.provenance import redact_url
 
 CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 30
@@ -25,18 +25,12 @@ BOTOCORE_MAX_ATTEMPTS = 2  # the first try and one retry
 S3FS_RETRIES = 3  # s3fs's own loop, for transient read errors (timeouts, cut-off bodies)
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _CONNECTION_ERRORS = {
     "EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
     "ClientConnectorError", "ServerDisconnectedError", "ClientConnectionError", "ConnectionError",
     "TimeoutError", "FSTimeoutError",
 }
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the user info of every URL in it (``scheme://user:secret@host``) replaced by ``***``."""
-    return _USERINFO.sub(r"\1***@", str(text))
 
 
 def protocol_of(url: str) -> str:
