@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_targets  # noqa: E402  (the shared capture, training and report helpers)
 
-from kdpipe.pipeline.evaluate.run import evaluate_model, load_model  # noqa: E402
+from kdpipe.pipeline.evaluate.model import load_model  # noqa: E402
+from kdpipe.pipeline.evaluate.run import evaluate_model  # noqa: E402
 
 HELDOUT_K = 32  # the held-out cache whose (k+1)-bin KL is reported next to the full KL
 METRICS = ("ce", "kl_full", "kl_topk_bins", "top1_agreement")

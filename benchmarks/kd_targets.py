@@ -65,7 +65,8 @@ import torch
 
 from kdpipe.pipeline.capture import CaptureSettings, finished_capture, plan_capture, run_capture, with_teacher_weights
 from kdpipe.pipeline.train.dataset import CacheDataset
-from kdpipe.pipeline.evaluate.run import evaluate_model, load_model
+from kdpipe.pipeline.evaluate.run import evaluate_model
+from kdpipe.pipeline.evaluate.model import load_model
 from kdpipe.pipeline.train.online_kd import OnlineKDTrainer
 from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.pipeline.train.config import TrainConfig

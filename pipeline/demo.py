@@ -31,8 +31,9 @@ from kdpipe.pipeline.capture import (
     with_teacher_weights,
 )
 from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.evaluate.model import load_model
 from kdpipe.pipeline.evaluate.plots import plot_training_curves
-from kdpipe.pipeline.evaluate.run import evaluate_model, load_model
+from kdpipe.pipeline.evaluate.run import evaluate_model
 from kdpipe.pipeline.fileio import atomic_write_json
 from kdpipe.pipeline.models.devices import resolve_device
 from kdpipe.pipeline.train.config import TrainConfig

@@ -23,11 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdpipe.pipeline.cache.manifest import (
-    MANIFEST_NAME,
-    manifest_checksum,
-    software_versions,
-)
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, manifest_checksum, software_versions
 from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import sha256_file

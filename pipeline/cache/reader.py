@@ -17,13 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe.pipeline.cache.manifest import (
-    MANIFEST_NAME,
-    SHARD_DIR,
-    load_manifest,
-    parse_manifest,
-    resolve_shard_path,
-)
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
 from kdpipe.pipeline.cache.sampling import sample_weights
 from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows
 from kdpipe.pipeline.cache.storage.base import ShardReader, get_format

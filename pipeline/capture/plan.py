@@ -21,11 +21,7 @@ from kdpipe.pipeline.cache import encoding
 from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url
-from kdpipe.pipeline.capture.teachers import (
-    Teacher,
-    load_hf_teacher,
-    load_module_teacher,
-)
+from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
 from kdpipe.pipeline.errors import ConfigError, DataError

@@ -42,12 +42,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import data as datalib
-from kdpipe.pipeline.cache.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    shard_name,
-    software_versions,
-)
+from kdpipe.pipeline.cache.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.cache.sampling import Samples, draw_samples
 from kdpipe.pipeline.cache.schema import encode_rows
 from kdpipe.pipeline.cache.storage.base import get_format

@@ -17,11 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.pipeline.capture.topk import (
-    SparseView,
-    sparse_view_of_hidden,
-    sparse_view_of_logits,
-)
+from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_hidden, sparse_view_of_logits
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 from kdpipe.pipeline.fileio import sha256_files
 from kdpipe.pipeline.models.modules import load_module
@@ -275,12 +271,7 @@ def load_hf_teacher(
     """Load an HF teacher on ``device``; with ``device_map="auto"``, spread over the GPUs by
     accelerate (within ``max_memory`` when given; all on the CPU without GPUs), inputs going to the
     device of its embedding layer."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():

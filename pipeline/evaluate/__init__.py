@@ -2,6 +2,7 @@
 shared with the in-training evaluation).
 
 - :mod:`.run`: ``kdpipe evaluate`` (cross-entropy, KL to the teacher, agreement, accuracy);
+- :mod:`.model`, :mod:`.rows`, :mod:`.scores`: the model it loads, the rows it reads, how a batch is scored;
 - :mod:`.fidelity`: how faithful a cache is to its teacher (``kdpipe inspect --fidelity``);
 - :mod:`.plots`: training curves from ``metrics.jsonl``.
 """

@@ -33,11 +33,7 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache.reader import TeacherCache
-from kdpipe.pipeline.capture.teachers import (
-    Teacher,
-    load_hf_teacher,
-    load_module_teacher,
-)
+from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
 from kdpipe.pipeline.models.modules import is_module_spec

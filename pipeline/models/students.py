@@ -37,11 +37,7 @@ def load_student(spec: str, *, task: str, seed: int, tokenizer_path: str | None 
         model = load_saved_module(spec) if (Path(spec) / MODULE_META).is_file() else build_module(spec)
         probe_classes = getattr(model, "num_classes", None)
         return Student("module", model, probe_classes or 0, spec)
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = Path(spec)
     if not path.exists():

@@ -25,12 +25,7 @@ from kdpipe.pipeline.cache.manifest import manifest_checksum, software_versions,
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from kdpipe.pipeline.models.students import load_state_dict_into, save_state_dict
-from kdpipe.pipeline.provenance import (
-    PACKAGES_FILE,
-    command_record,
-    first_difference,
-    packages_text,
-)
+from kdpipe.pipeline.provenance import PACKAGES_FILE, command_record, first_difference, packages_text
 
 RUN_MANIFEST = "run.json"
 METRICS = "metrics.jsonl"

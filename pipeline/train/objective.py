@@ -21,19 +21,8 @@ from kdpipe.pipeline.cache.schema import CacheSchema
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train import losses
 from kdpipe.pipeline.train.fused_kd import fused_linear_distillation_loss
-from kdpipe.pipeline.train.losses import (
-    KINDS,
-    SAMPLED_KINDS,
-    _check_unit,
-    hard_label_ce,
-    sampled_kd_loss,
-)
-from kdpipe.pipeline.train.targets import (
-    Sampling,
-    TeacherTargets,
-    fold_padded_vocab,
-    teacher_targets,
-)
+from kdpipe.pipeline.train.losses import KINDS, SAMPLED_KINDS, _check_unit, hard_label_ce, sampled_kd_loss
+from kdpipe.pipeline.train.targets import Sampling, TeacherTargets, fold_padded_vocab, teacher_targets
 
 
 def uses_draws(schema: CacheSchema, kind: str) -> bool:

@@ -54,17 +54,9 @@ from kdpipe.pipeline.train import metrics, reporting
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.train.fused_kd import output_head
-from kdpipe.pipeline.train.objective import (
-    distillation_objective,
-    targets_for,
-    uses_draws,
-)
+from kdpipe.pipeline.train.objective import distillation_objective, targets_for, uses_draws
 from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
-from kdpipe.pipeline.train.targets import (
-    TeacherTargets,
-    check_student_vocab,
-    fold_padded_vocab,
-)
+from kdpipe.pipeline.train.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
 
 
 class Trainer:

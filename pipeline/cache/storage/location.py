@@ -21,11 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from kdpipe.pipeline.cache.storage.object_store import (
-    endpoint_of,
-    open_filesystem,
-    storage_errors,
-)
+from kdpipe.pipeline.cache.storage.object_store import endpoint_of, open_filesystem, storage_errors
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_path, atomic_write_bytes
 from kdpipe.pipeline.provenance import redact_url
