@@ -1,7 +1,7 @@
 """Run the library's Trainer under torchrun, stopping after a given step (a crash right after its
 checkpoint): ``torchrun ... tests/ddp_train.py CONFIG.json [--resume] [--stop-after N]``.
 
-Used by tests/test_train_distributed.py, which reads what rank 0 wrote in the run directory.
+Used by tests/train/test_train_distributed.py, which reads what rank 0 wrote in the run directory.
 """
 
 from __future__ import annotations

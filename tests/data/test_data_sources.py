@@ -18,7 +18,7 @@ from kdpipe.pipeline.data import Fields, ReadState, iter_records, resolve_source
 from kdpipe.pipeline.errors import DataError
 from kdpipe.stages.cli import main
 
-PLAY = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "heldout" / "twelfth_night.txt"
+PLAY = Path(__file__).resolve().parents[2] / "data" / "shakespeare" / "heldout" / "twelfth_night.txt"
 # The mixed folder's files in reading order (sorted relative paths), with their number of records.
 MIXED = [("a.txt", 1), ("b.jsonl", 3), ("d.jsonl.gz", 3), ("e.jsonl.zst", 3), ("sub/c.parquet", 3)]
 HIDDEN = [".DS_Store", ".git/config", "sub/.notes.csv"]  # unreadable types, but hidden: ignored

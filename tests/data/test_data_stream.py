@@ -19,7 +19,7 @@ from kdpipe.pipeline.data import stream as streamlib
 from kdpipe.pipeline.data.chat import render_conversation
 from kdpipe.stages.cli import main
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 SEQ_LEN = 64
 BLOCK_CHARS = 20_000
 

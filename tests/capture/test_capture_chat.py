@@ -19,7 +19,7 @@ from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.stages.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "data" / "teacher"
 SEQ_LEN = 160  # some shipped conversations are longer: they are truncated
 N = 32

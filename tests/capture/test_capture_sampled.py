@@ -14,7 +14,7 @@ from kdpipe import open_cache
 from kdpipe.pipeline.cache.encoding import GRID_STEP
 from test_capture import TEMPERATURES, capture, run_cli
 
-V1_CACHE = Path(__file__).parent / "fixtures" / "cache_v1"
+V1_CACHE = Path(__file__).parents[1] / "fixtures" / "cache_v1"
 STUDENT = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 16,
            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
            "max_position_embeddings": 64}
@@ -116,7 +116,7 @@ def test_format_1_cache_still_reads_and_trains(tmp_path):
     assert row["topk_ids"].shape == (64, 8) and row["topk_ids"].dtype == np.int64
     total = np.exp(row["topk_logprobs"]).sum(axis=1) + row["tail_mass"]
     np.testing.assert_allclose(total[row["mask"]], 1.0, atol=2e-3)  # fp16 values: a proper distribution
-    student = Path(__file__).parents[1] / "data" / "students" / "lm-student.json"
+    student = Path(__file__).parents[2] / "data" / "students" / "lm-student.json"
     result = run_cli("train-student", "--cache", V1_CACHE, "--student", student, "--out", tmp_path / "run",
                      "--steps", 2, "--batch-size", 4, "--device", "cpu")
     assert result.exit_code == 0, result.output

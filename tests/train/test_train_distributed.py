@@ -25,7 +25,7 @@ STUDENT = {
     "max_position_embeddings": 64,
 }
 KDPIPE = str(Path(sys.executable).parent / "kdpipe")
-HELPER = str(Path(__file__).with_name("ddp_train.py"))
+HELPER = str(Path(__file__).parents[1] / "ddp_train.py")
 
 
 @pytest.fixture(scope="module")

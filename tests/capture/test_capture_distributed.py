@@ -20,7 +20,7 @@ from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.capture.progress import RankProgress
 from kdpipe.stages.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KDPIPE = Path(sys.executable).parent / "kdpipe"  # the console script, as torchrun is given it
 # The shipped demo teacher and chat set: 100 conversations (33 kB) in 8 blocks of 4 kB, 2 shards each.
 SETTINGS = ["--teacher", str(REPO / "data" / "teacher"), "--data", str(REPO / "data" / "chat" / "heldout.jsonl"),

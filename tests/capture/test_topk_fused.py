@@ -18,7 +18,7 @@ from kdpipe.pipeline.capture.topk import (
 )
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
-DEMO_TEACHER = Path(__file__).resolve().parents[1] / "data" / "teacher"
+DEMO_TEACHER = Path(__file__).resolve().parents[2] / "data" / "teacher"
 FIELDS = ("topk_ids", "topk_logits", "logsumexp", "tail_logprob")
 
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from kdpipe.pipeline.data.chat import ROLES, check_chat_template, render_conversation
 from kdpipe.pipeline.errors import ConfigError, DataError
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 START, END = "<|im_start|>", "<|im_end|>"
 
 # Two templates that render the same text; the second marks assistant turns for transformers.

@@ -15,7 +15,7 @@ from kdpipe.pipeline.cache.encoding import GRID_STEP
 from kdpipe.pipeline.evaluate.fidelity import fidelity_report, load_cache_teacher
 from kdpipe.stages.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300  # the tiny LM's outputs (conftest.tiny_lm_dir)
 TEMPERATURES = (1.0, 2.0)
 ROWS = 8  # probe rows (x 32 positions)
