@@ -94,9 +94,9 @@ LAYOUTS = {
                        top_k=0),
     "v2-mixed": dict(value_dtype="float16", id_bits=11, input_id_bits=12, sample_draws=3, sample_temperature=2.0),
 }
-FLOAT16_SUBNORMAL = 2**-25  # half float16's subnormal step: below 6.1e-5 float16 keeps no relative precision
+FLOAT16_SUBNORMAL_ROUNDING = 2**-25  # half float16's subnormal step (2**-24): below 6.1e-5 float16 keeps no relative precision
 TOLERANCE = {"quantized": dict(atol=encoding.GRID_STEP / 2 + 1e-4, rtol=0),  # half a step
-             "float16": dict(atol=FLOAT16_SUBNORMAL, rtol=2**-11), "bfloat16": dict(atol=0, rtol=2**-8),  # a rounding
+             "float16": dict(atol=FLOAT16_SUBNORMAL_ROUNDING, rtol=2**-11), "bfloat16": dict(atol=0, rtol=2**-8),  # a rounding
              "float32": dict(atol=0, rtol=0)}
 
 
@@ -125,7 +125,7 @@ def test_rows_round_trip_through_a_shard(tmp_path, fmt, layout, task):
             np.testing.assert_allclose(got[name], want, **TOLERANCE[schema.value_dtype], err_msg=name)
         elif name in ("logsumexp", "tail_logprob"):  # float16 next to quantized values
             rtol = 2**-11 if schema.value_dtype == "quantized" else 0
-            np.testing.assert_allclose(got[name], want, rtol=rtol, atol=FLOAT16_SUBNORMAL if rtol else 0, err_msg=name)
+            np.testing.assert_allclose(got[name], want, rtol=rtol, atol=FLOAT16_SUBNORMAL_ROUNDING if rtol else 0, err_msg=name)
         else:
             np.testing.assert_array_equal(got[name], want, err_msg=name)
 

@@ -197,6 +197,18 @@ def test_module_against_its_own_cache(module_dir, module_teacher, tmp_path):
         evaluate_model(module_dir, cache=cache, data=tmp_path / "shuffled.npz")
 
 
+def test_a_damaged_module_dir_is_refused_naming_what_it_needs(module_dir, module_teacher, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(module_dir, broken)
+    (broken / "kdpipe_module.json").write_text('{"factory_spec": "tiny_models.py:tiny_cnn"}')
+    with pytest.raises(ConfigError, match=r'must be JSON like \{"factory": "package.module:factory"\}'):
+        evaluate_model(broken, data=module_teacher["data"])
+    (broken / "kdpipe_module.json").write_text(json.dumps({"factory": "tiny_models.py:tiny_cnn"}))
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has no model.safetensors; it must hold the trained weights"):
+        evaluate_model(broken, data=module_teacher["data"])
+
+
 # ----------------------------------------------------------------------------- plots
 def write_metrics(path, *, scale=1.0):
     records = [{"step": s, "split": "train", "loss": scale / s, "kd": 0.5 / s, "ce": 2.0 / s, "lr": 1e-3,
