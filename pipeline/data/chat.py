@@ -13,11 +13,15 @@ An assistant turn is located in one of two ways, which agree whenever the spans 
 
 - the template has ``{% generation %}`` blocks: the turn is what the block renders (transformers'
   ``return_assistant_tokens_mask``);
-- otherwise (most templates): the turn of message ``i`` is the text that rendering ``messages[:i+1]``
-  adds to rendering ``messages[:i]`` with ``add_generation_prompt=True``, i.e. the content plus
-  whatever the template writes to close the turn (end-of-turn token, and a newline after it if the
-  template writes one). This needs a prefix-stable template: each partial rendering must be a prefix
-  of the next, otherwise :class:`DataError`.
+- otherwise (most templates): the turn of message ``i`` starts where rendering ``messages[:i]`` with
+  ``add_generation_prompt=True`` ends, and ends at its **end-of-turn token**: the first special token
+  of the tokenizer that the template writes after the content (whitespace between allowed, e.g.
+  ``' ' + eos_token``), or at the content's end where the template writes none. Whatever the template
+  adds after that (the ``"\n"`` of ``content + eos + "\n"``) is formatting between turns, no one's
+  target, as it is for a ``{% generation %}`` block around ``content + eos``. The content is found in
+  the text the turn adds (as given, or stripped); a template that rewrites it (so it cannot be found)
+  has the whole added text as the turn. This needs a prefix-stable template: each partial rendering
+  must be a prefix of the next, otherwise :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -128,8 +132,35 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str, where: str) -> 
                 "template that marks them with {% generation %} ... {% endgeneration %}, or pass "
                 "--targets all"
             )
-        spans.append((len(prompt), len(turn)))
+        spans.append((len(prompt), _turn_end(tokenizer, text, len(prompt), len(turn), message["content"])))
     return spans
+
+
+def _turn_end(tokenizer, text: str, start: int, end: int, content: str) -> int:
+    """End of the assistant turn ``text[start:end]`` (what rendering it added): after its end-of-turn
+    token, else at the content's end; ``end`` when the content is not in it (rules in the module doc)."""
+    added = text[start:end]
+    for body in (content, content.strip()):
+        at = added.find(body)
+        if at >= 0:
+            break
+    else:
+        return end
+    content_end = start + at + len(body)
+    closing = content_end  # where the end-of-turn token may start, after any whitespace
+    while closing < end and text[closing].isspace():
+        closing += 1
+    for token in _special_tokens(tokenizer):  # longest first: "<|im_end|>" before "<|im"
+        if text.startswith(token, closing, end):
+            return closing + len(token)
+    return content_end
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (BOS/EOS/PAD..., added special tokens such as ``<|eot_id|>``)."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((t for t in tokens if t), key=len, reverse=True)
 
 
 def _render(tokenizer, messages: list[dict], where: str, *, add_generation_prompt: bool = False) -> str:

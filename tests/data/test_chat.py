@@ -1,6 +1,7 @@
 """Chat rendering and assistant masks (kdpipe.pipeline.data.chat), on the demo teacher's real BPE
 tokenizer: the prefix-difference method and transformers' {% generation %} method must give the
-same ids and masks, and both must equal a mask built independently, piece by piece."""
+same ids and masks, and both must equal a mask built independently, piece by piece. A turn's targets
+end at its end-of-turn token: the newline a template writes after it is no one's target."""
 
 import json
 import re
@@ -16,14 +17,16 @@ from kdpipe.pipeline.errors import ConfigError, DataError
 DATA = Path(__file__).resolve().parents[2] / "data"
 START, END = "<|im_start|>", "<|im_end|>"
 
-# Two templates that render the same text; the second marks assistant turns for transformers.
+# Two templates that render the same text; the second marks assistant turns (content and end-of-turn
+# token, not the newline after it) for transformers. (Templates drop a newline right after a {% tag %}:
+# trim_blocks; {{ '\n' }} writes one.)
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHATML_GENERATION = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
     "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -34,7 +37,7 @@ COLON = (
 )
 COLON_GENERATION = (
     "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}"
-    "{% generation %}{{ m['content'] }}\n{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}"
+    "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '\\n' }}{% else %}{{ m['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 )
 CONVERSATION = [
@@ -66,7 +69,7 @@ def expected_chatml(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     for m in messages:
         target = m["role"] == "assistant"
         for piece, is_target in ((START, False), (m["role"] + "\n", False), (m["content"], target),
-                                 (END, target), ("\n", target)):
+                                 (END, target), ("\n", False)):
             piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             ids += piece_ids
             mask += [is_target] * len(piece_ids)
@@ -93,9 +96,9 @@ def test_assistant_mask_matches_independent_computation(template):
     assert ids.dtype == np.int64 and is_target.dtype == bool and ids.shape == is_target.shape
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(is_target, want_mask)
-    # Targets are exactly each assistant turn's content and what closes the turn.
+    # Targets are exactly each assistant turn's content and its end-of-turn token.
     assert assistant_runs(ids, is_target, tokenizer) == [
-        m["content"] + END + "\n" for m in CONVERSATION if m["role"] == "assistant"
+        m["content"] + END for m in CONVERSATION if m["role"] == "assistant"
     ]
     # transformers' own mask from the generation template agrees too.
     marked = chat_tokenizer(CHATML_GENERATION).apply_chat_template(
@@ -116,8 +119,9 @@ def test_token_straddling_the_turn_start_is_a_target_in_both_methods():
     np.testing.assert_array_equal(prefix_mask, gen_mask)
     tokenizer = chat_tokenizer(COLON)
     # " Hello"'s space is the template's, but the token carries the answer's first letters.
-    assert assistant_runs(ids, prefix_mask, tokenizer) == [" Hello there\n"]
-    assert tokenizer.decode(ids[~prefix_mask]) == "user: Speak.\nassistant:"
+    # No end-of-turn token in this template: the targets end with the content, not its newline.
+    assert assistant_runs(ids, prefix_mask, tokenizer) == [" Hello there"]
+    assert tokenizer.decode(ids[~prefix_mask]) == "user: Speak.\nassistant:\n"
 
 
 def test_leading_assistant_turn_after_template_bos():
@@ -131,7 +135,7 @@ def test_leading_assistant_turn_after_template_bos():
     ids, is_target = results[0]
     assert ids[0] == chat_tokenizer(None).eos_token_id and not is_target[0]
     assert assistant_runs(ids, is_target, chat_tokenizer(None)) == [
-        f"Who's there?{END}\n", f"Long live the king!{END}\n"
+        f"Who's there?{END}", f"Long live the king!{END}"
     ]
 
 
@@ -215,4 +219,49 @@ def test_generation_marked_template_needs_no_prefix_stability():
     last_round = CHATML_GENERATION.replace("{% for m in messages %}", "{% for m in messages[-2:] %}")
     tokenizer = chat_tokenizer(last_round)
     ids, is_target = render_conversation(CONVERSATION, tokenizer, targets="assistant", where="t")
-    assert assistant_runs(ids, is_target, tokenizer) == [CONVERSATION[-1]["content"] + END + "\n"]
+    assert assistant_runs(ids, is_target, tokenizer) == [CONVERSATION[-1]["content"] + END]
+
+
+# The demo teacher's template, each turn closed by "\n" after the EOS (a common shape), without and
+# with {% generation %} markers around content + EOS.
+EOS_NEWLINE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+EOS_NEWLINE_GENERATION = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama-2's shape: a space between the content and the end-of-turn token, then template text.
+SPACE_EOS = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+    "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}"
+)
+
+
+def test_newline_after_the_end_of_turn_token_is_no_target_with_or_without_markers():
+    """Issue 27.5: without markers every assistant turn had the "\n" after its EOS as one target too many."""
+    lines = (DATA / "chat" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[:30]
+    plain, marked = AutoTokenizer.from_pretrained(DATA / "teacher"), AutoTokenizer.from_pretrained(DATA / "teacher")
+    plain.chat_template, marked.chat_template = EOS_NEWLINE, EOS_NEWLINE_GENERATION
+    eos = plain.eos_token
+    for n, line in enumerate(lines, 1):
+        messages = json.loads(line)["messages"]
+        ids, is_target = render_conversation(messages, plain, targets="assistant", where=f"{n}")
+        marked_ids, marked_mask = render_conversation(messages, marked, targets="assistant", where=f"{n}")
+        np.testing.assert_array_equal(ids, marked_ids)
+        np.testing.assert_array_equal(is_target, marked_mask, err_msg=f"conversation {n}")
+        turns = [m["content"] + eos for m in messages if m["role"] == "assistant"]
+        assert assistant_runs(ids, is_target, plain) == turns
+        assert is_target.sum() == sum(len(plain(t, add_special_tokens=False)["input_ids"]) for t in turns)
+
+
+def test_end_of_turn_token_after_a_space_is_a_target():
+    tokenizer = AutoTokenizer.from_pretrained(DATA / "teacher")
+    tokenizer.chat_template = SPACE_EOS
+    conversation = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "Hello there"},
+                    {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hello"}]
+    ids, is_target = render_conversation(conversation, tokenizer, targets="assistant", where="t")
+    eos = tokenizer.eos_token
+    assert assistant_runs(ids, is_target, tokenizer) == [f" Hello there {eos}", f" Hello {eos}"]
