@@ -44,15 +44,17 @@ class TeacherCache:
 
     root: a local cache folder, or an object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``)
     read with ``storage_options`` (passed to fsspec; credentials otherwise come from the standard
-    places). Shards are opened lazily; ``verify_hashes=True`` checks each local shard's sha256 against
-    the manifest the first time it is opened (once per shard per process); remote shards are always
-    checked, as they download. A remote shard lands in ``local_cache`` (a folder shared by the
+    places). Shards are opened lazily, and no row of a shard is used before its bytes are checked: a
+    local shard's size and sha256 against the manifest each time it is opened (``verify_hashes=False``
+    skips the hash, not the size: for a reader that has just run ``kdpipe verify``), a remote shard's
+    as it downloads (always). A shard whose bytes do not decode raises :class:`IntegrityError` too.
+    A remote shard lands in ``local_cache`` (a folder shared by the
     processes of a machine, least recently used shards evicted beyond ``local_cache_gb``) or, without
     one, in a private temporary folder that holds only the shards in use and read ahead.
     """
 
     def __init__(
-        self, root: str | os.PathLike | CacheLocation, *, verify_hashes: bool = False,
+        self, root: str | os.PathLike | CacheLocation, *, verify_hashes: bool = True,
         storage_options: dict | None = None, local_cache: str | os.PathLike | None = None,
         local_cache_gb: float | None = None, read_ahead: int | None = None,
     ):
@@ -110,28 +112,48 @@ class TeacherCache:
                 self._open_remote(index)
                 return self._readers[index]
             entry, path = self.shards[index], self.shard_path(index)
-            if not path.is_file():
-                raise IntegrityError(
-                    f"shard {entry['name']} is missing from {self.root}; "
-                    "re-run cache-teacher to redo it"
-                )
-            if self._verify_hashes and sha256_file(path) != entry["sha256"]:
-                raise IntegrityError(
-                    f"Checksum failure: shard {entry['name']} does not match its manifest sha256; "
-                    "the file is damaged -- delete it and re-run cache-teacher to redo it"
-                )
+            self._check_local_bytes(entry, path)
             self._readers[index] = self._open_reader(entry, path)
         return self._readers[index]
 
+    def _check_local_bytes(self, entry: dict, path: Path) -> None:
+        """Refuse a local shard that is missing, of another size or (``verify_hashes``) another sha256."""
+        if not path.is_file():
+            raise IntegrityError(f"shard {entry['name']} is missing from {self.root}; {self._fix_hint()}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise IntegrityError(
+                f"shard {entry['name']} of {self.root} has {size} bytes, manifest says {entry['bytes']} (truncated or "
+                f"replaced); its rows were not used -- {self._fix_hint()}"
+            )
+        if self._verify_hashes and sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(
+                f"Checksum failure: shard {entry['name']} of {self.root} does not match its manifest sha256 (damaged "
+                f"or replaced); its rows were not used -- {self._fix_hint()}"
+            )
+
+    def _fix_hint(self) -> str:
+        """What to do about a bad shard: find every one, then let cache-teacher redo them."""
+        return (f"run `kdpipe verify {self.root}` to list every bad shard, then restore them, or delete them and "
+                f"{self.root}/{MANIFEST_NAME} and re-run the same cache-teacher command to redo them")
+
     def _open_reader(self, entry: dict, path: Path) -> ShardReader:
-        reader = self.format.open(path, schema=self.schema)
+        try:
+            reader = self.format.open(path, schema=self.schema)
+        except Exception as exc:  # noqa: BLE001 - bytes that do not decode are a damaged shard
+            raise self._undecodable(entry, exc) from exc
         if reader.num_rows != entry["rows"]:
             reader.close()
             raise IntegrityError(
-                f"shard {entry['name']} has {reader.num_rows} rows, manifest says "
-                f"{entry['rows']}; delete it and re-run cache-teacher"
+                f"shard {entry['name']} of {self.root} has {reader.num_rows} rows, manifest says {entry['rows']}; "
+                f"its rows were not used -- {self._fix_hint()}"
             )
         return reader
+
+    def _undecodable(self, entry: dict, exc: Exception) -> IntegrityError:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        return IntegrityError(f"shard {entry['name']} of {self.root} cannot be decoded ({reason}); the file is "
+                              f"damaged -- {self._fix_hint()}")
 
     def _open_remote(self, index: int) -> None:
         """Wait for the shard's checked local copy (pinned while open) and open it."""
@@ -158,11 +180,11 @@ class TeacherCache:
         for index, entry in enumerate(self.shards):
             path = self.shard_path(index)
             if not path.is_file():
-                raise IntegrityError(f"shard {entry['name']} is missing from {self.root}; re-run cache-teacher to redo it")
+                raise IntegrityError(f"shard {entry['name']} is missing from {self.root}; {self._fix_hint()}")
             if path.stat().st_size != entry["bytes"]:
                 raise IntegrityError(
-                    f"shard {entry['name']} has {path.stat().st_size} bytes, manifest says {entry['bytes']}; "
-                    "delete it and re-run cache-teacher to redo it"
+                    f"shard {entry['name']} of {self.root} has {path.stat().st_size} bytes, manifest says "
+                    f"{entry['bytes']} (truncated or replaced); {self._fix_hint()}"
                 )
 
     def _check_remote_files(self) -> None:
@@ -186,7 +208,12 @@ class TeacherCache:
     def read_rows(self, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` of shard ``shard``, decoded into the logical fields of
         :mod:`kdpipe.pipeline.cache.schema` (ids int64, values float32), with a leading row axis."""
-        return decode_rows(self.schema, self.shard_reader(shard).read(start, stop))
+        reader = self.shard_reader(shard)
+        try:
+            stored = reader.read(start, stop)
+        except Exception as exc:  # noqa: BLE001 - bytes that do not decode are a damaged shard
+            raise self._undecodable(self.shards[shard], exc) from exc
+        return decode_rows(self.schema, stored)
 
     def read_raw(self, i: int) -> dict[str, np.ndarray]:
         """Row ``i`` in the logical fields of :mod:`kdpipe.pipeline.cache.schema`, at no temperature."""
@@ -248,7 +275,7 @@ class TeacherCache:
         self.close()
 
 
-def open_cache(path: str | os.PathLike, *, verify_hashes: bool = False, **storage) -> TeacherCache:
+def open_cache(path: str | os.PathLike, *, verify_hashes: bool = True, **storage) -> TeacherCache:
     """Open the cache at ``path``: a directory holding ``manifest.json``, or an object-store URL.
 
     ``storage``: ``storage_options``, ``local_cache``, ``local_cache_gb``, ``read_ahead`` (see
