@@ -30,6 +30,8 @@ RUN python -m pip install --no-cache-dir --require-hashes \
 # The project itself (see .dockerignore for what is left out of the context), without its
 # dependencies (all in the lock) and without a build environment (setuptools is in the lock),
 # so that nothing unhashed gets in. `pip check` fails the build if the lock misses a dependency.
+# COPY keeps src/kdpipe/pipeline and src/kdpipe/stages as the relative symlinks they are (to
+# /src/pipeline and /src/stages); the wheel pip builds holds the files they point to.
 COPY . /src
 WORKDIR /workspace
 RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation /src \

@@ -7,8 +7,9 @@ setuptools, which must satisfy pyproject's ``[build-system]`` requirement (the `
 ``build`` and ``setuptools``). The build must print no deprecation warnings.
 
 The wheel must hold every Python package of the source tree (a folder with an ``__init__.py`` under
-``kdpipe/``, ``pipeline/`` or ``stages/``; a subpackage missing from ``[tool.setuptools] packages`` is
-named in the failure) and nothing else: no ``tests/``, no ``data/``.
+``src/kdpipe/``, whose ``pipeline`` and ``stages`` are symlinks to the top-level folders; a package the
+build misses is named in the failure) as real files, and nothing else: no ``tests/``, no ``data/``.
+The sdist holds real files too.
 
 Then the wheel is installed with ``pip install --no-deps --no-index`` into a fresh venv. That venv gets
 the dependencies (torch, numpy, zarr, ...) from the test venv's site-packages through a one-line ``.pth``
@@ -17,8 +18,12 @@ path, added after the install. A plain path line puts the folder on ``sys.path``
 that every kdpipe module comes from the fresh venv and none from the checkout. There it imports kdpipe,
 runs the ``kdpipe`` console script (``--version``, ``cache-teacher --help``).
 
-Deselect with ``-m 'not packaging'``. About 10-15 s on a 2-core machine (the build 3 s, the fresh venv
-1.5 s, three kdpipe imports the rest).
+An editable install (what ``make setup`` does) of a copy of the checkout named ``kdpipe`` must be a
+plain path entry, not an import hook, build without deprecation warnings, and import from the folder
+above that copy (see tests/test_imports.py).
+
+Deselect with ``-m 'not packaging'``. About 15-25 s on a 2-core machine (the build 3 s, each fresh venv
+1.5 s, the editable install 3 s, the kdpipe imports the rest).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import json
 import os
 import shutil
 import site
+import stat
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,8 +52,8 @@ pytestmark = pytest.mark.packaging
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-# Where the source tree keeps each import package (besides what pyproject's package-dir says).
-SOURCE_ROOTS = {"kdpipe": "kdpipe", "kdpipe.pipeline": "pipeline", "kdpipe.stages": "stages"}
+# Where the source tree keeps the import package (src layout; pipeline and stages are symlinks in it).
+SOURCE_ROOT = REPO / "src" / "kdpipe"
 # Never copied into the build folder when the checkout is not a git repository.
 NOT_SOURCE = {".git", ".venv", "venv", "build", "dist", "runs", "out", ".pytest_cache", ".ruff_cache", "__pycache__"}
 
@@ -88,26 +95,26 @@ def _copy_checkout(dest: Path) -> None:
     listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             capture_output=True, text=True, check=False)
     if listed.returncode != 0:  # not a git checkout (an unpacked sdist, say)
-        shutil.copytree(REPO, dest, ignore=lambda _d, names: [
+        shutil.copytree(REPO, dest, symlinks=True, ignore=lambda _d, names: [
             n for n in names if n in NOT_SOURCE or n.endswith(".egg-info")])
         return
     for rel in filter(None, listed.stdout.split("\0")):
         src = REPO / rel
-        if src.is_file():  # deleted files are still listed as tracked
+        if src.is_symlink():  # src/kdpipe/pipeline and stages: copied as the links they are
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).symlink_to(os.readlink(src))
+        elif src.is_file():  # deleted files are still listed as tracked
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
 
 
 def _source_packages() -> dict[str, Path]:
     """Import name -> folder of every package (a folder with an __init__.py) in the source tree."""
-    roots = {**SOURCE_ROOTS, **PYPROJECT["tool"]["setuptools"].get("package-dir", {})}
     found = {}
-    for name, folder in roots.items():
-        base = REPO / folder
-        for init in base.rglob("__init__.py"):
-            rel = init.parent.relative_to(base)
-            if "__pycache__" not in rel.parts:
-                found[".".join((name, *rel.parts))] = init.parent
+    for folder, _dirs, files in os.walk(SOURCE_ROOT, followlinks=True):
+        rel = Path(folder).relative_to(SOURCE_ROOT)
+        if "__init__.py" in files and "__pycache__" not in rel.parts:
+            found[".".join(("kdpipe", *rel.parts))] = Path(folder)
     return found
 
 
@@ -140,8 +147,9 @@ def test_wheel_holds_every_package_and_nothing_else(built):
     source = _source_packages()
     missing = sorted(set(source) - in_wheel)
     assert not missing, (f"the wheel lacks the package(s) {', '.join(missing)} "
-                         f"({', '.join(str(source[m].relative_to(REPO)) for m in missing)}): "
-                         "add them to [tool.setuptools] packages in pyproject.toml")
+                         f"({', '.join(str(source[m].relative_to(REPO)) for m in missing)})")
+    links = [i.filename for i in zipfile.ZipFile(wheel).infolist() if stat.S_ISLNK(i.external_attr >> 16)]
+    assert not links, f"the wheel holds symlinks instead of files: {links}"
     modules = {f"{name.replace('.', '/')}/{py.name}" for name, folder in source.items() for py in folder.glob("*.py")}
     assert not sorted(modules - set(members)), f"modules missing from the wheel: {sorted(modules - set(members))}"
     assert not [m for m in members if m.split("/")[0] in ("tests", "data")], "the wheel ships tests/ or data/"
@@ -150,24 +158,66 @@ def test_wheel_holds_every_package_and_nothing_else(built):
     assert not stray, f"the wheel holds files outside kdpipe/: {stray}"
 
 
-@pytest.fixture(scope="module")
-def fresh_venv(built, tmp_path_factory):
-    """A new venv with only the wheel installed; the dependencies come from the test venv's site-packages."""
-    wheel, _, _ = built
-    work = tmp_path_factory.mktemp("fresh")
+def test_sdist_holds_real_files(built):
+    _, sdist, _ = built
+    with tarfile.open(sdist) as tar:
+        members = tar.getmembers()
+    links = [m.name for m in members if m.issym() or m.islnk()]
+    assert not links, f"the sdist holds links instead of files: {links}"
+    reader = [m for m in members if m.name.endswith("/src/kdpipe/pipeline/cache/reader.py")]
+    assert len(reader) == 1 and reader[0].isfile(), "the sdist lacks src/kdpipe/pipeline/cache/reader.py"
+
+
+def _new_venv(work: Path) -> Path:
+    """A new venv without pip (the test venv's pip installs into it); returns its python."""
     root = work / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", root], cwd=work)
-    python = root / "bin" / "python"
-    # pip from the test venv, installing into the fresh one (no ensurepip: faster, and still no index).
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel],
-         cwd=work)
-    # Only now the dependencies: before the install pip would have found the editable kdpipe through them.
+    return root / "bin" / "python"
+
+
+def _add_test_dependencies(python: Path, work: Path) -> None:
+    """Put the test venv's site-packages on the new venv's path (one plain ``.pth`` path line each)."""
     purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                         cwd=work).stdout.strip())
     host = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
     (purelib / "kdpipe_test_dependencies.pth").write_text(
         "".join(f"{p}\n" for p in dict.fromkeys(host) if Path(p).is_dir()))
-    return root, work
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(built, tmp_path_factory):
+    """A new venv with only the wheel installed; the dependencies come from the test venv's site-packages."""
+    wheel, _, _ = built
+    work = tmp_path_factory.mktemp("fresh")
+    python = _new_venv(work)
+    # pip from the test venv, installing into the fresh one (no ensurepip: faster, and still no index).
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel],
+         cwd=work)
+    # Only now the dependencies: before the install pip would have found the editable kdpipe through them.
+    _add_test_dependencies(python, work)
+    return python.parents[1], work
+
+
+def test_editable_install_is_a_path_entry_that_imports_from_the_checkouts_parent(tmp_path):
+    _check_build_tools()
+    checkout = tmp_path / "kdpipe"  # named as `git clone` names it
+    _copy_checkout(checkout)
+    python = _new_venv(tmp_path)
+    # The build runs in the new venv (no isolation), so it needs setuptools from the test venv first.
+    _add_test_dependencies(python, tmp_path)
+    done = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+                 "--no-build-isolation", "-e", checkout], cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert "deprecat" not in output.lower() and "warning" not in output.lower(), output[-3000:]
+    purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        cwd=tmp_path).stdout.strip())
+    hooks = sorted(p.name for p in purelib.glob("__editable__*finder*"))
+    assert not hooks, f"the editable install maps kdpipe with an import hook ({hooks}), not a path entry"
+    pth = [p.read_text().strip() for p in purelib.glob("__editable__*kdpipe*.pth")]
+    assert pth == [str(checkout / "src")], pth
+    probe = "import kdpipe; kdpipe.open_cache; print(kdpipe.__file__)"
+    found = _run([python, "-c", probe], cwd=tmp_path).stdout.strip()
+    assert found == str(checkout / "src" / "kdpipe" / "__init__.py"), found
 
 
 def test_wheel_installs_and_runs_in_a_fresh_venv(fresh_venv):
