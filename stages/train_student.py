@@ -14,7 +14,7 @@ from kdpipe.pipeline.train.config import TrainConfig, merge_config
 from kdpipe.pipeline.train.losses import KINDS
 from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.stages.display import Progress, training_fields
-from kdpipe.stages.options import storage_options_flag, user_errors
+from kdpipe.stages.options import storage_options_flag, threads_flag, user_errors
 
 _DEFAULTS = TrainConfig()  # each flag's default is the setting's (shown by --help)
 _REQUIRED = "  [required unless in --config or restored by --resume]"
@@ -66,7 +66,8 @@ def setting(flag: str, help: str, **kwargs):
 @setting("--local-cache-gb", "Size limit of --local-cache in GB (10^9 bytes); least recently used shards go first.  [default: no limit]", type=float)
 @setting("--read-ahead", f"Shards of a remote cache downloaded ahead of training.  [default: {DEFAULT_READ_AHEAD}]", type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the settings its run.json records (flags given must match them, except a larger --steps/--epochs, which extends the run).")
-@user_errors
+@threads_flag
+@user_errors(on_interrupt="the run in --out is kept up to its last checkpoint; re-run the same command with --resume to continue from there")
 def train_student(config_file, resume, **flags):
     """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE.
 
@@ -77,6 +78,11 @@ def train_student(config_file, resume, **flags):
     trainer = Trainer(config, resume=resume)
     try:
         trainer.setup()
+        if trainer.finished_already:
+            if trainer.is_main:
+                click.echo(f"{config.out} already holds this finished run ({trainer.step} steps); nothing to do "
+                           "(a larger --steps or --epochs extends it)")
+            return
         with Progress("train-student", total=trainer.total_steps, initial=trainer.step, show=trainer.is_main) as bar:
             metrics = trainer.fit(on_step=lambda m: bar.update(1, **training_fields(m, config.loss)))
         manifest = trainer.finish(metrics)

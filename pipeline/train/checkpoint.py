@@ -6,16 +6,16 @@ back from it (:func:`recorded_settings`) and must share the ones that decide wha
 (:func:`run_identity`), except that a larger ``steps`` or ``epochs`` extends the run -- also a finished
 one: run.json then lists the extension under ``extensions`` and goes back to ``running``.
 
-``checkpoint/`` holds ``model.safetensors``, ``optimizer.pt`` (tensors only; read with
-``weights_only=True``), ``rng.pt`` and ``trainer_state.json`` (step, epoch, batches consumed in the
-epoch). A new checkpoint is written to a temporary folder and swapped in, so a crash leaves the
-previous checkpoint whole.
+``checkpoint/`` (and ``checkpoint.previous/``) are written and verified by
+:mod:`kdpipe.pipeline.train.checkpoint_files`: a resume refuses a checkpoint whose files do not match
+its ``checkpoint.json``, naming the previous checkpoint when that one is intact.
+:func:`finished_already` tells a resume that has nothing to do (a finished run, no longer length asked)
+before anything is read or written; ``metrics.jsonl`` is :mod:`kdpipe.pipeline.train.metrics_log`'s.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -24,12 +24,11 @@ import torch
 from kdpipe.pipeline.cache.manifest import manifest_checksum, software_versions, utc_now
 from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from kdpipe.pipeline.models.students import load_state_dict_into, save_state_dict
 from kdpipe.pipeline.provenance import PACKAGES_FILE, command_record, first_difference, packages_text
+from kdpipe.pipeline.train.checkpoint_files import DamagedCheckpoint, checkpoint_folders, load_checkpoint_files, verify_checkpoint
+from kdpipe.pipeline.train.metrics_log import METRICS, read_metrics, truncate_metrics
 
 RUN_MANIFEST = "run.json"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint"
 # Settings that may differ when resuming: they do not change what is computed. The cache is known by
 # the hashes of its manifest and shards (checked apart), not by its path: it may have moved.
 RESUMABLE_SETTINGS = {"out", "cache", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
@@ -55,8 +54,7 @@ def run_identity(cache, config, *, world_size: int = 1) -> dict:
 def check_new_run_dir(out: Path) -> None:
     """Refuse a run dir holding a run with a checkpoint or a model (one that stopped before its first
     checkpoint may start over)."""
-    has_checkpoint = (out / CHECKPOINT).is_dir() or (out / f"{CHECKPOINT}.old").is_dir()
-    if (out / RUN_MANIFEST).is_file() and (has_checkpoint or (out / "model").is_dir()):
+    if (out / RUN_MANIFEST).is_file() and (checkpoint_folders(out) or (out / "model").is_dir()):
         raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it or choose a new --out")
 
 
@@ -94,7 +92,14 @@ def read_run(out: Path) -> dict:
     path = out / RUN_MANIFEST
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no kdpipe training run (no {RUN_MANIFEST}); drop --resume to start one")
-    return json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict) or ("checksum" in recorded and recorded["checksum"] != manifest_checksum(recorded)):
+        raise IntegrityError(f"--resume refused: {path} is damaged or was edited (not JSON, or its checksum does not match); "
+                             "restore it, or start a new run")
+    return recorded
 
 
 def recorded_settings(out: Path) -> dict:
@@ -154,59 +159,44 @@ def resume_run_dir(out: Path, identity: dict, config, *, step: int, total_steps:
     write_run_json(out, manifest)
 
 
-def save_checkpoint(out: Path, model, optimizer, step: int, epoch: int, batches_in_epoch: int) -> None:
-    final, tmp, old = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_state_dict(model, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    atomic_write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def finished_already(out: Path, recorded: dict, total_steps: int) -> bool:
+    """Whether a resume of the run in ``out`` (``recorded``: its run.json, checked by
+    :func:`check_resumable`) to ``total_steps`` has nothing to do: the run finished at that length and
+    its model is there."""
+    return recorded.get("status") == "finished" and recorded.get("total_steps") == total_steps and \
+        (out / "model").is_dir()
 
 
-def load_checkpoint(out: Path, identity: dict, model, optimizer) -> dict:
-    """Load the last checkpoint of ``out`` into ``model`` and ``optimizer`` (after
-    :func:`check_resumable`); returns its trainer state (step, epoch, batches_in_epoch)."""
-    check_resumable(out, identity)
-    folder = out / CHECKPOINT if (out / CHECKPOINT).is_dir() else out / f"{CHECKPOINT}.old"
-    if not (folder / "trainer_state.json").is_file():
+def load_checkpoint(out: Path, model, optimizer) -> dict:
+    """Load the latest checkpoint of ``out`` into ``model``, ``optimizer`` and the torch RNG once
+    it is verified (after :func:`check_resumable`); returns its trainer state (step, epoch,
+    batches_in_epoch). A damaged checkpoint is refused, naming the previous one when that is intact."""
+    folders = checkpoint_folders(out)
+    if not folders:
         if (out / "model").is_dir():
             raise ConfigError(f"--resume: {out} finished without a checkpoint (it ran with --checkpoint-every 0), "
                               f"so it cannot go on; train a new run from its model: --student {out / 'model'} --out NEW_DIR")
         raise ConfigError(f"--resume: {out} has no checkpoint yet; drop --resume and start over")
-    load_state_dict_into(model, folder / "model.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
-    return json.loads((folder / "trainer_state.json").read_text())
+    try:
+        state = verify_checkpoint(folders[0])
+    except DamagedCheckpoint as damage:
+        raise IntegrityError(f"--resume refused: checkpoint {damage.folder} is damaged: {damage.reason}; "
+                             f"{_previous_good(folders[1:], damage.folder)}") from None
+    read_metrics(out)  # a damaged metrics.jsonl is refused before anything is loaded or written
+    load_checkpoint_files(folders[0], model, optimizer)
+    return state
 
 
-def append_metrics(out: Path, record: dict) -> None:
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _read_metrics(out: Path) -> list[dict]:
-    path = out / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def truncate_metrics(out: Path, step: int) -> None:
-    """Drop records logged after the checkpoint a run resumes from."""
-    kept = [r for r in _read_metrics(out) if r["step"] <= step]
-    from kdpipe.pipeline.fileio import atomic_write_bytes
-
-    atomic_write_bytes(out / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-
-def last_record(out: Path, split: str) -> dict | None:
-    """The last record of ``split`` ("train" or "eval") in the run's metrics.jsonl."""
-    records = [r for r in _read_metrics(out) if r.get("split") == split]
-    return records[-1] if records else None
+def _previous_good(older: list[Path], damaged: Path) -> str:
+    """What to do about a damaged latest checkpoint: resume from the previous one if it is intact."""
+    for folder in older:
+        try:
+            step = verify_checkpoint(folder)["step"]
+        except DamagedCheckpoint:
+            continue
+        return (f"the previous checkpoint {folder} (step {step}) is intact: delete {damaged} to resume from it, "
+                "or start a new run")
+    return "no intact earlier checkpoint is kept: start a new run (or restore the checkpoint from a backup)"
 
 
 def write_run_manifest(out: Path, identity: dict, config, *, final_metrics: dict, eval_metrics, total_steps: int) -> dict:

@@ -50,7 +50,8 @@ from kdpipe.pipeline.models.devices import resolve_device
 from kdpipe.pipeline.models.students import load_student, save_student
 from kdpipe.pipeline.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from kdpipe.pipeline.train import checkpoint as ckpt
-from kdpipe.pipeline.train import metrics, reporting
+from kdpipe.pipeline.train import metrics, metrics_log, reporting
+from kdpipe.pipeline.train.checkpoint_files import save_checkpoint
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.train.fused_kd import output_head
@@ -71,6 +72,7 @@ class Trainer:
         self._closing = contextlib.ExitStack()
         self.reporters = reporting.Reporters([])  # rank 0 opens the --report-to trackers in setup
         self.step = 0  # optimizer steps done
+        self.finished_already = False  # a resume of a finished run to its length: nothing to do
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches consumed in the current epoch
 
@@ -126,7 +128,7 @@ class Trainer:
                                    total_steps=self.total_steps, task=self.task, seq_len=self.cache.schema.input_len,
                                    distributed=self.distributed_record(), loss_implementation=self.loss_implementation,
                                    device=ckpt.describe_device(self.device))
-        if self.is_main:  # rank 0 logs
+        if self.is_main and not self.finished_already:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(
                 reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],
                 settings=c.recorded(), resumed_at=self.step))
@@ -180,7 +182,11 @@ class Trainer:
                 )
 
     def _resume(self) -> None:
-        state = ckpt.load_checkpoint(self.out, self.identity, self.model, self.optimizer)
+        recorded = ckpt.check_resumable(self.out, self.identity)
+        if ckpt.finished_already(self.out, recorded, self.total_steps):  # nothing is loaded or written
+            self.finished_already, self.step = True, self.total_steps
+            return
+        state = ckpt.load_checkpoint(self.out, self.model, self.optimizer)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         if self.is_main:
             ckpt.resume_run_dir(self.out, self.identity, self.config, step=self.step, total_steps=self.total_steps)
@@ -236,14 +242,15 @@ class Trainer:
                 if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
                     self.log({"step": self.step, "split": "eval", **self.evaluate()})
                 if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
-                    ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.step, self.epoch, self.batches_in_epoch)
+                    save_checkpoint(self.out, self.model, self.optimizer,
+                                    {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch})
             if on_step:
                 on_step(metrics)
         return metrics
 
     def log(self, record: dict) -> None:
         """Append a metrics record to metrics.jsonl and send it to the ``--report-to`` trackers (rank 0)."""
-        ckpt.append_metrics(self.out, record)
+        metrics_log.append_metrics(self.out, record)
         self.reporters.log(record)
 
     def _autocast(self):
@@ -320,13 +327,16 @@ class Trainer:
         self._closing.close()
 
     def finish(self, metrics: dict) -> dict | None:
-        """Rank 0 writes the model and the run manifest (returned); other ranks return None."""
+        """Rank 0 writes the model and the run manifest (returned); other ranks return None. A run
+        that had finished already (:attr:`finished_already`) is left as it is: its run.json is returned."""
         if not self.is_main:
             return None
+        if self.finished_already:
+            return ckpt.read_run(self.out)
         save_student(self.student, self.out / "model")
-        final = metrics or ckpt.last_record(self.out, "train") or {}  # {}: resumed with no step left to run
+        final = metrics or metrics_log.last_record(self.out, "train") or {}  # {}: resumed with no step left to run
         return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=final,
-                                       eval_metrics=ckpt.last_record(self.out, "eval"), total_steps=self.total_steps)
+                                       eval_metrics=metrics_log.last_record(self.out, "eval"), total_steps=self.total_steps)
 
 
 class _HiddenStates(torch.nn.Module):

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, IntegrityError
+from kdpipe.pipeline.train.checkpoint import write_run_json
 from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.pipeline.train.config import TrainConfig, merge_config
 from kdpipe.stages.cli import main
@@ -117,7 +118,10 @@ def test_resume_refuses_other_runs_and_changed_caches(lm_cache, student_config, 
     run = json.loads(run_json.read_text())
     run["cache_manifest_sha256"] = "0" * 64
     run_json.write_text(json.dumps(run))
-    with pytest.raises(IntegrityError, match="--resume refused"):
+    with pytest.raises(IntegrityError, match="run.json is damaged or was edited"):
+        Trainer(make_config(lm_cache, student_config, tmp_path / "run"), resume=True).setup()
+    write_run_json(run_json.parent, run)  # recorded as trained on another cache, with a valid checksum
+    with pytest.raises(IntegrityError, match="the cache's manifest or shard hashes differ"):
         Trainer(make_config(lm_cache, student_config, tmp_path / "run"), resume=True).setup()
 
 

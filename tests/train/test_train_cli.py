@@ -101,7 +101,7 @@ def test_resume_refuses_a_changed_setting_naming_it(lm_cache, student, tmp_path)
     assert run_cli(*train_args(lm_cache, student, out, "--steps", 4, "--checkpoint-every", 2)).exit_code == 0
     finished = weights(out / "model")
     again = run_cli("train-student", "--out", out, "--resume")  # finished, nothing to add: the model stays
-    assert again.exit_code == 0 and "after 4 steps" in again.stdout
+    assert again.exit_code == 0 and "already holds this finished run (4 steps); nothing to do" in again.stdout
     assert_same_weights(finished, weights(out / "model"))
     assert json.loads((out / "run.json").read_text())["final_train_metrics"]["step"] == 4
     changed = run_cli("train-student", "--out", out, "--resume", "--lr", 0.01)
