@@ -16,12 +16,13 @@ from kdpipe.pipeline.capture import (
     run_capture,
     with_teacher_weights,
 )
+from kdpipe.pipeline.capture.lock import LOCK_SUFFIX, out_lock
 from kdpipe.pipeline.capture.probe import probe_capture
 from kdpipe.pipeline.capture.progress import PROGRESS_DIR
 from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.stages.display import Progress, capture_fields, capture_progress, plural
-from kdpipe.stages.options import storage_options_flag, user_errors
+from kdpipe.stages.options import storage_options_flag, threads_flag, user_errors
 
 
 @click.command("cache-teacher")
@@ -59,7 +60,8 @@ from kdpipe.stages.options import storage_options_flag, user_errors
 @click.option("--dry-run", is_flag=True, help="Print rows, tokens and the estimated size; load no weights (unless --probe-rows).")
 @click.option("--probe-rows", default=0, show_default=True, type=int, help="With --dry-run: load the teacher and capture this many rows into a throwaway shard to measure the size (e.g. 16).")
 @storage_options_flag
-@user_errors
+@threads_flag
+@user_errors(on_interrupt="finished shards are kept; re-run the same command to resume")
 def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, world_size, device_map, dist_timeout,
                   storage_options, **options):
     """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
@@ -97,7 +99,8 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
     if not overwrite and not out.is_empty() and not _has_progress(out):
         raise ConfigError(f"--out {out} exists and is not a kdpipe cache; choose an empty or new directory")
     plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
-    with process_group(launch, plan.teacher.device, timeout_min=dist_timeout) as group:
+    with process_group(launch, plan.teacher.device, timeout_min=dist_timeout) as group, \
+            out_lock(out, rank=settings.rank):  # refuses a second process writing this rank of --out
         if overwrite and main:
             _clear_cache(out)
         if group is not None:  # no rank writes before rank 0 has cleared --out
@@ -192,7 +195,13 @@ def _has_progress(out: CacheLocation) -> bool:
 
 
 def _clear_cache(out: CacheLocation) -> None:
-    """Remove what kdpipe wrote (manifest, shards, progress), nothing else."""
+    """Remove what kdpipe wrote (manifest, shards, progress records), nothing else. The ranks' lock
+    files stay: removing a held one would let another process lock a new file of the same name."""
     out.remove(MANIFEST_NAME)  # first: the cache is unfinished from here on
-    for name in (PROGRESS_DIR, SHARD_DIR):
-        out.remove_folder(name)
+    out.remove_folder(SHARD_DIR)
+    if out.is_remote:
+        out.remove_folder(PROGRESS_DIR)
+        return
+    for path in out.local(PROGRESS_DIR).glob("*"):
+        if not path.name.endswith(LOCK_SUFFIX):
+            path.unlink(missing_ok=True)

@@ -190,6 +190,9 @@ def _validate(settings: CaptureSettings) -> None:
         value = getattr(settings, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive")
+    if not (settings.shard_size_mb > 0 and math.isfinite(settings.shard_size_mb)):
+        raise ConfigError(f"--shard-size-mb {settings.shard_size_mb:g} must be a positive size in MiB "
+                          f"(the default is {CaptureSettings.shard_size_mb:g}; e.g. 0.5 for small shards)")
     if not settings.block_mb > 0:
         raise ConfigError(f"--block-mb {settings.block_mb} must be positive (the default is {BLOCK_CHARS / 2**20:g})")
     if settings.num_workers is not None and settings.num_workers < 0:

@@ -35,7 +35,10 @@ from kdpipe.pipeline.cache.manifest import (
     shard_block,
     utc_now,
 )
+from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation
+from kdpipe.pipeline.capture.data_read import DataRead
+from kdpipe.pipeline.capture.record_checks import record_checksum, shard_rows, stored_matches, valid_entry, whole_block
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.fileio import remove_stale_tmp, sha256_file, write_errors
 from kdpipe.pipeline.provenance import PACKAGES_FILE, first_difference, packages_text
@@ -101,29 +104,41 @@ class RankProgress:
         self.record: dict = {}
         self.redo: list[str] = []  # recorded shards found damaged or missing at start
         self.stale_tmp: list[Path] = []  # temporary files of a killed run, removed at start
+        self.data_read: DataRead | None = None  # what of the data the recorded shards were made from
         self._lock = threading.Lock()
 
     def start(self, plan) -> None:
-        """Create --out, remove this rank's stray temporary files, load and check the record."""
+        """Create --out, remove this rank's stray temporary files, load and check the record.
+
+        A recorded shard is kept only when its file matches its entry (size, sha256 and rows); a block
+        only when all its kept shards add up to its entry. Refuses data edited since kept shards were
+        made from it (:class:`~kdpipe.pipeline.capture.data_read.DataRead`)."""
         identity = capture_identity(plan)
+        self.data_read = DataRead(plan.source)
         if not self.location.is_remote:  # a store has no folders to make and no temporary objects
             with write_errors("the cache folder", self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.stale_tmp = self._remove_stale_tmp()
         record = self._load()
-        if record is None:
-            self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
-        elif not record["shards"] and record["identity"] != identity:  # nothing finished, nothing to lose
+        if record is None or (not record["shards"] and record["identity"] != identity):  # nothing to lose
             self.record = {"identity": identity, "started_at": utc_now(), "shards": {}, "blocks": {}, "complete": False}
         else:
             check_same_identity(record["identity"], identity, self.out)
-            stored = self.location.listing(SHARD_DIR) if self.location.is_remote else None
-            kept = {name: e for name, e in record["shards"].items() if self._intact(e, stored)}
+            kept = self._kept_shards(record, plan)
             self.redo = sorted(name for name in record["shards"] if name not in kept)
-            whole = {b: info for b, info in record.get("blocks", {}).items()
-                     if sum(e["block"] == int(b) for e in kept.values()) == info["parts"]}
+            blocks = record.get("blocks") if isinstance(record.get("blocks"), dict) else {}
+            whole = {b: info for b, info in blocks.items() if whole_block(b, info, kept)}
+            if kept and isinstance(record.get("data_read"), dict):
+                self.data_read.check(record["data_read"], self.out)
             self.record = {**record, "shards": kept, "blocks": whole, "complete": False}
         self._save()
+
+    def _kept_shards(self, record: dict, plan) -> dict:
+        fmt = get_format(plan.settings.format)
+        stored = self.location.listing(SHARD_DIR) if self.location.is_remote else None
+        trusted = record.get("checksum") == record_checksum(record)  # else the record was edited by hand
+        return {name: e for name, e in record["shards"].items()
+                if valid_entry(name, e, rank=self.rank, suffix=fmt.suffix) and self._intact(e, stored, fmt, plan, trusted)}
 
     def _remove_stale_tmp(self) -> list[Path]:
         # Temporary names are "<final name>.<pid>.tmp"; a rank owns its record and the shards of its
@@ -156,18 +171,20 @@ class RankProgress:
             ) from None
         return record
 
-    def _intact(self, entry: dict, stored: dict | None) -> bool:
-        """A recorded shard is kept only when its file has the recorded size and sha256 -- or, on a
-        store (``stored``: its listing), when its object has the recorded size and ETag."""
+    def _intact(self, entry: dict, stored: dict | None, fmt, plan, trusted: bool) -> bool:
+        """A recorded shard is kept only when its file has the recorded size, sha256 and rows -- or, on a
+        store (``stored``: its listing), when its object has the recorded size and ETag (a record whose
+        checksum does not match, edited by hand, has each object downloaded and checked like a file)."""
         if stored is None:
             path = resolve_shard_path(self.out, entry["name"])
-            return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+            return (path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+                    and shard_rows(path, fmt, plan.schema) == entry["rows"])
         found = stored.get(entry["name"])
         if found is None or found.size != entry["bytes"]:
             return False
-        if found.etag is not None and entry.get("etag") is not None:
+        if trusted and found.etag is not None and entry.get("etag") is not None:
             return found.etag == entry["etag"]
-        return _stored_sha256(self.location, entry["name"]) == entry["sha256"]  # a store without ETags
+        return stored_matches(self.location, entry, fmt, plan.schema)  # a store without ETags, or an edited record
 
     def is_done(self, shard_name: str) -> bool:
         return shard_name in self.record["shards"]
@@ -176,14 +193,25 @@ class RankProgress:
         """All shards of data block ``block`` are finished (its rows need not be made again)."""
         return str(block) in self.record["blocks"]
 
-    def shard_done(self, entry: dict) -> None:
+    def shard_done(self, entry: dict, *, data_bytes: int = 0) -> None:
+        """Record a finished shard (``data_bytes``: see :meth:`block_done_with`)."""
+        if self.data_read is not None:
+            self.data_read.advance(data_bytes)
         with self._lock:
+            if self.data_read is not None:
+                self.record["data_read"] = self.data_read.record()
             self.record["shards"][entry["name"]] = entry
             self._save()
 
-    def block_done_with(self, block: int, info: dict) -> None:
+    def block_done_with(self, block: int, info: dict, *, data_bytes: int = 0) -> None:
+        """Record ``block`` as finished, with what of the data it was made from (``data_bytes``: the
+        stream's position after it, ``Block.bytes_read``; hashed here, on the writer's thread)."""
+        if self.data_read is not None:
+            self.data_read.advance(data_bytes)
         with self._lock:
             self.record["blocks"][str(block)] = info
+            if self.data_read is not None:
+                self.record["data_read"] = self.data_read.record()
             self._save()
 
     def finish(self, *, num_blocks: int, data_sha256: dict) -> None:
@@ -195,19 +223,13 @@ class RankProgress:
             self._save()
 
     def _save(self) -> None:
+        self.record["checksum"] = record_checksum(self.record)
         with write_errors(f"progress record {self.name}", self.out):
             self.location.write_json(self.name, self.record)  # atomic rename, or one whole-object PUT
 
 
 def record_name(rank: int) -> str:
     return f"{PROGRESS_DIR}/r{rank:05d}.json"
-
-
-def _stored_sha256(location: CacheLocation, name: str) -> str:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="kdpipe-check-") as folder:
-        return location.download(name, Path(folder) / "shard")
 
 
 def finalize(out: str | Path | CacheLocation, *, plan, header: dict) -> dict | None:

@@ -48,6 +48,7 @@ from kdpipe.pipeline.cache.schema import encode_rows
 from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation
 from kdpipe.pipeline.capture import progress as progresslib
+from kdpipe.pipeline.capture.lock import out_lock
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_logits
 from kdpipe.pipeline.data.stream import Block
@@ -165,6 +166,12 @@ def run_capture(
     if group is not None and (group.rank, group.world_size) != (settings.rank, settings.world_size):
         raise ConfigError(f"rank {settings.rank} of {settings.world_size} in the settings, but {group.rank} of "
                           f"{group.world_size} in the torchrun group; take both from the same launch")
+    with out_lock(out, rank=settings.rank):  # before anything is written: one process per rank
+        return _run_locked(plan, out, group, on_rows=on_rows, on_start=on_start, on_data=on_data)
+
+
+def _run_locked(plan: CapturePlan, out: CacheLocation, group: Group | None, *, on_rows, on_start, on_data) -> dict | None:
+    settings = plan.settings
     log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size,
                                    writes_manifest=(group.is_main if group is not None else None))
     log.start(plan)
@@ -207,9 +214,9 @@ def _capture_block(plan: CapturePlan, block: Block, log, writer: "_ShardWriter",
                 on_rows(len(index), int(block.rows.mask[index].sum()))
             writer.check()
         columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        writer.put_shard(name, block.index, part, columns)
+        writer.put_shard(name, block.index, part, columns, data_bytes=block.bytes_read)
     writer.put_block(block.index, {"parts": len(starts), "rows": n, "tokens": block.tokens,
-                                   "truncated_rows": block.truncated_rows})
+                                   "truncated_rows": block.truncated_rows}, data_bytes=block.bytes_read)
 
 
 def manifest_header(plan: CapturePlan) -> dict:
@@ -279,7 +286,7 @@ class _ShardWriter:
             except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
                 self._error = exc
 
-    def _write(self, name: str, block: int, part: int, columns: dict) -> None:
+    def _write(self, name: str, block: int, part: int, columns: dict, data_bytes: int) -> None:
         settings = self._plan.settings
         remote = self._out.is_remote
         path = (self._staging if remote else self._out.local()) / name
@@ -298,21 +305,22 @@ class _ShardWriter:
                 raise WriteError(f"the store kept {stored.size} of the {entry['bytes']} bytes of shard {name} in "
                                  f"{self._out}; re-run the same command to redo it")
             entry["etag"] = stored.etag
-        self._log.shard_done(entry)
+        self._log.shard_done(entry, data_bytes=data_bytes)
 
     def check(self):
         if self._error is not None:
             raise self._error
 
-    def put_shard(self, name: str, block: int, part: int, columns: dict):
-        """Encode (see :func:`~kdpipe.pipeline.cache.schema.encode_rows`) and write the logical rows ``columns``."""
+    def put_shard(self, name: str, block: int, part: int, columns: dict, *, data_bytes: int):
+        """Encode (see :func:`~kdpipe.pipeline.cache.schema.encode_rows`) and write the logical rows
+        ``columns``, made from the data read up to byte ``data_bytes`` (``Block.bytes_read``)."""
         self.check()
-        self._queue.put(lambda: self._write(name, block, part, columns))
+        self._queue.put(lambda: self._write(name, block, part, columns, data_bytes))
 
-    def put_block(self, block: int, info: dict):
+    def put_block(self, block: int, info: dict, *, data_bytes: int):
         """Record ``block`` as complete once its shards (queued before) are written."""
         self.check()
-        self._queue.put(lambda: self._log.block_done_with(block, info))
+        self._queue.put(lambda: self._log.block_done_with(block, info, data_bytes=data_bytes))
 
     def close(self):
         self._queue.put(None)
