@@ -1,7 +1,7 @@
 """Documents to fixed-size model rows: the token ids the teacher sees and the positions that count.
 
 - **Text, causal LM** (``concat-eos``): every document is tokenised, followed by the tokenizer's EOS
-  token as a separator; the documents of a block are concatenated and cut into rows of ``seq_len``
+  token as a separator (a long text's pieces, :mod:`.documents`, have one after the last piece only); the documents of a block are concatenated and cut into rows of ``seq_len``
   tokens. The block's last, partial row is padded with the pad id (EOS when there is none).
   ``mask[t]`` is True at every real token: the teacher's prediction there is a target (for the last
   position of a row, the target is the next row's first token).
@@ -18,12 +18,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
 from kdpipe.pipeline.errors import DataError
 
 _TOKENIZE_BATCH = 32  # documents per tokenizer call
+_TOKENIZE_CHARS = 1 << 18  # characters per tokenizer call (but for one longer document)
 
 
 @dataclasses.dataclass
@@ -111,10 +113,10 @@ def _concat_eos(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBl
     eos, L = spec.tokenizer.eos_token_id, spec.seq_len
     budget = min(x for x in (max_tokens, None if max_rows is None else max_rows * L, float("inf")) if x is not None)
     pieces, total = [], 0
-    for start in range(0, len(docs), _TOKENIZE_BATCH):
-        texts = [d.text for d in docs[start : start + _TOKENIZE_BATCH]]
-        for ids in spec.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            pieces.append(np.asarray(ids + ([eos] if eos is not None else []), dtype=np.int64))
+    for batch in _tokenize_batches(docs):
+        for doc, ids in zip(batch, spec.tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]):
+            separator = [eos] if eos is not None and not doc.continues else []  # none inside a long text
+            pieces.append(np.asarray(ids + separator, dtype=np.int64))
             total += len(pieces[-1])
         if total >= budget:
             break
@@ -127,6 +129,20 @@ def _concat_eos(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBl
     real[: len(stream)] = True
     real = real.reshape(n_rows, L)
     return PackedBlock(Rows(ids.reshape(n_rows, L), real, None, real.astype(np.int64)), len(stream))
+
+
+def _tokenize_batches(docs: list) -> Iterator[list]:
+    """``docs`` in consecutive batches of at most :data:`_TOKENIZE_BATCH` documents and (but for a
+    single longer one) :data:`_TOKENIZE_CHARS` characters: what one tokenizer call holds."""
+    batch, chars = [], 0
+    for doc in docs:
+        if batch and (len(batch) == _TOKENIZE_BATCH or chars + len(doc.text) > _TOKENIZE_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc.text)
+    if batch:
+        yield batch
 
 
 def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:

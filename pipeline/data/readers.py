@@ -1,12 +1,13 @@
 """Reading a :class:`~kdpipe.pipeline.data.sources.Source` record by record.
 
-:func:`iter_records` yields ``(where, record)`` pairs, ``record`` being a dict (or the text of a
-``.txt`` file) and ``where`` a ``file:line`` label for error messages. It never holds more than one
+:func:`iter_records` yields ``(where, record)`` pairs, ``record`` being a dict (or, for a ``.txt``
+file, a :class:`~kdpipe.pipeline.data.documents.TextStream` of its text, read a chunk at a time) and ``where`` a ``file:line`` label for error messages. It never holds more than one
 record batch in memory, and hashes each file while reading it (:class:`ReadState`).
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -15,11 +16,13 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from kdpipe.pipeline.data.documents import TextStream
 from kdpipe.pipeline.data.sources import Source, suffix_of
 from kdpipe.pipeline.errors import DataError
 from kdpipe.pipeline.fileio import sha256_file
 
 _BATCH_ROWS = 1024
+_TEXT_CHUNK_BYTES = 1 << 20  # a .txt file is read this much at a time
 
 
 class ReadState:
@@ -93,7 +96,7 @@ def iter_records(source: Source, state: ReadState | None = None) -> Iterator[tup
         reader = _HashingReader(path)
         try:
             if suffix == ".txt":
-                yield str(path), _decode(path, reader.readall())
+                yield str(path), TextStream(_text_chunks(path, reader, state))
             else:
                 yield from _jsonl_records(path, _decompressed(path, suffix, reader), state, reader)
             _drain(path, reader)
@@ -117,6 +120,24 @@ def _decompressed(path: Path, suffix: str, raw: io.RawIOBase):
 
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
     return io.BufferedReader(raw)
+
+
+def _text_chunks(path: Path, reader: _HashingReader, state: ReadState) -> Iterator[str]:
+    """A ``.txt`` file's text, :data:`_TEXT_CHUNK_BYTES` at a time (decoded as UTF-8 across chunk edges)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    while True:
+        raw = reader.read(_TEXT_CHUNK_BYTES) or b""
+        decoded_from = reader.raw_bytes - len(raw) - len(decoder.getstate()[0])  # file offset of the decoder's input
+        try:
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            at = decoded_from + exc.start
+            raise DataError(f"{path} is not valid UTF-8 (byte {at}); re-encode it, e.g. iconv -t UTF-8") from None
+        state.bytes_in_file = reader.raw_bytes
+        if text:
+            yield text
+        if not raw:
+            return
 
 
 def _decode(path: Path, raw: bytes, where: str | None = None) -> str:
