@@ -187,7 +187,7 @@ def rerun_commands(recorded: Recorded, out: str, *, storage_options: str | None 
     commands = []
     for step in steps:
         args = _with_out(_without(step["args"], _SPLIT_OPTIONS if recorded.kind == "cache" else ()), out)
-        args = _with_storage_options(args, storage_options)
+        args = _with_threads(_with_storage_options(args, storage_options), record)
         cwd = step.get("cwd") if step.get("cwd") and Path(step["cwd"]).is_dir() else os.getcwd()
         commands.append(Command(args, cwd, nproc))
     return commands
@@ -225,6 +225,15 @@ def _with_out(args: list[str], out: str) -> list[str]:
     """``args`` with its ``--out`` value replaced by ``out`` (added when it came from a --config file)."""
     args = _without(args, ("--out",))
     return [*args, "--out", out]
+
+
+def _with_threads(args: list[str], record: dict) -> list[str]:
+    """``args`` with the recorded torch thread count made explicit (``--threads N``) where the command left it
+    to torch's default, which differs between machines: the CPU bits depend on it."""
+    threads = (record.get("software") or {}).get("torch_threads")
+    if not threads or any(arg.split("=", 1)[0] == "--threads" for arg in args):
+        return args
+    return [*args, "--threads", str(threads)]
 
 
 def _with_storage_options(args: list[str], storage_options: str | None) -> list[str]:
@@ -343,4 +352,3 @@ def reproducibility_notes(recorded: Recorded) -> list[str]:
         notes.append(f"it was computed with torch {software['torch']}, this is torch {torch.__version__}: "
                      "other torch builds compute other bits")
     return notes
-

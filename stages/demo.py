@@ -7,7 +7,7 @@ import click
 from kdpipe.pipeline.demo import TASKS, DemoReport, run_demo
 from kdpipe.stages import display
 from kdpipe.stages.display import Progress
-from kdpipe.stages.options import user_errors
+from kdpipe.stages.options import threads_flag, user_errors
 
 # (key in the results table, column title); a column shows when any row has the key.
 COLUMNS = {
@@ -31,7 +31,8 @@ WIDTH = 15
                   f"{task} {spec.seeds}" for task, spec in sorted(TASKS.items()) if spec.seeds) + "]")
 @click.option("--overwrite", is_flag=True, help="Capture the teacher caches again, replacing those in --out "
                                                 "(of any settings, or of the other task's demo).")
-@user_errors
+@threads_flag
+@user_errors(on_interrupt="finished teacher-cache shards in --out are kept; re-run the same command to resume the capture (the students are trained again)")
 def demo(out, task, device, steps, seeds, overwrite):
     """Cache the shipped teacher, train a cached-KD, a hard-label and (causal LM) an online dense-KD student;
     compare them with the teacher on held-out data, with the full-vocabulary KL.

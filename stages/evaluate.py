@@ -16,7 +16,7 @@ from kdpipe.pipeline.evaluate.plots import DEFAULT_KEYS, plot_training_curves
 from kdpipe.pipeline.evaluate.run import cache_holds_inputs, evaluate_model
 from kdpipe.pipeline.train import metrics
 from kdpipe.stages.display import Progress
-from kdpipe.stages.options import storage_options_flag, user_errors
+from kdpipe.stages.options import NOTHING_WRITTEN, storage_options_flag, threads_flag, user_errors
 
 
 @click.command("evaluate")
@@ -31,7 +31,8 @@ from kdpipe.stages.options import storage_options_flag, user_errors
 @click.option("--max-rows", default=None, type=int, help="Evaluate only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @storage_options_flag
-@user_errors
+@threads_flag
+@user_errors(on_interrupt=NOTHING_WRITTEN)
 def evaluate(model_dir, data, cache, teacher, weights, seq_len, batch_size, device, max_rows, as_json, storage_options):
     """Evaluate MODEL on held-out DATA (ce/perplexity or accuracy/macro-F1/ECE) or on a teacher CACHE's rows,
     and against the TEACHER run on them (full-vocabulary KL)."""
@@ -56,7 +57,7 @@ def evaluate(model_dir, data, cache, teacher, weights, seq_len, batch_size, devi
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--key", "keys", multiple=True, default=DEFAULT_KEYS, show_default=True, help="Metric to plot; repeat for several.")
-@user_errors
+@user_errors(on_interrupt=NOTHING_WRITTEN)
 def plot(runs, out, keys):
     """Plot train and eval curves of RUNS (train-student --out dirs or their metrics.jsonl files)."""
     files = {}

@@ -12,7 +12,7 @@ from kdpipe.pipeline.cache.inspect import describe_encoding, summarize_cache
 from kdpipe.pipeline.cache.reader import open_cache
 from kdpipe.pipeline.cache.storage.location import parse_storage_options
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.stages.options import storage_options_flag, user_errors
+from kdpipe.stages.options import NOTHING_WRITTEN, storage_options_flag, threads_flag, user_errors
 
 
 @click.command("inspect")
@@ -33,7 +33,8 @@ from kdpipe.stages.options import storage_options_flag, user_errors
 @click.option("--seed", default=0, show_default=True, help="With --fidelity: seed of the random student.")
 @click.option("--trust-remote-code", is_flag=True, help="With --fidelity: allow a teacher with custom code.")
 @storage_options_flag
-@user_errors
+@threads_flag
+@user_errors(on_interrupt=NOTHING_WRITTEN)
 def inspect_cache(cache, as_json, sample_rows, fidelity, teacher, weights, data, rows, device, seed,
                   trust_remote_code, storage_options):
     """Summarise CACHE (a folder or an s3:// URL): teacher, data, settings, encoding, size and top-k fidelity."""

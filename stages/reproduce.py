@@ -17,7 +17,7 @@ from kdpipe.stages.options import storage_options_flag, user_errors
 @click.argument("path")
 @click.option("--out", default=None, help="Where the re-run writes (a folder or an s3:// URL; must not exist yet) [default: PATH-reproduced, beside PATH].")
 @storage_options_flag
-@user_errors
+@user_errors(on_interrupt="the re-run's output (--out, default PATH-reproduced) is incomplete; remove it and re-run the same command")
 def reproduce(path, out, storage_options):
     """Re-run the recorded command of PATH (a cache or a train-student run directory) into --out, in
     this environment, and compare: every shard's sha256 for a cache; the model's files and the final

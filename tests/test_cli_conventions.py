@@ -1,14 +1,20 @@
 """Conventions every kdpipe command keeps: errors are one ``error:`` line whoever raises them, every
 fix a message suggests is a flag that exists, ``--device`` defaults to ``auto``, ``evaluate`` says
 which seq-len it used (the training cache's for a student) and refuses ``--data`` it would not read,
-and the demo of each task has its own default folder, reused on a second run.
+the demo of each task has its own default folder, reused on a second run, and Ctrl-C (SIGINT) ends a
+command with one line naming the command that continues it (train-student's needs ``--resume``).
 """
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +22,7 @@ from click.testing import CliRunner
 
 from kdpipe.pipeline import demo as demolib
 from kdpipe.stages.cli import main
+from kdpipe.stages.options import NOTHING_WRITTEN
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
@@ -188,3 +195,75 @@ def test_the_demo_into_the_other_tasks_folder_names_flags_it_has(demos):
     replaced = kdpipe("-q", "demo", "--task", "classification", "--out", "runs/copy", "--device", "cpu", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((demos[0] / "runs/copy/results.json").read_text())["task"] == "classification"
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+# What each command says after "interrupted: ": what it leaves, and the command that continues it.
+INTERRUPTED = {
+    "cache-teacher": "finished shards are kept; re-run the same command to resume",
+    "train-student": "the run in --out is kept up to its last checkpoint; re-run the same command with --resume "
+                     "to continue from there",
+    "demo": "finished teacher-cache shards in --out are kept; re-run the same command to resume the capture "
+            "(the students are trained again)",
+    "reproduce": "the re-run's output (--out, default PATH-reproduced) is incomplete; remove it and re-run the "
+                 "same command",
+    "evaluate": NOTHING_WRITTEN, "plot": NOTHING_WRITTEN, "inspect": NOTHING_WRITTEN, "verify": NOTHING_WRITTEN,
+}
+
+
+def test_every_command_says_how_to_continue_after_ctrl_c():
+    declared = {name: command.callback.on_interrupt for name, command in main.commands.items()}
+    assert declared == INTERRUPTED, "a command without @user_errors(on_interrupt=...) or with another message"
+
+
+def interrupt(args, *, once: str, cwd: Path) -> tuple[int, str]:
+    """Run ``kdpipe ARGS`` in a new process, send it SIGINT (Ctrl-C) as soon as its stderr shows a line
+    starting with ``once`` (the work is under way), and return its exit code and whole stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(300, proc.kill)  # never hang the suite
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(once):
+                proc.send_signal(signal.SIGINT)
+                break
+        seen.append(proc.stderr.read())
+        return proc.wait(), "".join(seen)
+    finally:
+        watchdog.cancel()
+        proc.kill() if proc.poll() is None else None
+
+
+def assert_interrupted(code: int, stderr: str, command: str) -> None:
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == f"interrupted: {INTERRUPTED[command]}", stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_in_train_student_says_resume(lm_cache, tiny_lm_dir, tmp_path):
+    code, stderr = interrupt(["train-student", "--cache", lm_cache, "--student", tiny_lm_dir, "--out", tmp_path / "run",
+                              "--steps", 100_000, "--batch-size", 2, "--eval-every", 0, "--checkpoint-every", 1,
+                              "--device", "cpu"], once="train-student", cwd=tmp_path)
+    assert_interrupted(code, stderr, "train-student")
+    assert any((tmp_path / "run" / "checkpoint").iterdir())  # what --resume continues from
+    again = kdpipe("-q", "train-student", "--cache", lm_cache, "--student", tiny_lm_dir, "--out", tmp_path / "run",
+                   "--steps", 100_000)  # the same command without --resume refuses, naming it
+    assert again.exit_code == 2 and "pass --resume to continue it" in again.stderr, again.output
+
+
+def test_ctrl_c_in_cache_teacher_says_the_same_command_resumes(tiny_lm_dir, text_dir, tmp_path):
+    args = ["cache-teacher", "--teacher", tiny_lm_dir, "--data", text_dir, "--out", tmp_path / "cache", "--top-k", 8,
+            "--temperature", 1.0, "--seq-len", SEQ_LEN, "--batch-size", 1, "--device", "cpu"]  # hundreds of batches
+    code, stderr = interrupt(args, once="cache-teacher", cwd=tmp_path)
+    assert_interrupted(code, stderr, "cache-teacher")
+
+
+@pytest.mark.slow  # the shipped teacher and data: 10-40 s, most of it before the capture starts
+def test_ctrl_c_in_the_demo_says_the_same_command_resumes(tmp_path):
+    code, stderr = interrupt(["demo", "--out", tmp_path / "demo", "--device", "cpu"], once="cache teacher",
+                             cwd=tmp_path)
+    assert_interrupted(code, stderr, "demo")

@@ -1,4 +1,4 @@
-"""Where and in which precision a model runs: ``--device`` and ``--dtype`` as both stages take them."""
+"""Where and in which precision a model runs: ``--device``, ``--dtype`` and ``--threads`` as the stages take them."""
 
 from __future__ import annotations
 
@@ -26,3 +26,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"unknown --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Make torch run its CPU operations on ``threads`` threads (None: leave torch's default, one per
+    physical core, or what ``OMP_NUM_THREADS`` says); the count now in effect, which manifests and
+    run.json record (``software.torch_threads``).
+
+    Only the intra-op count is set: kdpipe's stages run eager operations one after another, which the
+    inter-op pool does not parallelise. On a machine whose cores are busy with other work, fewer threads
+    than cores is faster (they stop waiting for each other); the CPU bits depend on the count, so
+    ``kdpipe reproduce`` re-runs with the recorded one.
+    """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"--threads {threads} must be a whole number of 1 or more (torch's CPU threads); "
+                              "leave it out for torch's default")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
