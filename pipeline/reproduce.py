@@ -352,3 +352,4 @@ def reproducibility_notes(recorded: Recorded) -> list[str]:
         notes.append(f"it was computed with torch {software['torch']}, this is torch {torch.__version__}: "
                      "other torch builds compute other bits")
     return notes
+
