@@ -167,6 +167,25 @@ def test_skipping_the_hash_still_refuses_a_truncated_shard(pristine, tmp_path):
     assert f"shard {name} of {cache} has" in str(refused.value) and "truncated" in str(refused.value)
 
 
+def test_inspect_skips_the_hash_only_when_asked(pristine, tmp_path):
+    """--skip-hash-check (for a big cache just verified) hashes nothing: a flipped byte is then found
+    only by the zip's own CRC as the shard is decoded, and a truncated shard by its size -- each still
+    one line naming the shard and kdpipe verify."""
+    flipped, truncated = tmp_path / "flipped", tmp_path / "truncated"
+    for cache in (flipped, truncated):
+        shutil.copytree(pristine, cache)
+    name = flip_a_byte(flipped)
+    hashed = assert_one_line_refusal(run_cli("inspect", flipped), name)
+    assert "Checksum failure" in hashed
+    skipped = run_cli("inspect", flipped, "--skip-hash-check")
+    assert skipped.exit_code == 2 and "Traceback" not in skipped.output
+    line = skipped.stderr.strip()
+    assert "\n" not in line and f"shard {name} of {flipped} cannot be decoded (BadZipFile: " in line, line
+    assert "kdpipe verify" in line and "Checksum failure" not in line
+    name = truncate(truncated)
+    assert "truncated" in assert_one_line_refusal(run_cli("inspect", truncated, "--skip-hash-check"), name)
+
+
 # ----------------------------------------------------------------------------- the advice works
 def test_following_the_message_repairs_the_cache(pristine, tiny_lm_dir, text_dir, tmp_path):
     cache = tmp_path / "cache"
@@ -176,6 +195,7 @@ def test_following_the_message_repairs_the_cache(pristine, tiny_lm_dir, text_dir
     assert f"kdpipe verify {cache}" in refusal and f"{cache}/manifest.json" in refusal
     listed = run_cli("verify", cache)
     assert listed.exit_code == 1 and listed.stderr.count("FAIL shard") == 1, listed.output
+    assert "delete it and manifest.json and re-run the same cache-teacher command" in listed.stderr
     shard_files(cache)[1].unlink()  # the bad shard, then the manifest, as the message says
     (cache / "manifest.json").unlink()
     redone = run_cli(*capture_args(tiny_lm_dir, text_dir, cache))

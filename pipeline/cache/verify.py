@@ -12,7 +12,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kdpipe.pipeline.cache.manifest import SHARD_DIR, resolve_shard_path
+from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, resolve_shard_path
 from kdpipe.pipeline.cache.reader import read_manifest
 from kdpipe.pipeline.cache.schema import CacheSchema
 from kdpipe.pipeline.cache.storage.base import get_format
@@ -44,15 +44,19 @@ def verify_cache(root: str | os.PathLike, *, storage_options: dict | None = None
     return problems
 
 
+# A finished cache's manifest makes cache-teacher a no-op: it goes too, and the re-run redoes what is missing.
+LOCAL_FIX = f"restore it, or delete it and {MANIFEST_NAME} and re-run the same cache-teacher command to redo it"
+
+
 def _verify_shard(root, entry, fmt, schema, expected) -> str | None:
     path = resolve_shard_path(root, entry["name"])
     if not path.is_file():
-        return "missing; re-run cache-teacher with the same settings to redo it"
+        return f"missing; {LOCAL_FIX}"
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return f"has {size} bytes, manifest says {entry['bytes']} (truncated?); delete it and re-run cache-teacher"
+        return f"has {size} bytes, manifest says {entry['bytes']} (truncated?); {LOCAL_FIX}"
     if sha256_file(path) != entry["sha256"]:
-        return "Checksum failure: sha256 differs from the manifest; delete it and re-run cache-teacher"
+        return f"Checksum failure: sha256 differs from the manifest; {LOCAL_FIX}"
     return _verify_contents(path, entry, fmt, schema, expected)
 
 
