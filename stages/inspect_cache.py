@@ -32,15 +32,21 @@ from kdpipe.stages.options import NOTHING_WRITTEN, storage_options_flag, threads
 @click.option("--device", default="auto", show_default=True, help="With --fidelity: where the teacher and losses run.")
 @click.option("--seed", default=0, show_default=True, help="With --fidelity: seed of the random student.")
 @click.option("--trust-remote-code", is_flag=True, help="With --fidelity: allow a teacher with custom code.")
+@click.option("--skip-hash-check", is_flag=True,
+              help="Do not hash the local shards it reads (their sizes and row counts are still checked): for a big "
+                   "cache just checked with kdpipe verify, where hashing a whole shard for each sampled row is most "
+                   "of the time. By default no row is used before its shard's sha256 matches the manifest; remote "
+                   "shards are always hashed as they download.")
 @storage_options_flag
 @threads_flag
 @user_errors(on_interrupt=NOTHING_WRITTEN)
 def inspect_cache(cache, as_json, sample_rows, fidelity, teacher, weights, data, rows, device, seed,
-                  trust_remote_code, storage_options):
+                  trust_remote_code, skip_hash_check, storage_options):
     """Summarise CACHE (a folder or an s3:// URL): teacher, data, settings, encoding, size and top-k fidelity."""
     if not fidelity and (teacher or weights or data):
         raise ConfigError("--teacher, --weights and --data are for --fidelity; add --fidelity (or drop them)")
-    with open_cache(cache, storage_options=parse_storage_options(storage_options)) as c:
+    checked = not skip_hash_check  # the default: every shard read is hashed first
+    with open_cache(cache, verify_hashes=checked, storage_options=parse_storage_options(storage_options)) as c:
         summary = summarize_cache(c, sample_rows=sample_rows)
         if fidelity:
             summary["fidelity"] = _fidelity(c, teacher=teacher, weights=weights, data=data, rows=rows,
