@@ -11,7 +11,9 @@ writes the manifest.
 A rank that waits longer than the group's timeout (``DEFAULT_TIMEOUT_MIN`` minutes unless asked
 otherwise) for the others, or whose partner process died, stops with a
 :class:`~kdpipe.pipeline.errors.DistributedError` at :meth:`Group.barrier`, so an error on one rank
-does not hang the others.
+does not hang the others. Training exchanges gradients instead of waiting at barriers: there
+:func:`peer_failures` turns the process group's error on the healthy ranks into :class:`PeerStopped`,
+which the command reports without an ``error:`` line of its own (the failed rank printed the cause).
 """
 
 from __future__ import annotations
@@ -140,3 +142,36 @@ def process_group(launch: Launch, device: torch.device, *, timeout_min: float = 
         yield group
     finally:
         group.close()
+
+
+class PeerStopped(DistributedError):
+    """This rank's exchange with the others failed because another rank stopped (it failed, and said
+    why, or was killed) or stopped answering; this rank itself did nothing wrong."""
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the process group failing (gloo or nccl: a peer gone, a timeout), not a bug."""
+    dist_error = getattr(torch.distributed, "DistError", None)  # DistBackendError, DistNetworkError, ...
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                                         "NCCL", "ProcessGroupGloo", "ProcessGroupNCCL"))
+
+
+@contextlib.contextmanager
+def peer_failures(launch: Launch, what: str) -> Iterator[None]:
+    """Turn a process-group failure while ``what`` (e.g. "at step 7") into :class:`PeerStopped`; other
+    errors pass unchanged, and a process on its own has no peers."""
+    if not launch.torchrun or launch.world_size == 1:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split("] ", 1)[-1].split(". ")[0][:120]  # without gloo's source location and advice
+        raise PeerStopped(f"rank {launch.rank} of {launch.world_size} stopped {what}: another rank failed or stopped "
+                          f"answering ({first}); the failed rank's own message says why") from None

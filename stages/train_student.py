@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ from click.core import ParameterSource
 
 from kdpipe.pipeline.cache.reader import DEFAULT_READ_AHEAD
 from kdpipe.pipeline.cache.storage.location import parse_storage_options
+from kdpipe.pipeline.distributed import PeerStopped
 from kdpipe.pipeline.evaluate.plots import plot_training_curves
 from kdpipe.pipeline.train.config import TrainConfig, merge_config
 from kdpipe.pipeline.train.losses import KINDS
@@ -86,6 +88,9 @@ def train_student(config_file, resume, **flags):
         with Progress("train-student", total=trainer.total_steps, initial=trainer.step, show=trainer.is_main) as bar:
             metrics = trainer.fit(on_step=lambda m: bar.update(1, **training_fields(m, config.loss)))
         manifest = trainer.finish(metrics)
+    except PeerStopped as exc:  # another rank failed and printed its error: line; this one says it stopped
+        click.echo(str(exc), err=True)
+        sys.exit(1)
     finally:
         trainer.close()
     if manifest is None:

@@ -83,8 +83,8 @@ def verify_checkpoint(folder: Path) -> dict:
     raises :class:`DamagedCheckpoint` saying what does not."""
     path = folder / MANIFEST
     if not path.is_file():
-        raise DamagedCheckpoint(folder, f"it has no {MANIFEST} (kdpipe writes it last: the checkpoint is "
-                                        "incomplete, or was written by a kdpipe older than 0.1.1)")
+        raise DamagedCheckpoint(folder, f"it has no {MANIFEST} (written last: the checkpoint is incomplete, "
+                                        "or from a kdpipe that did not write one)")
     try:
         manifest = json.loads(path.read_text())
         recorded = manifest["checksum"], manifest["files"], manifest["step"]

@@ -116,7 +116,8 @@ class Trainer:
         fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm" and not self.estimator
         self.head = output_head(self.model) if fusable else None
         forward = _HiddenStates(self.model) if self.head is not None else self.model
-        self.ddp = self._wrap(forward)  # what the training forward runs: ``forward``, or DDP around it
+        with distributed.peer_failures(self.launch, "while the ranks set up"):
+            self.ddp = self._wrap(forward)  # what the training forward runs: ``forward``, or DDP around it
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size)
         if self.resume:
@@ -203,50 +204,64 @@ class Trainer:
             self.batches_in_epoch = 0
 
     def fit(self, on_step: Callable[[dict], None] | None = None) -> dict:
-        c = self.config
+        """Train to ``total_steps``; ``on_step(metrics)`` after each step. Returns the last step's
+        training metrics ({} when no step was left). A rank whose peer failed raises
+        :class:`~kdpipe.pipeline.distributed.PeerStopped`."""
         batches = self.batches()
         self.model.train()
         metrics: dict = {}
-        started, tokens = time.perf_counter(), 0
+        self._started, self._tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
-            temperature, alpha = phase_at(self.step, self.phases, temperature=c.temperature, alpha=c.alpha)
-            lr = c.lr * warmup_cosine(self.step, total=self.total_steps, warmup=c.warmup, min_ratio=c.min_lr_ratio)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-            step_tokens = 0
-            for micro in range(c.grad_accum):
-                batch = next(batches)
-                # DDP averages gradients over ranks at the last micro-batch's backward only
-                sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or self.world_size == 1 else self.ddp.no_sync()
-                with sync:
-                    parts = self.loss(batch, temperature=temperature, alpha=alpha)
-                    (parts["loss"] / c.grad_accum).backward()
-                for key in sums:
-                    sums[key] += float(parts[key].detach()) / c.grad_accum
-                step_tokens += int(batch["mask"].sum())
-            *means, step_tokens = _sum_over_ranks([*sums.values(), step_tokens])
-            sums = {key: value / self.world_size for key, value in zip(sums, means)}
-            tokens += int(step_tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip) if c.clip > 0 else None
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            elapsed = time.perf_counter() - started
-            metrics = {"step": self.step, "split": "train", **sums, "lr": lr, "temperature": temperature,
-                       "alpha": alpha, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None}
-            if self.is_main:  # the other ranks go on and wait for it at the next gradient exchange
-                if self.step % c.log_every == 0 or self.step == self.total_steps:
-                    self.log(metrics)
-                if c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
-                    self.log({"step": self.step, "split": "eval", **self.evaluate()})
-                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps):
-                    save_checkpoint(self.out, self.model, self.optimizer,
-                                    {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch})
+            with distributed.peer_failures(self.launch, f"at step {self.step + 1}"):
+                metrics = self._train_step(batches)
+                if self.is_main:  # the other ranks go on and wait for it at the next gradient exchange
+                    self._record(metrics)
             if on_step:
                 on_step(metrics)
         return metrics
+
+    def _train_step(self, batches) -> dict:
+        """One optimizer step of ``grad_accum`` micro-batches; its training metrics."""
+        c = self.config
+        temperature, alpha = phase_at(self.step, self.phases, temperature=c.temperature, alpha=c.alpha)
+        lr = c.lr * warmup_cosine(self.step, total=self.total_steps, warmup=c.warmup, min_ratio=c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        step_tokens = 0
+        for micro in range(c.grad_accum):
+            batch = next(batches)
+            # DDP averages gradients over ranks at the last micro-batch's backward only
+            sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or self.world_size == 1 else self.ddp.no_sync()
+            with sync:
+                parts = self.loss(batch, temperature=temperature, alpha=alpha)
+                (parts["loss"] / c.grad_accum).backward()
+            for key in sums:
+                sums[key] += float(parts[key].detach()) / c.grad_accum
+            step_tokens += int(batch["mask"].sum())
+        *means, step_tokens = _sum_over_ranks([*sums.values(), step_tokens])
+        sums = {key: value / self.world_size for key, value in zip(sums, means)}
+        self._tokens += int(step_tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip) if c.clip > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - self._started
+        return {"step": self.step, "split": "train", **sums, "lr": lr, "temperature": temperature,
+                "alpha": alpha, "tokens_per_s": self._tokens / max(elapsed, 1e-9),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+    def _record(self, metrics: dict) -> None:
+        """Rank 0 after a step: log, evaluate and checkpoint when the settings ask for it."""
+        c = self.config
+        last = self.step == self.total_steps
+        if self.step % c.log_every == 0 or last:
+            self.log(metrics)
+        if c.eval_every and (self.step % c.eval_every == 0 or last):
+            self.log({"step": self.step, "split": "eval", **self.evaluate()})
+        if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or last):
+            save_checkpoint(self.out, self.model, self.optimizer,
+                            {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch})
 
     def log(self, record: dict) -> None:
         """Append a metrics record to metrics.jsonl and send it to the ``--report-to`` trackers (rank 0)."""

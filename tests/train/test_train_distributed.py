@@ -115,3 +115,22 @@ def test_resuming_with_another_number_of_ranks_is_refused(cache, student, tmp_pa
     torchrun(KDPIPE, *flags)
     result = CliRunner().invoke(main, flags + ["--resume"])
     assert result.exit_code == 2 and "world_size (was 2, now 1)" in result.output
+
+
+def test_when_rank_0_cannot_write_its_checkpoint_only_its_error_line_is_printed(cache, student, tmp_path):
+    """Rank 0 alone may write no file over 60 kB (as on a full disk): its checkpoint of step 2 fails
+    while rank 1 waits at the next gradient exchange. Rank 1 says it stopped, in a line of its own
+    that is no error line and no traceback; torchrun's own failure report follows."""
+    limit = str(Path(__file__).with_name("file_size_limit.py"))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", limit, "60000", "0",
+               *train_flags(cache, student, out, batch_size=4, steps=4), "--checkpoint-every", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: cannot write the checkpoint of step 2 to --out {out}: [Errno 27] File too large; "
+                      "fix that and run the same command again (the run had no checkpoint yet)"], result.stderr[-3000:]
+    ranks_output = [line for line in result.stderr.splitlines() if line.startswith("[rank")]
+    assert ranks_output == [], "\n".join(ranks_output[:20])  # no worker traceback ("[rank1]: Traceback ...")
+    assert "pipeline/train" not in result.stderr and "RuntimeError" not in result.stderr
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
