@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import click
 
 from kdpipe.pipeline.cache.encoding import VALUE_ENCODINGS
@@ -18,7 +21,7 @@ from kdpipe.pipeline.capture import (
 )
 from kdpipe.pipeline.capture.lock import LOCK_SUFFIX, out_lock
 from kdpipe.pipeline.capture.probe import probe_capture
-from kdpipe.pipeline.capture.progress import PROGRESS_DIR
+from kdpipe.pipeline.capture.progress import PROGRESS_DIR, recorded_counts
 from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.stages.display import Progress, capture_fields, capture_progress, plural
@@ -120,21 +123,63 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
 
 
 def _capture(plan, group, *, show: bool) -> dict | None:
-    """run_capture with a progress display (``show``: this process shows it and the resume report)."""
+    """run_capture with a progress display (``show``: this process shows it and the resume report).
+    With several ranks the display counts the rows and tokens of every rank (:class:`_AllRanks`)."""
     with Progress("cache-teacher", **capture_progress(plan), show=show) as bar:
-        rows = tokens = 0
-
-        def on_rows(new_rows, new_tokens):
-            nonlocal rows, tokens
-            rows, tokens = rows + new_rows, tokens + new_tokens
-            bar.update(0 if bar.unit == "B" else new_rows, **capture_fields(rows, tokens, bar.elapsed(), unit=bar.unit))
+        counts = _AllRanks(plan, bar)
 
         def on_data(bytes_read):  # data read so far: the position when counting bytes
             if bar.unit == "B":
                 bar.set(bytes_read)
 
-        on_start = (lambda log: _report_resume(log, bar)) if show else None
-        return run_capture(plan, on_rows=on_rows, on_start=on_start, on_data=on_data, group=group)
+        on_start = (lambda log: counts.start(log, report=True)) if show else None
+        manifest = run_capture(plan, on_rows=counts.add if show else None, on_start=on_start, on_data=on_data,
+                               group=group)
+        if manifest is not None and show:
+            counts.show(manifest["totals"]["rows"], manifest["totals"]["tokens"])
+        return manifest
+
+
+class _AllRanks:
+    """What a capture's display counts: this rank's rows and tokens, plus (several ranks) those the
+    other ranks' progress records hold, read at most every ``POLL_S`` seconds."""
+
+    POLL_S = 2.0
+
+    def __init__(self, plan, bar):
+        self.bar, self.out = bar, CacheLocation(plan.settings.out, plan.settings.storage_options)
+        self.others = [r for r in range(plan.settings.world_size) if r != plan.settings.rank]
+        self.rows = self.tokens = self.tokens_before = 0  # this rank's (kept and new), the kept tokens of all
+        self.other_rows = self.other_tokens = 0
+        self.polled_at = -math.inf
+
+    def start(self, log, *, report: bool) -> None:
+        kept = log.record["shards"].values()
+        self.rows, self.tokens = sum(e["rows"] for e in kept), sum(e["tokens"] for e in kept)
+        self._poll()
+        self.tokens_before = self.tokens + self.other_tokens
+        if self.bar.unit == "row":
+            self.bar.start_at(self.rows + self.other_rows)
+        if report:
+            _report_resume(log, self.bar)
+
+    def add(self, new_rows: int, new_tokens: int) -> None:
+        self.rows, self.tokens = self.rows + new_rows, self.tokens + new_tokens
+        if time.monotonic() - self.polled_at >= self.POLL_S:
+            self._poll()
+        self.show(self.rows + self.other_rows, self.tokens + self.other_tokens)
+
+    def show(self, rows: int, tokens: int) -> None:
+        fields = capture_fields(rows, tokens - self.tokens_before, self.bar.elapsed(), unit=self.bar.unit)
+        if self.bar.unit == "row":
+            self.bar.set(rows, **fields)
+        else:
+            self.bar.update(0, **fields)
+
+    def _poll(self) -> None:
+        self.polled_at = time.monotonic()
+        if self.others:
+            self.other_rows, self.other_tokens = recorded_counts(self.out, ranks=self.others)
 
 
 def _quiet_transformers() -> None:
@@ -148,8 +193,6 @@ def _quiet_transformers() -> None:
 
 def _report_resume(log, bar) -> None:
     kept, blocks = len(log.record["shards"]), len(log.record["blocks"])
-    if bar.unit == "row":
-        bar.start_at(sum(shard["rows"] for shard in log.record["shards"].values()))
     if kept or log.redo or log.stale_tmp:
         bar.write(
             f"resuming {log.out}: {plural(kept, 'shard')} ({plural(blocks, 'data block')}) already finished"

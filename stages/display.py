@@ -253,9 +253,10 @@ def capture_progress(plan) -> dict:
     """What a capture's progress counts (``Progress`` arguments): rows when their number is known or
     cheap to know first (``--limit-rows``; data of one block, arrays or text, whose rows the plan's
     estimate counts exactly by tokenising it once more); else the bytes of data read, block by block;
-    else rows without a total (several ranks, ``--max-tokens``)."""
+    else rows without a total (``--max-tokens``). With several ranks the totals are the whole capture's
+    (stages/cache_teacher.py counts every rank's rows)."""
     s, source = plan.settings, plan.source
-    if s.world_size == 1 and s.max_tokens is None:
+    if s.max_tokens is None:
         one_block = source.kind == "arrays" or (source.total_bytes or math.inf) <= s.block_chars
         if one_block:
             return {"total": plan.estimate()["rows"], "unit": "row"}

@@ -232,6 +232,20 @@ def record_name(rank: int) -> str:
     return f"{PROGRESS_DIR}/r{rank:05d}.json"
 
 
+def recorded_counts(out: str | Path | CacheLocation, *, ranks: list[int]) -> tuple[int, int]:
+    """Rows and tokens of the shards the progress records of ``ranks`` hold so far (for a display of a
+    capture's progress over all its ranks); a record not written yet, or unreadable, counts 0."""
+    location, rows, tokens = CacheLocation(out), 0, 0
+    for rank in ranks:
+        try:
+            shards = json.loads(location.read_bytes(record_name(rank)).decode())["shards"].values()
+            counts = [(int(e["rows"]), int(e["tokens"])) for e in shards]
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        rows, tokens = rows + sum(r for r, _ in counts), tokens + sum(t for _, t in counts)
+    return rows, tokens
+
+
 def finalize(out: str | Path | CacheLocation, *, plan, header: dict) -> dict | None:
     """Write the manifest once every rank is complete; return it (None while ranks are missing)."""
     location = CacheLocation(out)

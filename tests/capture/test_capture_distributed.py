@@ -95,11 +95,27 @@ def test_torchrun_capture_equals_one_process(single, two_ranks):
     assert m["totals"] == manifest(single)["totals"] and m["capture"]["world_size"] == 2
     assert {s["rank"] for s in m["shards"]} == {0, 1} and all(s["rank"] == s["block"] % 2 for s in m["shards"])
     assert sorted(p.name for p in out.rglob("manifest.json*")) == ["manifest.json"]  # one, and no stray tmp
-    assert sorted(p.name for p in (out / "_progress").iterdir()) == ["r00000.json", "r00001.json"]
+    assert sorted(p.name for p in (out / "_progress").iterdir()) == ["r00000.json", "r00000.lock", "r00001.json",
+                                                                     "r00001.lock"]  # a record and a lock per rank
     assert not list(out.rglob("*.tmp"))
     # Rank 0 alone reports; the other rank stays quiet (no bar, no summary).
     assert result.stdout.count("wrote ") == 1 and "by 2 ranks" in result.stdout
     assert result.stderr.count("cache-teacher:") >= 1 and "error:" not in result.stderr
+    # Its display counts every rank's rows and tokens, not its own share (issue 28 item 7).
+    last = [line for line in result.stderr.splitlines() if line.startswith("cache-teacher:")][-1]
+    assert f"rows {m['totals']['rows']}, tokens {m['totals']['tokens']:,}" in last, last
+
+
+@pytest.mark.slow
+def test_torchrun_progress_has_the_whole_capture_as_its_total(tmp_path):
+    """Under torchrun with --limit-rows, rank 0 shows rows of every rank out of the limit (it showed
+    ``cache-teacher: 0 rows |`` and its own share, no total)."""
+    result = torchrun(*SETTINGS, "--limit-rows", 40, "--out", tmp_path / "cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cache-teacher:")]
+    assert lines[0].startswith("cache-teacher: 0/40 rows (0%)"), lines
+    assert lines[-1].startswith("cache-teacher: 40/40 rows (100%) | tokens 1,240"), lines
+    assert manifest(tmp_path / "cache")["totals"]["rows"] == 40
 
 
 @pytest.mark.slow
