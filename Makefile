@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast` while developing).
 # Both create .venv, install the locked dependencies, then kdpipe itself (editable), then run.
 #
 # Locked install (the default on Linux x86_64; what CI runs): every package, pip and torch
@@ -30,7 +30,7 @@ LOCK ?= locks/cpu-dev.txt
 endif
 TORCH_INDEX_ARGS = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: setup demo test lock
+.PHONY: setup demo test test-fast lock
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -55,8 +55,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/kdpipe demo --out runs/demo
 
+# The whole suite, what CI runs (.ci/run). On a 2-core machine it takes about 9 minutes when the
+# machine is otherwise idle, and several times longer when other jobs share the cores.
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# While developing: every test but those marked slow (whole demos, torchrun, subprocess pipelines,
+# timing bounds), docker (the image build) and packaging (building and installing the wheel).
+# Still imports and exercises every module. FAST_MARKERS changes the selection.
+FAST_MARKERS ?= not slow and not docker and not packaging
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "$(FAST_MARKERS)"
 
 # --- locks ------------------------------------------------------------------------------------
 # uv resolves from PyPI's metadata without downloading the wheels (the CUDA lock's multi-GB torch

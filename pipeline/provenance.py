@@ -111,7 +111,8 @@ def image_identity() -> dict | None:
 
 
 def machine_record() -> dict:
-    """What, besides the packages, decides the bits on a CPU: the machine and torch's thread count."""
+    """What, besides the packages, decides the bits on a CPU: the machine and torch's thread count in
+    effect (``--threads``, else torch's default; :func:`kdpipe.pipeline.models.devices.set_cpu_threads`)."""
     import torch
 
     return {"machine": platform.machine(), "system": platform.system(), "torch_threads": torch.get_num_threads(),

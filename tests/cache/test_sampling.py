@@ -213,6 +213,7 @@ def test_expectation_over_one_draw_is_the_dense_loss(kind, k, t0, t):
 
 @pytest.mark.parametrize("kind", SAMPLED_KINDS)
 @pytest.mark.parametrize("k,t0,t", CASES)
+@pytest.mark.slow
 def test_sampled_loss_is_unbiased(kind, k, t0, t):
     # 4 positions x 4,000 copies x 32 draws through draw_samples + sample_weights, one sampled_kd_loss
     # call. The value and every gradient entry must lie within 5 exact standard errors of the dense

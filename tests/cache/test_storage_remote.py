@@ -120,6 +120,7 @@ def test_rerun_of_a_finished_s3_capture_is_a_no_op(s3_server, remote_cache, capt
     assert s3_server.count("PUT") + s3_server.count("POST") + s3_server.count("DELETE") == writes
 
 
+@pytest.mark.slow
 def test_foreign_prefix_refused_other_settings_refused_then_overwritten(s3_url, remote_cache, capture_args, local_cache):
     client().put_object(Bucket=BUCKET, Key=f"{prefix_of(s3_url)}/notes.txt", Body=b"keep me")
     result = run_cli(*capture_args(s3_url))
@@ -170,6 +171,7 @@ def test_sigkill_of_a_capture_to_s3_then_resume_equals_uninterrupted(s3_url, cap
 
 
 # ---------------------------------------------------------------------------- verify, inspect
+@pytest.mark.slow
 def test_reproduce_an_s3_cache_into_s3(remote_cache):
     """``kdpipe reproduce`` re-runs the recorded capture into s3://.../cache-reproduced (its process
     reads the endpoint and credentials from the environment) and finds every shard identical."""
@@ -230,6 +232,7 @@ def _train(cache, student, out, *extra):
     return result
 
 
+@pytest.mark.slow
 def test_train_student_and_evaluate_stream_from_s3(s3_server, remote_cache, local_cache, student_config, tmp_path):
     shards = f"{prefix_of(remote_cache)}/shards/"
     shard_gets = s3_server.count("GET", shards)
@@ -324,6 +327,7 @@ def test_bad_credentials_missing_bucket_and_unreachable_endpoint(s3_server, remo
         assert "check the credentials" in line
 
 
+@pytest.mark.slow
 def test_storage_errors_in_a_real_process(s3_server):
     started = time.monotonic()
     done = subprocess.run(KDPIPE + ["verify", "s3://no-such-bucket-kdpipe/cache"], capture_output=True, text=True, timeout=60)

@@ -145,6 +145,7 @@ def test_dry_run_estimates_size_within_20_percent_with_a_probe(tiny_lm_dir, text
     assert 0.5 < estimates[0] / actual < 2.0, (estimates, actual)  # without weights: nominal compression
 
 
+@pytest.mark.slow
 def test_dry_run_of_data_larger_than_a_block_extrapolates_from_the_first_and_says_so(tiny_lm_dir, text_dir, tmp_path):
     text = "".join(p.read_text() for p in sorted(text_dir.glob("*.txt")))
     data = tmp_path / "docs.jsonl"  # 40 documents of 750 characters; the first block holds 3 of them
@@ -169,6 +170,7 @@ def test_rerun_of_finished_capture_is_a_no_op(tiny_lm_dir, text_dir, tmp_path):
     assert changed.exit_code == 2 and "capture.top_k (was 8, now 4)" in changed.output
 
 
+@pytest.mark.slow
 def test_ranks_split_the_data_blocks_and_make_the_same_rows_as_one_process(tiny_lm_dir, text_dir, tmp_path):
     text = "".join(p.read_text() for p in sorted(text_dir.glob("*.txt")))
     data = tmp_path / "docs.jsonl"  # 40 documents of 750 characters: 14 blocks of ~2,000 characters

@@ -84,6 +84,7 @@ def test_chat_cache_matches_dense_teacher(chat_cache):
             assert_matches_dense(cache.read(i, temperature=t), logits, t, cache.schema.value_dtype)
 
 
+@pytest.mark.slow
 def test_targets_all_counts_every_token_and_packing_fills_rows(records, tmp_path):
     everything = open_cache(chat_capture(records[0], tmp_path / "all", "--targets", "all"))
     row = everything.read(0)
@@ -97,6 +98,7 @@ def test_targets_all_counts_every_token_and_packing_fills_rows(records, tmp_path
     assert sum(targets(packed), ()) == sum(targets(one), ())  # the same target tokens, in order
 
 
+@pytest.mark.slow
 def test_evaluate_scores_ce_and_kl_on_the_target_positions_only(chat_cache, records):
     from transformers import AutoModelForCausalLM
 
