@@ -3,6 +3,7 @@
     python benchmarks/kill_soak.py                      # 30 kills, tiny random teacher, Shakespeare text
     python benchmarks/kill_soak.py --kills 20 --seed 1
     python benchmarks/kill_soak.py --teacher DIR --data PATH --rows 400
+    python benchmarks/kill_soak.py train                # the same for train-student (benchmarks/kill_soak_train.py)
 
 A cycle starts the capture into an empty --out and kills it at a random moment, then restarts the
 same command and kills it again, until a run finishes by itself; the finished cache is compared with
@@ -153,6 +154,10 @@ def check_cycle(out: Path, reference: Path, number: int) -> bool:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["train"]:  # the training soak: benchmarks/kill_soak_train.py
+        from kill_soak_train import main as train_soak
+
+        return train_soak(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kills", nargs="?", type=int, default=30, help="number of SIGKILLs (default 30)")
     parser.add_argument("--seed", type=int, default=0)

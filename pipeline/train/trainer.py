@@ -197,11 +197,17 @@ class Trainer:
         """This rank's micro-batches forever, epoch after epoch, from where a resumed run stopped."""
         while True:
             self.train_set.set_epoch(self.epoch, start_batch=self.batches_in_epoch)  # earlier ones are not read
-            for batch in DataLoader(self.train_set, batch_size=None, num_workers=self.config.num_workers):
+            for batch in DataLoader(self.train_set, batch_size=None, num_workers=self.config.num_workers,
+                                    generator=self._loader_generator()):
                 self.batches_in_epoch += 1
                 yield batch
             self.epoch += 1
             self.batches_in_epoch = 0
+
+    def _loader_generator(self) -> torch.Generator:
+        """A DataLoader draws its workers' base seed from this instead of the global RNG, so that a run
+        resumed mid-epoch (one loader more) keeps the RNG stream of the uninterrupted run (dropout)."""
+        return torch.Generator().manual_seed(self.config.seed)
 
     def fit(self, on_step: Callable[[dict], None] | None = None) -> dict:
         """Train to ``total_steps``; ``on_step(metrics)`` after each step. Returns the last step's
@@ -311,7 +317,7 @@ class Trainer:
         self.model.eval()
         kl, agree, ce, correct = metrics.Mean(), metrics.Mean(), metrics.Mean(), metrics.Mean()
         temperature = 1.0 if 1.0 in self.cache.temperatures else self.cache.temperatures[0]
-        for batch in DataLoader(self.eval_set, batch_size=None):
+        for batch in DataLoader(self.eval_set, batch_size=None, generator=self._loader_generator()):
             batch = _to(batch, self.device)
             targets = self.targets(batch, temperature=temperature)
             logits = self.student_logits(batch, model=self.model)  # rank 0 alone: not through DDP

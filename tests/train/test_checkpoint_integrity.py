@@ -90,7 +90,10 @@ def records(out: Path) -> list[dict]:
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
-    assert (out / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
+    """The same model, metrics and last checkpoint (its RNG state included) as the uninterrupted run."""
+    for name in ("model/model.safetensors", "checkpoint/model.safetensors", "checkpoint/optimizer.pt",
+                 "checkpoint/rng.pt", "checkpoint/trainer_state.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert records(out) == records(reference)
 
 
