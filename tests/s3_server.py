@@ -4,6 +4,10 @@
 wrapped to count requests (method and path) and, optionally, to add a fixed latency to each one.
 :class:`LatencyProxy` is a TCP proxy that delays every request passing through it (used by
 ``benchmarks/remote_read.py`` to emulate a store far away).
+
+``python tests/s3_server.py BUCKET [LATENCY_S]`` runs the server in a process of its own (which a
+test can pause with SIGSTOP: a store that stops answering), creates ``BUCKET``, prints its endpoint on
+one line and serves until killed.
 """
 
 from __future__ import annotations
@@ -155,3 +159,13 @@ class LatencyProxy:
         queue.put_nowait(None)
         with contextlib.suppress(ConnectionError, OSError):
             await sender
+
+
+if __name__ == "__main__":
+    import sys
+
+    server = S3Server(latency_s=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    server.start()
+    server.create_bucket(sys.argv[1])
+    print(server.endpoint, flush=True)
+    threading.Event().wait()  # until killed

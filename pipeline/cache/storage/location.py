@@ -21,12 +21,13 @@ import re
 import shutil
 from pathlib import Path
 
-from kdpipe.pipeline.cache.storage.object_store import endpoint_of, open_filesystem, storage_errors
+from kdpipe.pipeline.cache.storage.object_store import endpoint_of, open_filesystem, retrying
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.fileio import atomic_path, atomic_write_bytes
 from kdpipe.pipeline.provenance import redact_url
 
 DOWNLOAD_BLOCK = 8 << 20  # bytes per ranged GET while downloading a shard
+WRITE_BYTES_PER_TIMEOUT = 8 << 20  # a write may take one read timeout more per this many bytes (see _write_deadline)
 WHOLE_GET_MAX = 16 << 20  # objects up to this size are downloaded with one GET, in memory
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -74,7 +75,7 @@ class CacheLocation:
             self._url = None
             self.path = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
             self.display = str(self.path)
-        self._fs = self._fs_pid = self._base = None
+        self._fs = self._fs_pid = self._base = self._policy = None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -98,7 +99,7 @@ class CacheLocation:
     @property
     def fs(self):
         if self._fs is None or self._fs_pid != os.getpid():
-            self._fs, self._base = open_filesystem(self._url, self._options)
+            self._fs, self._base, self._policy = open_filesystem(self._url, self._options)
             self._fs_pid = os.getpid()
         return self._fs
 
@@ -106,10 +107,24 @@ class CacheLocation:
         self.fs  # noqa: B018 - sets _base
         return f"{self._base}/{name}" if name else self._base
 
-    def errors(self, action: str, name: str = ""):
-        """Context turning a store's errors while ``action`` (read, write, list, delete) into a StorageError."""
+    def _call(self, action: str, name: str, fn, *, deadline_s: float | None = None):
+        """``fn()`` (one storage operation on ``name``, restartable), attempted again after a stall or a
+        transient failure; its errors while ``action`` (read, write, list, delete) as a StorageError."""
+        fs = self.fs  # opened (with its retry policy) in this process
         url = f"{self.display}/{name}" if name else self.display
-        return storage_errors(url, endpoint_of(self.fs), action)
+        policy = self._policy if deadline_s is None else dataclasses.replace(self._policy, read_timeout_s=deadline_s)
+        return retrying(fn, url=url, endpoint=endpoint_of(fs), action=action, policy=policy)
+
+    def _deadline(self, size: int = 0) -> float | None:
+        """Seconds an operation moving ``size`` bytes may take before it counts as stalled: the read
+        timeout, plus one more per :data:`WRITE_BYTES_PER_TIMEOUT` bytes. (The store library's read
+        timeout starts only once a request's body is sent, so a store that stops reading a body would
+        hang a write forever, and a metadata call may make several requests, each with its timeout.)"""
+        from fsspec.asyn import AsyncFileSystem
+
+        if not isinstance(self.fs, AsyncFileSystem) or self._policy.read_timeout_s is None:
+            return None
+        return self._policy.read_timeout_s * (1 + size // WRITE_BYTES_PER_TIMEOUT)
 
     def local(self, name: str = "") -> Path:
         return self.path / name if name else self.path
@@ -121,8 +136,9 @@ class CacheLocation:
             path = self.local(name)
             return ObjectInfo(path.stat().st_size, None) if path.is_file() else None
         try:
-            with self.errors("read", name):
-                return _object_info(self.fs.info(self._key(name)))
+            deadline = self._deadline()
+            return _object_info(self._call("read", name, lambda: self.fs.info(self._key(name), **_timeout(deadline)),
+                                           deadline_s=deadline))
         except FileNotFoundError:
             return None
 
@@ -137,8 +153,7 @@ class CacheLocation:
         """The bytes of ``name``; raises FileNotFoundError when it does not exist."""
         if not self.is_remote:
             return self.local(name).read_bytes()
-        with self.errors("read", name):
-            return self.fs.cat_file(self._key(name))
+        return self._call("read", name, lambda: self.fs.cat_file(self._key(name)))
 
     def download(self, name: str, dest: Path, *, size: int | None = None) -> str:
         """Copy ``name`` to the local file ``dest``; return the sha256 of the bytes, hashed as they stream.
@@ -146,26 +161,21 @@ class CacheLocation:
         ``size``: the expected size, when known; an object of at most :data:`WHOLE_GET_MAX` bytes is
         then fetched with a single GET (streaming costs S3 a HEAD request first).
         """
-        digest = hashlib.sha256()
         if not self.is_remote:
-            with open(self.local(name), "rb") as src, open(dest, "wb") as out:
-                while block := src.read(DOWNLOAD_BLOCK):
-                    digest.update(block)
-                    out.write(block)
-            return digest.hexdigest()
+            with open(self.local(name), "rb") as src:
+                return _copy(src, dest)
         if size is not None and size <= WHOLE_GET_MAX:
-            with self.errors("read", name):
-                data = self.fs.cat_file(self._key(name), start=0)  # "Range: bytes=0-": the whole object
-            digest.update(data)
+            deadline = self._deadline(size)  # "Range: bytes=0-": the whole object in one GET
+            data = self._call("read", name, lambda: self.fs.cat_file(self._key(name), start=0, **_timeout(deadline)),
+                              deadline_s=deadline)
             dest.write_bytes(data)
-            return digest.hexdigest()
-        with self.errors("read", name):
-            with self.fs.open(self._key(name), "rb", block_size=DOWNLOAD_BLOCK, cache_type="none") as src, \
-                    open(dest, "wb") as out:
-                while block := src.read(DOWNLOAD_BLOCK):
-                    digest.update(block)
-                    out.write(block)
-        return digest.hexdigest()
+            return hashlib.sha256(data).hexdigest()
+
+        def stream() -> str:  # restarted from the first byte by another attempt
+            with self.fs.open(self._key(name), "rb", block_size=DOWNLOAD_BLOCK, cache_type="none") as src:
+                return _copy(src, dest)
+
+        return self._call("read", name, stream)
 
     def listing(self, folder: str) -> dict[str, ObjectInfo]:
         """Every object (file) directly in ``folder``, by name relative to the root ({} when none)."""
@@ -175,8 +185,9 @@ class CacheLocation:
                 return {}
             return {f"{folder}/{p.name}": ObjectInfo(p.stat().st_size, None) for p in path.iterdir() if p.is_file()}
         try:
-            with self.errors("list", folder):
-                entries = self.fs.ls(self._key(folder), detail=True)
+            deadline = self._deadline()
+            entries = self._call("list", folder, lambda: self.fs.ls(self._key(folder), detail=True, **_timeout(deadline)),
+                                 deadline_s=deadline)
         except FileNotFoundError:
             return {}
         prefix = self._key() + "/"
@@ -188,8 +199,9 @@ class CacheLocation:
         if not self.is_remote:
             return not self.path.is_dir() or not any(self.path.iterdir())
         try:
-            with self.errors("list"):
-                return not self.fs.ls(self._key(), detail=False)
+            deadline = self._deadline()
+            return not self._call("list", "", lambda: self.fs.ls(self._key(), detail=False, **_timeout(deadline)),
+                                  deadline_s=deadline)
         except FileNotFoundError:
             return True
 
@@ -199,8 +211,9 @@ class CacheLocation:
         if not self.is_remote:
             atomic_write_bytes(self.local(name), data)
             return
-        with self.errors("write", name):
-            self.fs.pipe_file(self._key(name), data)
+        deadline = self._deadline(len(data))
+        self._call("write", name, lambda: self.fs.pipe_file(self._key(name), data, **_timeout(deadline)),
+                   deadline_s=deadline)
 
     def write_json(self, name: str, obj) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -211,9 +224,10 @@ class CacheLocation:
             with atomic_path(self.local(name)) as tmp:
                 shutil.copyfile(source, tmp)
             return ObjectInfo(self.local(name).stat().st_size, None)
-        with self.errors("write", name):
-            self.fs.put_file(str(source), self._key(name))
-            return _object_info(self.fs.info(self._key(name)))
+        deadline = self._deadline(source.stat().st_size)
+        self._call("write", name, lambda: self.fs.put_file(str(source), self._key(name), **_timeout(deadline)),
+                   deadline_s=deadline)
+        return self.info(name) or ObjectInfo(0, None)  # (a store that lost it: the size check says so)
 
     def remove(self, name: str) -> None:
         """Delete ``name`` if it exists."""
@@ -221,8 +235,8 @@ class CacheLocation:
             self.local(name).unlink(missing_ok=True)
             return
         try:
-            with self.errors("delete", name):
-                self.fs.rm_file(self._key(name))
+            deadline = self._deadline()
+            self._call("delete", name, lambda: self.fs.rm_file(self._key(name), **_timeout(deadline)), deadline_s=deadline)
         except FileNotFoundError:
             pass
 
@@ -233,6 +247,21 @@ class CacheLocation:
             return
         for name in self.listing(folder):
             self.remove(name)
+
+
+def _timeout(seconds: float | None) -> dict:
+    """fsspec's ``timeout=`` for an async filesystem's call: the whole call is cancelled past it."""
+    return {} if seconds is None else {"timeout": seconds}
+
+
+def _copy(src, dest: Path) -> str:
+    """Copy the open binary file ``src`` to ``dest`` (from the start); the sha256 of the bytes."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        while block := src.read(DOWNLOAD_BLOCK):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
 
 
 def _object_info(entry: dict) -> ObjectInfo:

@@ -5,24 +5,40 @@ through s3fs; ``gs://`` and ``az://`` through gcsfs and adlfs where those are in
 come from where the store's own library looks (environment, config files, instance roles) or from
 the storage options; kdpipe never records, logs or prints either.
 
-For S3 the defaults fail fast: connect timeout of a few seconds, two attempts per request at the
-botocore level and a few at s3fs's level (s3fs retries only transient read errors), and the
-standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables become the endpoint when the
-storage options name none (older botocore releases ignore them). Any option given wins.
+For S3 the defaults fail fast: a connect timeout of a few seconds, and the standard
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables become the endpoint when the storage options
+name none (older botocore releases ignore them). Any option given wins.
+
+**Stalls.** A store that stops answering (paused, overloaded, a dropped connection) is not silent:
+each storage operation waits at most ``read_timeout`` seconds for a reply (``config_kwargs``,
+default :data:`READ_TIMEOUT_S`), and kdpipe makes the attempts itself (:func:`retrying`), logging a
+warning on each stall (shown on stderr) before the next attempt, up to ``retries.max_attempts``
+attempts (default :data:`ATTEMPTS`), then raises a one-line :class:`StorageError`. botocore and s3fs
+are told to try once, so no silent retry multiplies the wait: a dead store costs at most about
+``attempts x read_timeout`` seconds. Other transient failures (a cut-off body, SlowDown, 5xx) are
+retried the same way; a refused connection or a denied request is not retried. Knobs:
+``--storage-options '{"config_kwargs": {"read_timeout": 60, "connect_timeout": 10,
+"retries": {"max_attempts": 5}}}'``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
+import time
+from typing import Callable, TypeVar
 
 from kdpipe.pipeline.errors import ConfigError, KdpipeError, StorageError
 from kdpipe.pipeline.provenance import redact_url
 
 CONNECT_TIMEOUT_S = 3
-READ_TIMEOUT_S = 30
-BOTOCORE_MAX_ATTEMPTS = 2  # the first try and one retry
-S3FS_RETRIES = 3  # s3fs's own loop, for transient read errors (timeouts, cut-off bodies)
+READ_TIMEOUT_S = 20  # the longest wait for a reply before the attempt counts as stalled
+ATTEMPTS = 3  # attempts of one storage operation (kdpipe's own; botocore and s3fs try once)
+BACKOFF_S = (0.5, 2.0, 5.0)  # pause before the 2nd, 3rd, 4th+ attempt
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 _CONNECTION_ERRORS = {
@@ -31,6 +47,19 @@ _CONNECTION_ERRORS = {
     "TimeoutError", "FSTimeoutError",
 }
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_STALL_ERRORS = {"ReadTimeoutError", "ConnectTimeoutError", "TimeoutError", "FSTimeoutError", "ServerTimeoutError",
+                 "timeout"}
+_TRANSIENT_ERRORS = {"IncompleteRead", "ResponseParserError", "ClientPayloadError", "ConnectionClosedError",
+                     "ServerDisconnectedError"}
+_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "RequestTimeout")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How long one attempt may wait for a reply, and how many attempts an operation gets."""
+
+    attempts: int = ATTEMPTS
+    read_timeout_s: float | None = None  # None: the store library's own (not an S3 store)
 
 
 def protocol_of(url: str) -> str:
@@ -48,18 +77,32 @@ def s3_options(options: dict) -> dict:
     config_kwargs = dict(options.get("config_kwargs") or {})
     config_kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     config_kwargs.setdefault("read_timeout", READ_TIMEOUT_S)
-    config_kwargs.setdefault("retries", {"max_attempts": BOTOCORE_MAX_ATTEMPTS, "mode": "standard"})
+    # botocore tries once: kdpipe makes the attempts (retries.max_attempts of them), reporting stalls
+    config_kwargs["retries"] = {**dict(config_kwargs.get("retries") or {}), "max_attempts": 1, "mode": "standard"}
     options |= {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
     options.setdefault("use_listings_cache", False)  # other processes write: never trust a stale listing
     return options
 
 
+def retry_policy(protocol: str, storage_options: dict | None) -> RetryPolicy:
+    """The attempts and reply timeout that ``storage_options`` ask for (defaults above); a bad value is a ConfigError."""
+    config_kwargs = dict((storage_options or {}).get("config_kwargs") or {})
+    attempts = dict(config_kwargs.get("retries") or {}).get("max_attempts", ATTEMPTS)
+    timeout = config_kwargs.get("read_timeout", READ_TIMEOUT_S) if protocol in ("s3", "s3a") else None
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigError(f"--storage-options config_kwargs.retries.max_attempts must be a whole number >= 1, got {attempts!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"--storage-options config_kwargs.read_timeout must be a number of seconds > 0, got {timeout!r}")
+    return RetryPolicy(attempts, timeout)
+
+
 def open_filesystem(url: str, storage_options: dict | None):
-    """``(filesystem, path of url inside it)`` for an object-store URL."""
+    """``(filesystem, path of url inside it, RetryPolicy)`` for an object-store URL."""
     import fsspec
 
     protocol = protocol_of(url)
     options = dict(storage_options or {})
+    policy = retry_policy(protocol, options)
     if protocol in ("s3", "s3a"):
         options = s3_options(options)
     options.setdefault("skip_instance_cache", True)  # one client per cache object, made in its process
@@ -78,8 +121,40 @@ def open_filesystem(url: str, storage_options: dict | None):
         raise ConfigError(f"--storage-options are not accepted for {protocol}:// ({_first_line(exc)}); "
                           "check the option names") from None
     if protocol in ("s3", "s3a"):
-        fs.retries = S3FS_RETRIES
-    return fs, path.rstrip("/")
+        fs.retries = 1  # s3fs tries once too (its loop would retry stalls silently)
+    return fs, path.rstrip("/"), policy
+
+
+def retrying(fn: Callable[[], T], *, url: str, endpoint: str, action: str, policy: RetryPolicy) -> T:
+    """``fn()``, attempted again after a stall or a transient failure (each logged as a warning), up to
+    ``policy.attempts`` times; the last failure, or any other, as :func:`storage_errors` says."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            stalled = is_stall(exc)
+            if attempt == policy.attempts or not (stalled or is_transient(exc)):
+                with storage_errors(url, endpoint, action, policy=policy, attempts_made=attempt):
+                    raise
+            pause = BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1]
+            what = (f"did not answer within {_seconds(policy)} to {action} {redact_url(url)}" if stalled
+                    else f"failed to {action} {redact_url(url)} ({type(exc).__name__}: {_first_line(exc)})")
+            log.warning("the object store at %s %s (attempt %d of %d); trying again in %g s", endpoint, what,
+                        attempt, policy.attempts, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def is_stall(exc: BaseException) -> bool:
+    return bool(_names(exc) & _STALL_ERRORS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return bool(_names(exc) & _TRANSIENT_ERRORS) or any(text in str(exc) for text in _TRANSIENT_TEXT)
+
+
+def _seconds(policy: RetryPolicy) -> str:
+    return f"{policy.read_timeout_s:g} s" if policy.read_timeout_s is not None else "the store library's timeout"
 
 
 def endpoint_of(fs) -> str:
@@ -105,7 +180,7 @@ def is_missing_bucket(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def storage_errors(url: str, endpoint: str, action: str):
+def storage_errors(url: str, endpoint: str, action: str, *, policy: RetryPolicy | None = None, attempts_made: int = 1):
     """Turn what a store raises while ``action`` (e.g. "read") ``url`` into a one-line :class:`StorageError`.
 
     A missing object's ``FileNotFoundError`` passes through (callers say what is missing); a missing
@@ -118,6 +193,13 @@ def storage_errors(url: str, endpoint: str, action: str):
         raise
     except Exception as exc:
         names = _names(exc)
+        if policy is not None and is_stall(exc):
+            raise StorageError(
+                f"the object store at {endpoint} stopped answering: no reply within {_seconds(policy)} to {action} "
+                f"{url} ({attempts_made} attempt{'s' if attempts_made > 1 else ''}); check that the server is up and "
+                "reachable, or wait longer: --storage-options '{\"config_kwargs\": {\"read_timeout\": 60, "
+                "\"retries\": {\"max_attempts\": 5}}}'"
+            ) from None
         if names & _CREDENTIAL_ERRORS:
             raise StorageError(
                 f"no credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
