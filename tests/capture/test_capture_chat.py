@@ -117,6 +117,7 @@ def test_evaluate_scores_ce_and_kl_on_the_target_positions_only(chat_cache, reco
     assert with_data["ce"] == pytest.approx(result["ce"], rel=1e-6)  # --data rows align by sample_index
 
 
+@pytest.mark.slow
 def test_training_on_a_chat_cache_lowers_kl_on_assistant_tokens(chat_cache, tmp_path):
     config = TrainConfig(cache=str(chat_cache), student=str(REPO / "data" / "students" / "lm-student.json"),
                          out=str(tmp_path / "run"), steps=12, batch_size=8, eval_every=0, checkpoint_every=0,

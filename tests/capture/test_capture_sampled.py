@@ -71,6 +71,7 @@ def test_draws_are_outside_the_top_k_with_exact_logprobs(tiny_lm_dir, docs, mixe
             assert np.all(np.isneginf(row["sample_logprobs"][valid][~real]))
 
 
+@pytest.mark.slow
 def test_draws_depend_only_on_seed_and_shard_so_redone_and_split_captures_match(tiny_lm_dir, docs, mixed, tmp_path):
     reference = open_cache(mixed)
     assert len(reference.shards) >= 4

@@ -153,6 +153,7 @@ def _state(pid: int) -> str:
     return "Z"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
     args = capture_args(tiny_lm_dir, text_dir, tmp_path / "killed", "--limit-rows", "180")
     ref = run_cli(*capture_args(tiny_lm_dir, text_dir, tmp_path / "ref", "--limit-rows", "180"))
@@ -317,6 +318,7 @@ def test_out_that_is_a_file_is_refused(small_args, tmp_path):
     assert out.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stream_with_tokenizer_workers_then_resume_equals_uninterrupted(tiny_lm_dir, text_dir, tmp_path):
     """Blocks of ~2,000 characters tokenised by 2 worker processes ahead of the teacher: kills land
     while workers hold blocks in flight; the resumed cache equals one made without workers."""
