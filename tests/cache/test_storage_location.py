@@ -51,7 +51,10 @@ def test_aws_endpoint_url_is_honoured_and_options_win(monkeypatch):
     assert s3_options({})["client_kwargs"]["endpoint_url"] == "http://s3-specific:9000"
     assert "endpoint_url" not in s3_options({"endpoint_url": "http://given:1"})["client_kwargs"]
     options = s3_options({"config_kwargs": {"connect_timeout": 10}})["config_kwargs"]
-    assert options["connect_timeout"] == 10 and options["retries"]["max_attempts"] == 2
+    assert options["connect_timeout"] == 10 and options["read_timeout"] == 20
+    # botocore tries once whatever was asked: kdpipe makes retries.max_attempts attempts itself, reporting stalls
+    given = s3_options({"config_kwargs": {"retries": {"max_attempts": 5, "mode": "adaptive"}}})["config_kwargs"]
+    assert given["retries"]["max_attempts"] == 1
 
 
 # ---------------------------------------------------------------------------- one API, two places
