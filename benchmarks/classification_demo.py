@@ -36,7 +36,6 @@ import json
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -84,7 +83,8 @@ def parse_args():
 
 def capture(work: Path, *, rows: int | None, temperatures: tuple[float, ...]) -> Path:
     """The teacher cache of the first ``rows`` training digits (None: the held-out digits), reused when finished."""
-    name = "cache-heldout" if rows is None else f"cache-train-{rows}"
+    split = "cache-heldout" if rows is None else f"cache-train-{rows}"
+    name = split + "-T" + "-".join(map("{:g}".format, temperatures))  # one cache per set of temperatures
     settings = CaptureSettings(teacher=TEACHER, weights=WEIGHTS, out=str(work / name), limit_rows=rows,
                                data=HELDOUT_NPZ if rows is None else TRAIN_NPZ, top_k=10, temperatures=temperatures,
                                seq_len=1, batch_size=256, device="cpu")
@@ -148,8 +148,10 @@ def sweep(args) -> dict:
         for t, alpha in itertools.product(args.T, args.alpha):
             kd = [train_and_score(work / base / f"kd-T{t:g}-alpha{alpha:g}-seed{seed}", seed=seed,
                                   temperature=t, alpha=alpha, **common) for seed in args.seeds]
+            train_s = [run["train_s"] for run in kd + hard]
             settings.append({"rows": rows, "student": student, "steps": steps, "T": t, "alpha": alpha,
-                             **summarize(kd, hard), "train_s_per_run": statistics.fmean(r["train_s"] for r in kd + hard)})
+                             **summarize(kd, hard), "train_s_per_run": sum(train_s) / len(train_s),
+                             "runs": {"kd": kd, "hard": hard}})
             print(_line(settings[-1]), flush=True)
     settings.sort(key=lambda s: s["score"], reverse=True)
     return {"settings": settings, "best": settings[0] if settings else None}
@@ -158,7 +160,8 @@ def sweep(args) -> dict:
 def _line(s: dict) -> str:
     kd, hard, gain = s["kd_accuracy"], s["hard_accuracy"], s["accuracy_gain"]
     return (f"rows {s['rows']:5d} {s['student']:<18} steps {s['steps']:4d} T {s['T']:g} alpha {s['alpha']:g}: "
-            f"KD {100 * kd['mean']:.2f} ± {100 * kd['sd']:.2f}  hard {100 * hard['mean']:.2f} ± {100 * hard['sd']:.2f}"
+            f"KD {100 * kd['mean']:.2f} ± {100 * kd['sd']:.2f}  "
+            f"hard {100 * hard['mean']:.2f} ± {100 * hard['sd']:.2f}"
             f"  gain {100 * gain['mean']:+.2f} ± {100 * gain['sd']:.2f} (min {100 * min(gain['per_seed']):+.2f})"
             f"  score {s['score']:.1f}  {s['train_s_per_run']:.0f} s/run")
 
@@ -183,7 +186,8 @@ def demo_threads(args) -> dict:
 
 def quality(results: dict) -> dict:
     """The demo's quality numbers (every per-seed metric but the timings)."""
-    return {seed: {label: {k: v for k, v in row.items() if k in QUALITY} for label, row in rows.items()}
+    keys = (*QUALITY, "top1_agreement")
+    return {seed: {label: {k: v for k, v in row.items() if k in keys} for label, row in rows.items()}
             for seed, rows in results["per_seed"].items()}
 
 

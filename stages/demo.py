@@ -145,19 +145,26 @@ def _print_seeds_table(results: dict) -> None:
                f"alpha = {results['kd']['alpha']:g}; mean ± sd over the seeds:\n")
     click.echo(f"{'model':<20}" + "".join(f"{title:>{WIDE}}" for _, title in columns))
     for label, row in table.items():
-        click.echo(f"{label:<20}" + "".join(_mean_sd_cell(row.get(key), row.get(f"{key}_sd"), timing=key == "rows_per_s")
-                                            for key, _ in columns))
-    click.echo(f"\n{'accuracy %':<20}" + "".join(f"{'seed ' + str(seed):>10}" for seed in seeds) + f"{'mean ± sd':>16}")
+        cells = (_mean_sd_cell(row.get(key), row.get(f"{key}_sd"), timing=key == "rows_per_s") for key, _ in columns)
+        click.echo(f"{label:<20}" + "".join(cells))
+    click.echo(f"\n{'accuracy %':<20}" + "".join(f"{'seed ' + str(seed):>10}" for seed in seeds)
+               + f"{'mean ± sd':>16}")
     for name, values in (("kd student", gain["kd"]), ("hard-label student", gain["hard"]), ("KD gain", gain)):
         sign = "+" if name == "KD gain" else ""
         click.echo(f"{name:<20}" + "".join(f"{100 * v:>{sign}10.2f}" for v in values["per_seed"])
                    + f"{100 * values['mean']:>{sign}9.2f} ± {100 * values['sd']:.2f}")
     verdict = ("exceeds the spread" if gain["exceeds_spread"] else "does NOT exceed the spread")
-    click.echo(f"\nKD gain {100 * gain['mean']:+.2f} ± {100 * gain['sd']:.2f} accuracy points over {len(seeds)} seeds: "
-               f"{verdict} (the rule: mean gain above twice the gains' sd and above each student's sd over seeds).")
+    click.echo(f"\nKD gain {100 * gain['mean']:+.2f} ± {100 * gain['sd']:.2f} accuracy points over {len(seeds)} "
+               f"seeds: {verdict} (the rule: mean gain above twice the gains' sd and above each student's sd).")
     click.echo(f"The cache holds all {results['vocab_size']} classes (k = V): its KL is the full KL, and cached KD is "
-               f"dense KD. Trained and evaluated with {results['threads']} torch thread(s): every number but rows/s "
-               "and the timings is the same for any OMP_NUM_THREADS.")
+               "dense KD.")
+    if results["device"] == "cpu":
+        click.echo(f"Captured, trained and evaluated on {results['threads']} torch thread(s): every number but "
+                   "rows/s and the timings is the same for any OMP_NUM_THREADS or --threads (on this CPU type "
+                   "and torch build).")
+    else:
+        click.echo(f"Trained on {results['device']}: the quality numbers are this device's (the one-thread guarantee "
+                   "holds on the CPU).")
     click.echo(f"curves (seed 0): {results['plot']}   table: {results['out']}/results.json   "
                f"wall time: {results['wall_s']:.0f} s")
 

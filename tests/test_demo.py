@@ -134,7 +134,8 @@ def test_the_table_is_mean_and_sd_of_the_per_seed_numbers(digits_demo):
             assert table[label][key] == pytest.approx(statistics.fmean(values))
             assert table[label][f"{key}_sd"] == pytest.approx(statistics.stdev(values))
     gain = results["accuracy_gain"]
-    kd, hard = ([per_seed[str(s)][label]["accuracy"] for s in results["seeds"]] for label in ("kd student", "hard-label student"))
+    kd, hard = ([per_seed[str(s)][label]["accuracy"] for s in results["seeds"]]
+                for label in ("kd student", "hard-label student"))
     assert gain["per_seed"] == pytest.approx([k - h for k, h in zip(kd, hard)])
     assert gain["mean"] == pytest.approx(statistics.fmean(gain["per_seed"]))
     assert gain["sd"] == pytest.approx(statistics.stdev(gain["per_seed"]))
@@ -147,7 +148,8 @@ def test_the_printed_table_has_mean_sd_per_seed_gains_and_the_verdict(digits_dem
     out = result.stdout
     assert "3 seeds x 20 steps per student, 200 training digits" in out
     kd_row = next(line for line in out.splitlines() if line.startswith("kd student") and "±" in line)
-    assert f"{results['table']['kd student']['accuracy']:.4f} ± {results['table']['kd student']['accuracy_sd']:.4f}" in kd_row
+    kd = results["table"]["kd student"]
+    assert f"{kd['accuracy']:.4f} ± {kd['accuracy_sd']:.4f}" in kd_row
     gain_row = next(line for line in out.splitlines() if line.startswith("KD gain "))
     assert gain_row.split()[2:5] == [f"{100 * g:+.2f}" for g in results["accuracy_gain"]["per_seed"]]
     verdict = "exceeds the spread" if results["accuracy_gain"]["exceeds_spread"] else "does NOT exceed the spread"
