@@ -1,12 +1,18 @@
 """Which setting makes the MNIST classification demo show a KD gain beyond seed noise (issue 28, item 1).
 
-    python benchmarks/classification_demo.py --work /tmp/cls-sweep --rows 500 1000 2000 --T 4 --alpha 0.9 \\
-        --seeds 0 1 2 --out benchmarks/results/classification_demo_coarse.json        # coarse: how much data
-    python benchmarks/classification_demo.py --work /tmp/cls-sweep --rows 1000 --T 2 4 8 --alpha 0.5 0.9 \\
-        --students cnn_student cnn_student_small --seeds 0 1 2 --out ..._grid.json   # refine T, alpha, width
-    python benchmarks/classification_demo.py --work /tmp/cls-sweep --rows 1000 --seeds 0 1 2 --threads 2 ...
-                                                                     # the same runs with 2 torch threads
-    python benchmarks/classification_demo.py --demo-threads 1 2 --out ..._demo.json   # the demo itself, twice
+    W="--work /tmp/classification-demo-sweep --seeds 0 1 2"; R=benchmarks/results
+    python benchmarks/classification_demo.py $W --rows 500 1000 2000 --out $R/classification_demo_rows_cpu.json
+    python benchmarks/classification_demo.py $W --rows 500 --T 2 4 8 --alpha 0.5 0.9 \
+        --out $R/classification_demo_grid_cpu.json
+    python benchmarks/classification_demo.py $W --rows 250 500 --students cnn_student_small cnn_student \
+        --out $R/classification_demo_size_cpu.json
+    python benchmarks/classification_demo.py $W --rows 500 --steps 150 300 600 \
+        --out $R/classification_demo_steps_cpu.json
+    python benchmarks/classification_demo.py --work /tmp/demo-threads --demo-threads 2 1 \
+        --out $R/classification_demo_threads_cpu.json      # the demo itself, with OMP_NUM_THREADS=2 then 1
+
+(defaults: T = 4, alpha = 0.9, 300 steps, the 6,274-parameter ``cnn_student``). A finished run (its
+``scores.json``) is reused, so a later invocation over runs already made only collects them.
 
 The task is the demo's: ResNet teacher ``data/mnist_models.py:resnet_teacher`` with the shipped weights,
 cached over the first ``--rows`` digits of ``data/mnist/train.npz`` (``cache-teacher --limit-rows``; the

@@ -37,7 +37,9 @@ def demo(out, task, device, steps, seeds, overwrite):
     """Cache the shipped teacher, train a cached-KD, a hard-label and (causal LM) an online dense-KD student;
     compare them with the teacher on held-out data, with the full-vocabulary KL.
 
-    A second run into the same --out reuses its teacher caches and trains the students again.
+    A second run into the same --out reuses its teacher caches and trains the students again. The
+    classification demo trains both students for each of --seeds seeds and reports mean ± sd; it runs on one
+    torch thread whatever --threads or OMP_NUM_THREADS say, so its quality numbers repeat.
     """
     with DemoDisplay() as report:
         results = run_demo(out, task=task, device=device, steps=steps, seeds=seeds, overwrite=overwrite, report=report)
