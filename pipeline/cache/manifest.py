@@ -66,7 +66,7 @@ def utc_now() -> str:
 def git_commit() -> str | None:
     """The commit of the kdpipe checkout this code runs from, when it is a git checkout (an installed
     copy inside some other repository, e.g. a venv in a project folder, records none)."""
-    root = Path(__file__).resolve().parents[1]  # the checkout: pipeline/ is at its top
+    root = Path(__file__).resolve().parents[2]  # the checkout: this file is pipeline/cache/manifest.py
     try:
         top, head = (subprocess.run(["git", "-C", str(root), "rev-parse", arg], capture_output=True, text=True,
                                     timeout=5, check=True).stdout.strip() for arg in ("--show-toplevel", "HEAD"))

@@ -63,3 +63,17 @@ def test_hand_edited_manifest_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheFormatError, match="edited or damaged"):
         load_manifest(tmp_path)
+
+
+def test_manifests_record_the_commit_of_the_checkout_they_ran_from():
+    """``software.kdpipe_git_commit`` is this checkout's HEAD (it was always null once manifest.py moved into cache/)."""
+    import subprocess
+    from pathlib import Path
+
+    from kdpipe.pipeline.cache.manifest import git_commit
+
+    checkout = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout (an unpacked sdist)")
+    assert git_commit() == head.stdout.strip()
