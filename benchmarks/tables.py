@@ -1,0 +1,356 @@
+"""Every table of measured numbers in the docs, rendered from the JSON under ``benchmarks/results/``.
+
+    python benchmarks/tables.py            # rewrite the tables in README.md and docs/*.md
+    python benchmarks/tables.py --check    # exit 1, naming each table that differs from its JSON
+
+In a doc, a table sits between two markers, each alone on its line:
+
+    <!-- table: NAME -->
+    | ... |
+    <!-- end table -->
+
+NAME is a key of :data:`TABLES`, which maps it to the function rendering it from its JSON file(s).
+Nothing else in a doc is touched. ``tests/test_docs_tables.py`` runs the check in the test suite, so
+a number in a table cannot drift from its measurement: change the JSON (re-run the benchmark), then
+run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MARKED = re.compile(r"^<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- end table -->$", re.M | re.S)
+OPENING = re.compile(r"^<!-- table: (?P<name>[^ ]*) -->$", re.M)
+
+
+@cache
+def result(name: str) -> dict:
+    """``benchmarks/results/NAME.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def num(value: float, digits: int = 0) -> str:
+    """``value`` with thousands separators and ``digits`` decimals; a minus sign as the typographic one."""
+    return f"{value:,.{digits}f}".replace("-", "−")
+
+
+def signed(value: float, digits: int = 1, unit: str = "") -> str:
+    return f"{value:+,.{digits}f}{unit}".replace("-", "−")
+
+
+def sci(value: float) -> str:
+    """A small KL: ``8.3e-5``, ``0`` for zero."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def times(ratio: float, digits: int = 2) -> str:
+    return f"{ratio:.{digits}f}×"
+
+
+def markdown(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """A markdown table; the columns in ``right`` (default: all but the first) right-aligned."""
+    right = set(range(1, len(header))) if right is None else right
+    rule = ["---:" if i in right else "---" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows]) + "\n"
+
+
+# --- quality: which targets, which k ------------------------------------------------------------------
+
+
+def k_sweep() -> str:
+    sweep = result("k_sweep_cpu")
+
+    def spread(metric: str, variant: dict, digits: int = 3, pct: bool = False) -> str:
+        agg = variant["aggregate"][metric]
+        if pct:
+            return f"{signed(agg['mean'])}% ± {agg['sd']:.1f}%"
+        return f"{agg['mean']:.{digits}f} ± {agg['sd']:.{digits}f}"
+
+    rows = []
+    for key, variant in sweep["variants"].items():
+        size = variant["bytes_note"] if variant["cache"] is None else num(variant["cache"]["bytes_per_token"])
+        gap = "—" if key == "online" else spread("ce_gap_to_online_pct", variant, pct=True)
+        rows.append([variant["label"], str(size), spread("ce", variant), gap, spread("kl_topk_bins", variant),
+                     spread("kl_full", variant), spread("top1_agreement", variant)])
+    teacher = sweep["teacher"]
+    rows.append(["teacher", "", f"{teacher['ce']:.3f}", "", "0", "0", "1"])
+    return markdown(["student", "bytes/token (T = 1)", "held-out CE", "CE gap to online KD",
+                     "KL, (k+1)-bin view of a top-32 held-out cache", "full-vocabulary KL", "top-1 agreement"], rows)
+
+
+def kd_targets() -> str:
+    report = result("kd_targets_cpu")
+    rows = []
+    for variant in report["variants"].values():
+        size = variant["bytes_note"] if variant["cache"] is None else num(variant["cache"]["bytes_per_token"], 1)
+        agg = {name: values["mean"] for name, values in variant["aggregate"].items()}
+        gap = "0" if variant["label"].startswith("online") else signed(agg["ce_gap_to_online"], 3)
+        rows.append([variant["label"], variant["settings"], str(size), f"{agg['ce']:.3f}", f"{agg['kl_full']:.3f}",
+                     f"{agg['top1_agreement']:.3f}", gap])
+    rows.append(["teacher", "", "", f"{report['teacher']['ce']:.3f}", "0", "1", ""])
+    return markdown(["targets", "settings", "B/token", "held-out CE", "full KL to teacher", "top-1 agreement",
+                     "CE gap to online KD"], rows, right={2, 3, 4, 5, 6})
+
+
+def cache_size() -> str:
+    measured = result("cache_size_cpu")["results"][0]
+    rows = [[f"`{values}`", f"{got['bytes_per_entry']:.2f}", num(got["bytes_per_token"]), sci(got["kl_T1"]),
+             sci(got["kl_T2"])] for values, got in measured["implemented"].items()]
+    today, fp16 = measured["summary"], measured["values"]["fp16 (z - max), today"]
+    rows.append(["format 1 (uint16 ids, fp16 values)", f"{today['bytes_per_entry_today']:.2f}",
+                 num(today["bytes_per_token_today"]), sci(fp16["kl_T1"]), sci(fp16["kl_T2"])])
+    return markdown(["`--values`", "B/entry", "B/token (k = 64, T = 1, 2, 4)", "KL at T = 1 (nats/token)",
+                     "KL at T = 2"], rows)
+
+
+def cache_size_large_vocab() -> str:
+    report = result("cache_size_cpu")
+    large = report["results"][1]
+    rows = [["quantized (format 2)", str(large["id_floors"]["ceil_log2_V"]),
+             f"{report['v152k_ids_with_demo_values']['implemented']['bytes_per_entry_all_included']:.2f}"],
+            ["format 1 (uint32 ids, fp16 values)", "32", f"{large['summary']['bytes_per_entry_today']:.2f}"]]
+    return markdown([f"V = {num(large['vocab'])}, k = 64, T = 1, 2, 4", "bits per id", "B/entry, all included"], rows)
+
+
+def demo_capture_sizes() -> str:
+    captures = result("cache_size_cpu")["demo_captures"]
+    rows = [[name, num(got["bytes_per_token"])] for name, got in captures.items()]
+    return markdown(["demo cache (T = 1, 2)", "B/token"], rows)
+
+
+def tail_mass() -> str:
+    by_k = result("cache_views_cpu")["tail_mass_by_k"]
+    temperatures = list(next(iter(by_k.values()))["mean_tail_mass"])
+    rows = [[k, num(got["bytes_per_token"]), *(f"{got['mean_tail_mass'][t]:.3f}" for t in temperatures)]
+            for k, got in by_k.items()]
+    return markdown(["k", "bytes/token", *(f"tail mass T = {t}" for t in temperatures)], rows)
+
+
+def fidelity() -> str:
+    rows = []
+    for label, got in result("cache_views_cpu")["fidelity"].items():
+        report = got["inspect"]["fidelity"]
+        at = report["by_temperature"]
+        rows.append([label, num(report["bytes_per_token"]), sci(at["1"]["kl_bins"]), f"{at['1']['mass_covered']:.3f}",
+                     f"{at['1']['grad_cosine']:.4f}", f"{at['2']['grad_cosine']:.3f}"])
+    return markdown(["cache", "B/token", "KL T = 1", "mass covered T = 1", "gradient cosine T = 1", "T = 2"], rows)
+
+
+def demo() -> str:
+    """The demo's three students (its settings and seed 0 are the k sweep's): seed 0, and over three seeds."""
+    sweep = result("k_sweep_cpu")
+    labels = {"top-128": "kd student (top-128 cache)", "hard-labels": "hard-label student", "online": "online KD student"}
+    rows = [["teacher", f"{sweep['teacher']['ce']:.4f}", "", "0", "", "1"]]
+    for key, label in labels.items():
+        variant = sweep["variants"][key]
+        seed0, agg = variant["runs"]["0"]["heldout"], variant["aggregate"]
+        rows.append([label, f"{seed0['ce']:.4f}", f"{agg['ce']['mean']:.3f} ± {agg['ce']['sd']:.3f}",
+                     f"{seed0['kl_full']:.4f}", f"{agg['kl_full']['mean']:.3f} ± {agg['kl_full']['sd']:.3f}",
+                     f"{seed0['top1_agreement']:.4f}"])
+    return markdown(["model", "held-out CE, seed 0", "CE, 3 seeds", "full-vocabulary KL, seed 0", "KL, 3 seeds",
+                     "top-1 agreement, seed 0"], rows)
+
+
+def chat_example_caches() -> str:
+    rows = []
+    for name, got in result("chat_example_cpu")["caches"].items():
+        cache = got["inspect"]
+        rows.append([f"`runs/{name}`", num(cache["rows"]), num(got["manifest_totals"]["truncated_rows"]),
+                     num(cache["tokens"]), f"{cache['bytes'] / 2**20:.2f} MiB", num(cache["bytes_per_token"])])
+    return markdown(["cache (top-64, seq-len 256)", "conversations", "truncated", "target (assistant) tokens", "size",
+                     "bytes per target token"], rows)
+
+
+def chat_example() -> str:
+    rows = [[model, f"{got['ce']:.3f}", f"{got['kl_topk_bins']:.3f}", f"{got['top1_agreement']:.3f}"]
+            for model, got in result("chat_example_cpu")["heldout"].items()]
+    return markdown(["model", "CE", "`kl_topk_bins` ((k+1)-bin view: a lower bound of the full KL)", "top-1 agreement"],
+                    rows)
+
+
+# --- performance --------------------------------------------------------------------------------------
+
+
+def capture_throughput() -> str:
+    rows = []
+    for name in ("capture_h100", "capture_cpu"):
+        run = result(name)
+        speed, ratio = run["tokens_per_s"], run["ratio_to_forward"]
+        rows.append([run["device"], run["teacher"], num(run["vocab"]), num(run["batch_tokens"]), str(run["top_k"]),
+                     ", ".join(f"{t:g}" for t in run["temperatures"]), num(speed["forward"]),
+                     f"{num(speed['sparse_view'])} ({times(ratio['sparse_view'])})",
+                     f"{num(speed['capture'])} ({times(ratio['capture'])})", num(run["bytes_per_token"])])
+    return markdown(["device", "teacher", "V", "tokens a batch", "k", "T", "forward tokens/s",
+                     "+ sparse view (older)", "full capture", "B/token"], rows, right={2, 3, 4, 6, 7, 8, 9})
+
+
+def capture_fused() -> str:
+    names = {"capture_fused_demo_cpu": "demo teacher, 2 threads",
+             "capture_fused_demo_1thread_cpu": "demo teacher, 1 thread",
+             "capture_fused_v152k_cpu": "V = 151,936 head on a tiny body, 2 threads",
+             "capture_fused_v152k_1thread_cpu": "V = 151,936 head on a tiny body, 1 thread"}
+    rows = []
+    for name, label in names.items():
+        run = result(name)
+        ratio = run["ratio_to_forward"]
+        rows.append([f"{label} (`{name}.json`)", num(run["tokens_per_s"]["forward"]), times(ratio["view_reference"]),
+                     times(ratio["view"]), times(ratio["fused_head"]), times(ratio["capture"])])
+    return markdown(["run", "forward tokens/s", "previous view", "current view", "head-fused view", "full capture"],
+                    rows)
+
+
+def train_step() -> str:
+    rows = []
+    for name in ("train_h100", "train_cpu"):
+        run = result(name)
+        step, ratio = run["step_ms"], run["ratio_to_hard_label_ce"]
+        rows.append([run["device"], f"{run['student_params'] / 1e6:.2f} M", run["batch"].replace("x", " × "),
+                     num(run["vocab"]), str(run["top_k"]), num(step["hard_label_ce"]),
+                     f"{num(step['cached_topk_kd'])} ({times(ratio['cached_topk_kd'])})",
+                     f"{num(step['online_kd'])} ({times(ratio['online_kd'])})", num(run["loader_rows_per_s"]),
+                     num(run["step_consumes_rows_per_s"]), times(run["loader_headroom"], 1)])
+    return markdown(["device", "student", "rows × tokens", "V", "k", "hard-label CE ms/step", "cached top-k KD ms",
+                     "online KD ms", "loader rows/s", "step consumes rows/s", "loader headroom"], rows,
+                    right=set(range(3, 11)))
+
+
+def loader_decode() -> str:
+    run = result("loader_decode_cpu")
+    rows = [[encoding, num(got["bytes_per_token"]), num(got["rows_per_s_median"]), times(got["vs_float16_values"])]
+            for encoding, got in run["demo_loader"].items()]
+    return markdown(["demo cache (V = 2,048)", "B/token", "loader rows/s", "vs float16 values"], rows)
+
+
+def loader_decode_llm() -> str:
+    run = result("loader_decode_cpu")["llm_scale_decode_one_process"]
+    rows = [[values, f"{got['ms_per_row']:.1f}", num(got["rows_per_s"])] for values, got in run.items()]
+    return markdown(["values (V = 151,936, seq-len 1,024, k = 64)", "ms per row", "rows/s, one process"], rows)
+
+
+def train_memory() -> str:
+    median = result("train_memory_cpu")["median"]
+    labels = {"unfused_ce": "hard labels, unfused (α = 0)", "unfused_kd": "cached KD, unfused (α = 0.5)",
+              "fused_ce": "hard labels, fused", "fused_kd": "cached KD, fused"}
+    base = {"unfused_kd": "unfused_ce", "fused_kd": "fused_ce"}
+    rows = []
+    for key, label in labels.items():
+        got, ref = median[key], median.get(base.get(key, ""))
+        step, rss = f"{got['s_per_step']:.2f}", f"{num(got['peak_rss_mb'])} MB"
+        if ref:
+            step += f" ({times(got['s_per_step'] / ref['s_per_step'])})"
+            rss += f" ({times(got['peak_rss_mb'] / ref['peak_rss_mb'])})"
+        rows.append([label, step, rss])
+    return markdown(["step (× the same path's hard-label step)", "s/step", "peak RSS"], rows)
+
+
+def fused_kd() -> str:
+    summary = result("fused_kd_cpu")["summary"]
+    labels = {"hard_ce": "hard-label CE, unfused", "unfused_kd": "cached KD, unfused",
+              "fused_ce": "hard-label CE, fused", "fused_kd": "cached KD, fused"}
+    rows = [[label, f"{summary[key]['step_s']:.2f}", times(summary[key]["time_vs_hard_ce"]),
+             f"{summary[key]['peak_rss_gb']:.2f} GB", times(summary[key]["peak_rss_vs_hard_ce"])]
+            for key, label in labels.items()]
+    return markdown(["step (in one process)", "s/step", "vs unfused CE", "peak RSS", "vs unfused CE"], rows)
+
+
+def ingest_data_path() -> str:
+    run = result("ingest_cpu")
+    rows = [[workers, num(got["tokens_per_s"]), f"{got['first_block_s']:.1f} s", f"{got['cpu_s']:.1f}"]
+            for workers, got in run["data_path"]["by_workers"].items()]
+    forward = run["teacher_forward"]
+    rows.append([f"(the tiny teacher's forward, {forward['batch']})", num(forward["tokens_per_s"]), "", ""])
+    return markdown(["`--num-workers`", "tokens/s", "first block after", "CPU s"], rows)
+
+
+def ingest_rss() -> str:
+    run = result("ingest_cpu")
+    rows = [[f"{run['corpora'][name]['bytes'] / 1e6:,.0f} MB", f"{got['tokens'] / 1e6:.1f} M", str(got["shards"]),
+             num(got["peak_rss_mb"])] for name, got in run["captures"].items()]
+    return markdown(["corpus", "tokens", "shards", "peak RSS (MB)"], rows)
+
+
+def _remote(name: str) -> str:
+    run = result(name)
+    labels = {"local": "local folder"}
+    rows = []
+    for source, speed in run["median_rows_per_s"].items():
+        ahead = source.removeprefix("s3_read_ahead_")
+        label = labels.get(source) or ("`s3://`, no read-ahead" if ahead == "0" else f"`s3://`, `--read-ahead {ahead}`")
+        paired = run.get("median_paired_ratio_to_local", {}).get(source)
+        first = run.get("median_seconds_to_first_batch", {}).get(source)
+        cpu = run.get("median_cpu_s_per_epoch", {}).get(source)
+        rows.append([label, num(speed), f"{run['ratio_to_local'][source]:.2f}",
+                     "—" if paired is None else f"{paired:.2f}", "—" if first is None else f"{first:.2f} s",
+                     "—" if cpu is None else f"{cpu['loader_process']:.2f} + {cpu['store_process']:.2f}"])
+    return markdown(["source", "rows/s", "vs local", "paired", "first batch after",
+                     "CPU s per epoch: loader + S3 server"], rows)
+
+
+def remote_read() -> str:
+    return _remote("remote_read_cpu")
+
+
+def remote_read_small_shards() -> str:
+    return _remote("remote_read_small_shards_cpu")
+
+
+TABLES = {render.__name__.replace("_", "-"): render for render in (
+    demo, chat_example_caches, chat_example, k_sweep, tail_mass, kd_targets, cache_size,
+    cache_size_large_vocab, demo_capture_sizes, fidelity, capture_throughput, capture_fused, train_step,
+    loader_decode, loader_decode_llm, train_memory, fused_kd, ingest_data_path, ingest_rss, remote_read,
+    remote_read_small_shards)}
+
+
+def doc_paths() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def unknown_tables(text: str) -> list[str]:
+    """Names of the table markers in ``text`` that name no table, or that have no end marker."""
+    closed = {m.start() for m in MARKED.finditer(text)}
+    return [m.group("name") for m in OPENING.finditer(text) if m.group("name") not in TABLES or m.start() not in closed]
+
+
+def rendered(text: str) -> str:
+    """``text`` with every marked table rendered again from its JSON."""
+    return MARKED.sub(lambda m: f"<!-- table: {m['name']} -->\n{TABLES[m['name']]()}<!-- end table -->", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table differs from its JSON")
+    args = p.parse_args(argv)
+    problems = []
+    for path in doc_paths():
+        text = path.read_text()
+        if bad := unknown_tables(text):
+            problems.append(f"{path.relative_to(REPO)}: unknown or unclosed table markers {bad} "
+                            f"(known: {sorted(TABLES)})")
+            continue
+        new = rendered(text)
+        if new == text:
+            continue
+        differing = [m["name"] for m in MARKED.finditer(text) if m["body"] != TABLES[m["name"]]()]
+        if args.check:
+            problems.append(f"{path.relative_to(REPO)}: tables {differing} differ from benchmarks/results "
+                            "(run python benchmarks/tables.py)")
+        else:
+            path.write_text(new)
+            print(f"rewrote {path.relative_to(REPO)}: {', '.join(differing)}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
