@@ -45,18 +45,18 @@ def verify_cache(root: str | os.PathLike, *, storage_options: dict | None = None
 
 
 # A finished cache's manifest makes cache-teacher a no-op: it goes too, and the re-run redoes what is missing.
-LOCAL_FIX = f"restore it, or delete it and {MANIFEST_NAME} and re-run the same cache-teacher command to redo it"
+SHARD_FIX = f"restore it, or delete it and {MANIFEST_NAME} and re-run the same cache-teacher command to redo it"
 
 
 def _verify_shard(root, entry, fmt, schema, expected) -> str | None:
     path = resolve_shard_path(root, entry["name"])
     if not path.is_file():
-        return f"missing; {LOCAL_FIX}"
+        return f"missing; {SHARD_FIX}"
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return f"has {size} bytes, manifest says {entry['bytes']} (truncated?); {LOCAL_FIX}"
+        return f"has {size} bytes, manifest says {entry['bytes']} (truncated?); {SHARD_FIX}"
     if sha256_file(path) != entry["sha256"]:
-        return f"Checksum failure: sha256 differs from the manifest; {LOCAL_FIX}"
+        return f"Checksum failure: sha256 differs from the manifest; {SHARD_FIX}"
     return _verify_contents(path, entry, fmt, schema, expected)
 
 
@@ -80,13 +80,13 @@ def _verify_remote_shards(location: CacheLocation, entries: list[dict], fmt, sch
             index, entry = numbered
             info = listed.get(entry["name"])
             if info is None:
-                return "missing; re-run cache-teacher with the same settings to redo it"
+                return f"missing; {SHARD_FIX}"
             if info.size != entry["bytes"]:
-                return f"has {info.size} bytes, manifest says {entry['bytes']} (truncated?); restore it or re-create the cache"
+                return f"has {info.size} bytes, manifest says {entry['bytes']} (truncated?); {SHARD_FIX}"
             path = Path(folder) / f"{index}{fmt.suffix}"
             try:
                 if location.download(entry["name"], path) != entry["sha256"]:
-                    return "Checksum failure: sha256 differs from the manifest; restore it or re-create the cache"
+                    return f"Checksum failure: sha256 differs from the manifest; {SHARD_FIX}"
                 return _verify_contents(path, entry, fmt, schema, expected)
             finally:
                 path.unlink(missing_ok=True)
