@@ -2,7 +2,7 @@
 
 Causal LM (default): the shipped Llama teacher (``data/teacher``) is cached over the Shakespeare
 training split and the held-out play (top-128: the smallest k whose student ``benchmarks/k_sweep.py``
-measured within noise of online dense KD, see the README's "Choosing k"); a student is trained from the cache with KD, the same
+measured within noise of online dense KD, see docs/choosing-k.md); a student is trained from the cache with KD, the same
 student on hard labels only, and the same student with **online dense KD** (the teacher in memory,
 the KL over the whole vocabulary: :class:`~kdpipe.pipeline.train.online_kd.OnlineKDTrainer`), all with the
 same initialisation, rows, order and schedule. Teacher and students are evaluated on the held-out

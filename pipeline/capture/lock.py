@@ -10,7 +10,7 @@ rank whose lock is held is refused, naming the holder's pid (written into the fi
 The lock is reentrant within a process (the CLI takes it before clearing an ``--overwrite``'d cache,
 :func:`~kdpipe.pipeline.capture.run.run_capture` takes it again). On an object store (``s3://``)
 there is no lock: a store offers no lock that a killed owner releases, so captures into one remote
-``--out`` must not run at the same time (documented in the README).
+``--out`` must not run at the same time (documented in docs/capture.md).
 """
 
 from __future__ import annotations
