@@ -178,6 +178,151 @@ def chat_example() -> str:
                     rows)
 
 
+# --- the classification demo ---------------------------------------------------------------------------
+
+STUDENT_PARAMETERS = {"cnn_student": "6,274", "cnn_student_small": "1,702"}  # data/mnist_models.py
+
+
+def pct(value: float, sd: float | None = None, digits: int = 2) -> str:
+    """A fraction as a percentage, with its sd when given: ``91.38 ± 1.09 %``."""
+    return f"{100 * value:.{digits}f}" + ("" if sd is None else f" ± {100 * sd:.{digits}f}") + " %"
+
+
+def points(value: float, sd: float | None = None, digits: int = 2) -> str:
+    """An accuracy difference in percentage points: ``+3.10 ± 1.02``."""
+    return signed(100 * value, digits) + ("" if sd is None else f" ± {100 * sd:.{digits}f}")
+
+
+def _classification_run() -> dict:
+    """``kdpipe demo --task classification``'s results.json, from the OMP_NUM_THREADS=1 run."""
+    return result("classification_demo_threads_cpu")["demo_runs"]["1"]["results"]
+
+
+def classification_demo() -> str:
+    """Teacher and both students on the 1,000 held-out digits: mean ± sd over the demo's seeds."""
+    run = _classification_run()
+    rows = []
+    for model, got in run["table"].items():
+        def spread(metric: str, as_pct: bool = False, digits: int = 3) -> str:
+            sd = got.get(f"{metric}_sd")
+            if as_pct:
+                return pct(got[metric], sd)
+            return f"{got[metric]:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+        rows.append([model, spread("accuracy", as_pct=True), spread("macro_f1"), spread("ece"),
+                     "0" if model == "teacher" else spread("kl_full"), spread("top1_agreement")])
+    seeds = len(run["seeds"])
+    return markdown(["model", f"accuracy ({seeds} seeds)", "macro-F1", "ECE", "KL to the teacher", "top-1 agreement"],
+                    rows)
+
+
+def classification_demo_seeds() -> str:
+    """Each seed's two students and the paired gain (KD minus hard-label accuracy on the same seed)."""
+    run = _classification_run()
+    gain = run["accuracy_gain"]
+    rows = [[str(seed), pct(kd, digits=1), pct(hard, digits=1), points(g, digits=1)]
+            for seed, kd, hard, g in zip(run["seeds"], gain["kd"]["per_seed"], gain["hard"]["per_seed"],
+                                         gain["per_seed"])]
+    rows.append(["mean ± sd", pct(gain["kd"]["mean"], gain["kd"]["sd"]), pct(gain["hard"]["mean"], gain["hard"]["sd"]),
+                 points(gain["mean"], gain["sd"])])
+    return markdown(["seed", "KD student accuracy", "hard-label student accuracy", "gain (points)"], rows)
+
+
+def classification_demo_threads() -> str:
+    """The demo run with OMP_NUM_THREADS=2 and =1: its quality numbers, and whether they are identical."""
+    report = result("classification_demo_threads_cpu")
+    same = "identical" if report["quality_numbers_identical"] else "differ"
+    rows = []
+    for threads, demo_run in report["demo_runs"].items():
+        got = demo_run["results"]
+        kd, hard = got["table"]["kd student"], got["table"]["hard-label student"]
+        rows.append([f"`OMP_NUM_THREADS={threads}`", pct(kd["accuracy"]), pct(hard["accuracy"]),
+                     points(got["accuracy_gain"]["mean"]), f"{got['wall_s']:.0f} s", same])
+    return markdown(["run", "KD student accuracy (mean)", "hard-label (mean)", "gain (points)", "demo wall time",
+                     "every quality number"], rows)
+
+
+def classification_demo_sweep() -> str:
+    """The settings the sweep tried (3 seeds each), the chosen one first, then the others by what they vary
+    (in each group, in the order of the JSON: best gain / sd first)."""
+    names = {"rows": "training digits", "grid": "T × α", "size": "student width × digits", "steps": "steps"}
+    chosen = result("classification_demo_rows_cpu")["best"]
+    key = ("rows", "student", "T", "alpha", "steps")
+    seen, rows = set(), []
+
+    def row(label: str, setting: dict) -> list[str]:
+        gain = setting["accuracy_gain"]
+        return [label, num(setting["rows"]), f"`{setting['student']}` ({STUDENT_PARAMETERS[setting['student']]})",
+                f"{setting['T']:g}", f"{setting['alpha']:g}", str(setting["steps"]),
+                pct(setting["kd_accuracy"]["mean"], setting["kd_accuracy"]["sd"], 1),
+                pct(setting["hard_accuracy"]["mean"], setting["hard_accuracy"]["sd"], 1),
+                points(gain["mean"], gain["sd"]), num(setting["score"], 1),
+                "yes" if setting["gain_exceeds_spread"] else "no"]
+
+    rows.append(row("**chosen**", chosen))
+    seen.add(tuple(chosen[k] for k in key))
+    for name, label in names.items():
+        for setting in result(f"classification_demo_{name}_cpu")["settings"]:
+            if tuple(setting[k] for k in key) not in seen:
+                seen.add(tuple(setting[k] for k in key))
+                rows.append(row(label, setting))
+    return markdown(["varied", "digits", "student (parameters)", "T", "α", "steps", "KD accuracy", "hard-label",
+                     "gain (points)", "gain / sd", "gain > spread"], rows, right={1, 3, 4, 5, 6, 7, 8, 9})
+
+
+# --- reliability --------------------------------------------------------------------------------------
+
+
+def kill_soak_train() -> str:
+    soak = result("kill_soak_train_cpu")
+    phases, leaving = soak["by_phase"], soak["kills_leaving"]
+    rows = [[str(soak["kills"]), str(phases["start-up"]), str(phases["steps"]), str(phases["mid-write"]),
+             str(leaving["tmp"]), str(leaving["previous_only"]), str(leaving["torn_metrics"]),
+             f"{soak['identical']}/{soak['cycles']}", soak["damaged_folders_as_expected"]]]
+    return markdown(["SIGKILLs", "in start-up", "during steps", "inside a checkpoint write",
+                     "left a half-written `checkpoint.tmp/`", "left `checkpoint.previous/` only",
+                     "left a torn metrics line", "resumed runs byte-identical", "damaged folders as expected"], rows,
+                    right=set(range(9)))
+
+
+def _soak_outcome(case: dict) -> str:
+    """What a damaged-folder case printed, the run folder's path as ``RUN``, cut at its first ``;``."""
+    if case.get("error_lines"):
+        line = case["error_lines"][0]
+    elif case.get("stdout"):
+        line = case["stdout"]
+    else:
+        same = not case.get("differences_from_uninterrupted")
+        return "resumed; " + ("byte-identical to the uninterrupted run" if same else "differs from the uninterrupted run")
+    line = re.sub(r"/\S*/kdpipe-kill-soak-train-[^/\s]+/[^/\s]+", "RUN", line)
+    return f"`{line.split(';')[0]}`"
+
+
+def kill_soak_train_damaged() -> str:
+    rows = []
+    for damage, case in result("kill_soak_train_cpu")["damaged_folders"].items():
+        unchanged = case.get("folder_unchanged")
+        rows.append([damage, str(case["exit"]), _soak_outcome(case),
+                     "—" if unchanged is None else ("yes" if unchanged else "no")])
+    return markdown(["damage (then `--resume`)", "exit", "what it printed (up to its first `;`)", "folder unchanged"],
+                    rows, right={1})
+
+
+def reader_verify() -> str:
+    report = result("reader_verify_cpu")
+    every, one = report["evaluate_every_row"], report["inspect_one_row_per_shard"]
+    shards = int(report["command"].split("--shards ")[1].split()[0])
+    rows = [[f"`evaluate` / training: every row of {shards} shards", f"{every['unverified_s']:.1f} s",
+             f"{every['verified_s']:.1f} s", f"+{100 * (every['ratio_median_of_pairs'] - 1):.0f} %"],
+            [f"`inspect`: one row of each of {shards} shards", f"{one['unverified_s']:.2f} s",
+             f"{one['verified_s']:.2f} s", f"+{one['overhead_s_per_shard']:.2f} s a shard"],
+            ["`inspect` on a cache of 64 shards (extrapolated)", "", "",
+             f"+{report['inspect_64_shards_extra_s']:.0f} s"]]
+    shard = report["shard"]
+    return markdown([f"read ({shard['file_mb']:.0f} MB shards: {shard['shape']})", "hash not checked",
+                     "hash checked (default)", "cost of the check"], rows)
+
+
 # --- performance --------------------------------------------------------------------------------------
 
 
@@ -308,7 +453,8 @@ TABLES = {render.__name__.replace("_", "-"): render for render in (
     demo, chat_example_caches, chat_example, k_sweep, tail_mass, kd_targets, cache_size,
     cache_size_large_vocab, demo_capture_sizes, fidelity, capture_throughput, capture_fused, train_step,
     loader_decode, loader_decode_llm, train_memory, fused_kd, ingest_data_path, ingest_rss, remote_read,
-    remote_read_small_shards)}
+    remote_read_small_shards, classification_demo, classification_demo_seeds, classification_demo_threads,
+    classification_demo_sweep, kill_soak_train, kill_soak_train_damaged, reader_verify)}
 
 
 def doc_paths() -> list[Path]:
