@@ -89,3 +89,33 @@ def test_links_between_the_docs_resolve():
                 if anchor not in {github_anchor(h) for h in headings}:
                     broken.append(f"{doc.name}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_no_table_shows_a_path_of_the_machine_that_measured_it():
+    """The kill soak's messages name its temporary run folder; the docs show ``RUN`` instead."""
+    leaked = {name: render() for name, render in tables.TABLES.items() if re.search(r"/tmp/|/home/", render())}
+    assert not leaked, sorted(leaked)
+
+
+def test_the_classification_demo_means_are_those_of_its_per_seed_numbers():
+    """The table's mean ± sd (sd over n - 1) is what the per-seed accuracies in the same JSON give."""
+    import statistics
+
+    gain = tables._classification_run()["accuracy_gain"]
+    table = tables.TABLES["classification-demo"]()
+    for label, student in (("kd student", "kd"), ("hard-label student", "hard")):
+        per_seed = gain[student]["per_seed"]
+        mean, sd = 100 * statistics.mean(per_seed), 100 * statistics.stdev(per_seed)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert row.split(" | ")[1] == f"{mean:.2f} ± {sd:.2f} %"
+
+
+def test_the_demo_page_quotes_the_measured_gain():
+    """The numbers docs/demo.md states in words are the rendered ones, so a re-measured demo cannot
+    leave its prose behind."""
+    text = " ".join((REPO / "docs" / "demo.md").read_text().split())
+    gain = tables._classification_run()["accuracy_gain"]
+    measured = (f"{tables.points(gain['mean'], gain['sd'])} accuracy points "
+                f"(KD {tables.pct(gain['kd']['mean'], gain['kd']['sd'])} against hard labels "
+                f"{tables.pct(gain['hard']['mean'], gain['hard']['sd'])})")
+    assert measured in text, measured
