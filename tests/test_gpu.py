@@ -35,7 +35,7 @@ def test_cuda_capture_matches_dense_recomputation(tiny_lm_dir, text_dir, tmp_pat
     assert cache.manifest["teacher"]["dtype"] == dtype and cache.manifest["device"] != "cpu"
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=getattr(torch, dtype)).cuda().eval()
     for i in (0, 23):
-        row = cache.read(i, temperature=2.0)
+        row = cache.read_stored(i, temperature=2.0)
         with torch.no_grad():
             logits = model(torch.from_numpy(row["input_ids"])[None].cuda()).logits[0].float().cpu()
         dense = torch.log_softmax(logits / 2.0, dim=-1).numpy()

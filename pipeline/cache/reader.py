@@ -39,6 +39,26 @@ def topk_logprobs_at(topk_logits: np.ndarray, logsumexp: np.ndarray, temperature
     return topk_logits / np.float32(temperature) - logsumexp[..., None]
 
 
+def renormalized_topk_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
+    """The top-k log-probs rescaled so that they sum to ``1 - r_T``, the exact tail bucket's complement.
+
+    topk_logprobs: [..., k] ``log p_T`` as stored (``topk_logits / T - logsumexp_T``); tail_logprob: [...]
+    ``log r_T``. Returns ``topk_logprobs + log(1 - r_T) - logsumexp(topk_logprobs)``, so that the k + 1
+    bins sum to 1: quantized values (and their float16 ``logsumexp``) leave the stored sum a little off
+    ``1 - r_T``; this is what training (``train-student``, ``TargetCollator``) and :meth:`TeacherCache.read`
+    use for a quantized cache. A row with an empty top-k (k = 0) or a tail of mass 1 is left as it is.
+    """
+    if topk_logprobs.shape[-1] == 0:
+        return topk_logprobs
+    shift = _log1mexp(tail_logprob) - torch.logsumexp(topk_logprobs, dim=-1)
+    return topk_logprobs + torch.where(torch.isfinite(shift), shift, 0.0)[..., None]
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (``-inf`` at ``x = 0``)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 class TeacherCache:
     """A finished teacher cache: ``len(cache)`` rows, ``cache.read(i, temperature=T)``.
 
@@ -216,23 +236,45 @@ class TeacherCache:
         return decode_rows(self.schema, stored)
 
     def read_raw(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i`` in the logical fields of :mod:`kdpipe.pipeline.cache.schema`, at no temperature."""
+        """Row ``i`` exactly as stored, decoded into the logical fields of :mod:`kdpipe.pipeline.cache.schema`
+        (``topk_logits``, ``logsumexp`` and ``tail_logprob`` of every captured temperature, ...), at no
+        temperature and without any renormalisation."""
         shard, row = self.locate(int(i))
         return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
 
     def read(self, i: int, *, temperature: float = 1.0) -> dict[str, np.ndarray]:
-        """Row ``i`` at a captured temperature.
+        """Row ``i`` at a captured temperature, with the teacher targets training uses.
 
         Returns ``input_ids [L]`` (text teachers), ``topk_ids [P, k]`` (int64),
-        ``topk_logprobs [P, k]`` (``log p_T`` of those ids, fp32), ``tail_mass [P]``
-        (``1 - sum p_T`` over the top-k), ``mask [P]``, ``sample_index``, ``input_hash``, for
+        ``topk_logprobs [P, k]`` (``log p_T`` of those ids, fp32), ``tail_mass [P]`` (the mass ``r_T``
+        outside the top-k, as captured), ``mask [P]``, ``sample_index``, ``input_hash``, for
         classifiers ``label`` and, for sampled caches, ``sample_ids [P, m]``, ``sample_counts [P, m]``,
         ``sample_logprobs [P, m]`` (exact ``log p_T`` of the drawn ids; ``-inf`` at empty slots) and
-        ``sample_weights [P, m]`` (their unbiased importance weights at ``T``; 0 at empty slots). Position ``t`` of a causal LM row is the teacher's distribution of
-        the token after ``input_ids[: t + 1]`` (Hugging Face ``logits[:, t]``).
+        ``sample_weights [P, m]`` (their unbiased importance weights at ``T``; 0 at empty slots). Position
+        ``t`` of a causal LM row is the teacher's distribution of the token after ``input_ids[: t + 1]``
+        (Hugging Face ``logits[:, t]``).
+
+        A quantized cache's ``topk_logprobs`` are renormalised as training renormalises them
+        (:func:`renormalized_topk_logprobs`: they sum to ``1 - tail_mass``); a float cache's are the stored
+        values. :meth:`read_stored` gives the stored values at ``T`` without the renormalisation.
         """
         j = self.schema.temperature_index(temperature)
         raw = self.read_raw(i)
+        out = self._at_temperature(raw, j, temperature)
+        if self.schema.value_dtype == "quantized":
+            tail_logprob = torch.from_numpy(np.ascontiguousarray(raw["tail_logprob"][:, j]))
+            out["topk_logprobs"] = renormalized_topk_logprobs(torch.from_numpy(out["topk_logprobs"]), tail_logprob).numpy()
+        return out
+
+    def read_stored(self, i: int, *, temperature: float = 1.0) -> dict[str, np.ndarray]:
+        """Row ``i`` at a captured temperature as :meth:`read` returns it, but with ``topk_logprobs`` as
+        stored: ``topk_logits / T - logsumexp_T``, not renormalised (for a quantized cache they sum to
+        ``1 - tail_mass`` only up to the values' rounding; a float cache's are what :meth:`read` gives)."""
+        j = self.schema.temperature_index(temperature)
+        return self._at_temperature(self.read_raw(i), j, temperature)
+
+    def _at_temperature(self, raw: dict, j: int, temperature: float) -> dict[str, np.ndarray]:
+        """A raw row's fields at captured temperature ``temperature`` (index ``j``), values as stored."""
         out = {
             "topk_ids": raw["topk_ids"],
             "topk_logprobs": topk_logprobs_at(raw["topk_logits"], raw["logsumexp"][:, j], temperature),

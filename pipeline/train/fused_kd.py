@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import typing
 
 import torch
 
@@ -91,6 +92,41 @@ def output_head(model: torch.nn.Module):
     return head.weight, head.bias
 
 
+class BodyAndHead(typing.NamedTuple):
+    """A causal LM split where its lm-head reads: ``body(input_ids=..., attention_mask=...)`` returns the
+    hidden states (``.last_hidden_state`` / ``[0]``, ``[B, P, H]``) that ``weight [V, H]`` and ``bias [V]``
+    (or None) turn into the model's logits."""
+    body: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def body_and_head(model: torch.nn.Module) -> BodyAndHead | None:
+    """The body and the lm-head of a Hugging Face causal LM for the fused loss, or None when
+    :func:`output_head` is None or no body is found.
+
+    The body is the model's ``get_decoder()`` where transformers has it (Llama, Qwen2, Mistral, Gemma,
+    Phi: ``model.model``; OPT: ``model.model.decoder``; GPT-2, Falcon, Bloom: ``model.transformer``;
+    GPT-NeoX: ``model.gpt_neox``), else its ``base_model`` (the submodule named by
+    ``base_model_prefix``).
+    """
+    head = output_head(model)
+    if head is None:
+        return None
+    body = None
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            body = get()
+        except (AttributeError, NotImplementedError):  # older transformers: no generic get_decoder
+            body = None
+    if not isinstance(body, torch.nn.Module) or body is model:
+        body = getattr(model, "base_model", None)
+    if not isinstance(body, torch.nn.Module) or body is model:
+        return None
+    return BodyAndHead(body, *head)
+
+
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk so that one ``[rows, vocab]`` fp32 buffer is about ``DEFAULT_CHUNK_BYTES``."""
     return max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, vocab)))
@@ -134,7 +170,9 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
         chunk_rows: rows per chunk (default: ~128 MiB of [rows, V] fp32 buffers in all, i.e.
             ``default_chunk_rows(V)`` rows, half as many when KD and CE both run at ``T != 1``).
         vocab_size: use only the first ``vocab_size`` rows of the head (logits ``[:, :vocab_size]``);
-            default all ``V_head`` rows. ``V`` below means this number.
+            default all ``V_head`` rows. ``V`` below means this number. The vocabulary policy
+            (``targets.apply_vocab_policy``) passes the teacher's ``V_t`` for a head with more rows
+            (``targets.student_vocab_in_use``): the extra rows are masked out of the student's softmax.
 
     Returns:
         ``{"loss": alpha * kd + (1 - alpha) * ce, "kd": kd, "ce": ce}``, fp32 scalars with the values of

@@ -81,7 +81,7 @@ def test_chat_cache_matches_dense_teacher(chat_cache):
         with torch.no_grad():  # right padding: the real positions never attend to it
             logits = model(ids).logits[0]
         for t in (1.0, 2.0):
-            assert_matches_dense(cache.read(i, temperature=t), logits, t, cache.schema.value_dtype)
+            assert_matches_dense(cache.read_stored(i, temperature=t), logits, t, cache.schema.value_dtype)
 
 
 @pytest.mark.slow
