@@ -102,3 +102,55 @@ def test_collator_refuses_an_uncaptured_temperature_and_a_mismatched_loss(workdi
     batch = kdpipe.TargetCollator(cache, temperature=2.0)(next(iter(kdpipe.CacheDataset(cache, batch_size=2))))
     with pytest.raises(ValueError, match="the targets are at T=2 but temperature=1"):
         kdpipe.distillation_loss(batch["teacher"], torch.zeros(2 * 128, 2048), alpha=0.5, temperature=1.0)
+
+
+def _gpt2_student(vocab: int):
+    """A tiny random GPT-2-shaped student (its body is ``student.transformer``) with ``vocab`` output rows."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def test_vocabulary_policy_through_the_public_api(workdir):
+    """Issue 26 item 4 on the demo teacher (2,048 logits): a 2,112-row student gets the loss of its first
+    2,048 columns, fused (through body_and_head) and unfused; a 2,000-row student is refused in one line."""
+    cache = kdpipe.open_cache(workdir / "runs" / "demo" / "cache-train")
+    assert cache.manifest["capture"]["teacher_vocab_size"] == 2048
+    batch = kdpipe.TargetCollator(cache, temperature=2.0)(next(iter(kdpipe.CacheDataset(cache, batch_size=2,
+                                                                                          shuffle=False))))
+    loss_fn = kdpipe.DistillationLoss(alpha=0.5, temperature=2.0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    padded = _gpt2_student(2112)
+    body, weight, bias = kdpipe.body_and_head(padded)
+    hidden = body(**inputs).last_hidden_state
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # [B, P, 2112]
+    cut = loss_fn(batch["teacher"], logits[..., :2048])  # the student restricted to the teacher's vocabulary
+    for out in (loss_fn(batch["teacher"], logits), loss_fn(batch["teacher"], hidden=hidden, head_weight=weight,
+                                                            head_bias=bias)):
+        for key in ("loss", "kd", "ce"):
+            torch.testing.assert_close(out[key], cut[key], rtol=1e-5, atol=1e-6)
+    small = _gpt2_student(2000)
+    from kdpipe.pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        loss_fn(batch["teacher"], small(**inputs).logits)
+    assert re.fullmatch(r"the student's vocabulary \(2000\) does not cover the 2048 ids of the teacher's vocabulary; "
+                        r"give the student a vocab_size \(or num_labels\) of at least that", str(refused.value))
+
+
+def test_read_returns_what_the_collator_trains_on(workdir):
+    """Issue 26 item 7: ``cache.read(i, temperature=T)`` gives the collator's (renormalised) targets."""
+    cache = kdpipe.open_cache(workdir / "runs" / "demo" / "cache-train")
+    assert cache.schema.value_dtype == "quantized"
+    rows = next(iter(kdpipe.CacheDataset(cache, batch_size=3, shuffle=False)))
+    teacher = kdpipe.TargetCollator(cache, temperature=2.0)(rows)["teacher"]
+    positions = cache.schema.positions
+    logprobs = teacher["topk_logprobs"].reshape(3, positions, -1)
+    for b, key in enumerate(rows["sample_index"].tolist()):
+        i = next(i for i in range(len(cache)) if int(cache.read_raw(i)["sample_index"]) == key)
+        read = cache.read(i, temperature=2.0)
+        torch.testing.assert_close(torch.from_numpy(read["topk_logprobs"]), logprobs[b], rtol=0, atol=2e-6)
+        stored = torch.from_numpy(cache.read_stored(i, temperature=2.0)["topk_logprobs"])
+        assert (stored - logprobs[b]).abs().max() > 1e-4  # the stored values are not what training uses
