@@ -8,6 +8,11 @@ space, with ``log q_tail = logsumexp(s_notS / T) - logsumexp(s / T)``.
 Conventions: all divergences are per position over the last dim, use ``0 * log 0 = 0`` (bins where
 the weighting distribution is exactly 0 contribute 0 to the value and the gradient), are computed
 in fp32 and are reported as ``T**2 * mean over counted positions``.
+
+Vocabulary sizes: these functions take the student's logits as given (``V`` columns, every id and label
+``< V``). The policy for a student whose vocabulary differs from the teacher's (extra logits masked
+out, a smaller one refused) is :func:`kdpipe.pipeline.train.targets.apply_vocab_policy`, which the
+library's loss (``kdpipe.distillation_loss``) and ``train-student`` apply before calling them.
 """
 from __future__ import annotations
 
@@ -229,6 +234,11 @@ def hard_label_ce(student_logits, labels, *, mask=None, ignore_index=-100) -> to
     mask = _check_mask(mask, n)
     if mask is not None:
         labels = labels.masked_fill(~mask, ignore_index)
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= student_logits.shape[1]))
+    if bool(bad.any()):  # F.cross_entropy would fail with an index error (a device-side assert on CUDA)
+        raise ValueError(f"labels hold ids outside 0..{student_logits.shape[1] - 1} (the student's vocabulary), e.g. "
+                         f"{int(labels[bad][0])}; use ignore_index={ignore_index} for positions without a label")
     total = F.cross_entropy(student_logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp_min(1)
 

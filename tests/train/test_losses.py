@@ -308,3 +308,14 @@ def test_student_bins_at_logit_scale_100_are_as_exact_as_log_softmax():
             assert (err <= 1e-6 + 2.5e-7 * want.abs()).all(), (temperature, err.max().item())
             dense = F.log_softmax(s / temperature, dim=-1).gather(1, ids).double()
             assert err[:, :-1].max() <= 1.5 * (dense - want[:, :-1]).abs().max() + 1e-7
+
+
+def test_hard_label_ce_refuses_a_label_outside_the_students_vocabulary():
+    """A student with fewer outputs than the labels need: a ValueError naming the id (not an index error
+    or a CUDA device-side assert); masked-out and ignored positions may hold anything."""
+    logits = torch.randn(4, 10)
+    labels = torch.tensor([1, 12, -100, 3])
+    with pytest.raises(ValueError, match=r"labels hold ids outside 0..9 \(the student's vocabulary\), e.g. 12"):
+        hard_label_ce(logits, labels)
+    masked = hard_label_ce(logits, labels, mask=torch.tensor([True, False, True, True]))
+    torch.testing.assert_close(masked, F.cross_entropy(logits[[0, 3]], labels[[0, 3]]))
