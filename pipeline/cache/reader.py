@@ -263,7 +263,8 @@ class TeacherCache:
         out = self._at_temperature(raw, j, temperature)
         if self.schema.value_dtype == "quantized":
             tail_logprob = torch.from_numpy(np.ascontiguousarray(raw["tail_logprob"][:, j]))
-            out["topk_logprobs"] = renormalized_topk_logprobs(torch.from_numpy(out["topk_logprobs"]), tail_logprob).numpy()
+            stored = torch.from_numpy(out["topk_logprobs"])
+            out["topk_logprobs"] = renormalized_topk_logprobs(stored, tail_logprob).numpy()
         return out
 
     def read_stored(self, i: int, *, temperature: float = 1.0) -> dict[str, np.ndarray]:

@@ -76,7 +76,8 @@ def test_a_quantized_caches_top_k_and_tail_sum_to_one_only_after_read(cache):
         total_stored = np.exp(stored["topk_logprobs"].astype(np.float64)).sum(-1) + stored["tail_mass"]
         worst_read = max(worst_read, float(np.abs(total - 1)[mask].max()))
         worst_stored = max(worst_stored, float(np.abs(total_stored - 1)[mask].max()))
-        np.testing.assert_array_equal(stored["topk_logprobs"], raw["topk_logits"] / np.float32(2.0) - raw["logsumexp"][:, j:j + 1])
+        as_stored = raw["topk_logits"] / np.float32(2.0) - raw["logsumexp"][:, j:j + 1]
+        np.testing.assert_array_equal(stored["topk_logprobs"], as_stored)
         if not quantized:  # float values are used as stored
             np.testing.assert_array_equal(row["topk_logprobs"], stored["topk_logprobs"])
     if quantized:

@@ -99,6 +99,29 @@ def test_a_larger_student_gets_the_loss_of_its_first_v_columns(cache, temperatur
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_a_larger_student_matches_a_dense_computation_on_its_first_v_columns(cache, temperature):
+    """Forward KL on the (k+1) bins and CE, written out in float64 from a softmax over columns 0..V-1."""
+    batch = collated(cache, temperature)
+    targets = flat(batch["teacher"])
+    hidden, weight, bias = student_head(extra=64, seed=3)
+    logits = F.linear(hidden, weight, bias).detach()  # [N, V + 64]
+    log_q = F.log_softmax(logits[:, :V].double() / temperature, dim=-1)
+    q_top = log_q.gather(1, targets.topk_ids)
+    q_tail = torch.logsumexp(log_q.scatter(1, targets.topk_ids, float("-inf")), dim=-1, keepdim=True)
+    log_p = torch.cat([targets.topk_logprobs.double(), targets.tail_logprob.double()[:, None]], dim=1)
+    kl = (log_p.exp() * (log_p - torch.cat([q_top, q_tail], dim=1))).sum(-1)
+    kd = temperature ** 2 * kl[targets.kd_mask].mean()
+    counted = targets.ce_mask & (targets.labels != -100)
+    ce = F.cross_entropy(logits[:, :V].double()[counted], targets.labels[counted])
+    loss_fn = kdpipe.DistillationLoss(alpha=0.6, temperature=temperature)
+    fused = loss_fn(batch["teacher"], hidden=hidden.detach(), head_weight=weight.detach(), head_bias=bias.detach())
+    for out in (loss_fn(batch["teacher"], logits), fused):
+        torch.testing.assert_close(out["kd"].double(), kd, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["ce"].double(), ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["loss"].double(), 0.6 * kd + 0.4 * ce, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_an_equal_student_is_unchanged(cache, temperature):
     batch = collated(cache, temperature)
     targets = flat(batch["teacher"])
