@@ -45,8 +45,8 @@ def run_example(name: str, workdir: Path) -> str:
     return result.stdout
 
 
-def test_the_doc_has_the_three_examples():
-    assert set(examples()) == {"plain-loop", "hf-trainer", "workers"}
+def test_the_doc_has_the_four_examples():
+    assert set(examples()) == {"plain-loop", "hf-trainer", "workers", "accelerate"}
 
 
 def test_plain_loop_example_learns_from_the_cache(workdir):
@@ -65,6 +65,14 @@ def test_two_workers_example_sees_every_row_once(workdir):
     out = run_example("workers", workdir)
     rows, distinct, total = map(int, re.search(r"(\d+) rows, (\d+) distinct, of (\d+)", out).groups())
     assert rows == distinct == total == 48, out
+
+
+def test_accelerate_example_trains_from_the_prepared_loader(workdir):
+    out = run_example("accelerate", workdir)
+    epochs = re.findall(r"epoch \d: (\d+) steps, kd ([\d.]+) ce ([\d.]+)", out)
+    assert [int(steps) for steps, _, _ in epochs] == [6, 6], out  # 48 rows, 8 a step, one process
+    kd = [float(value) for _, value, _ in epochs]
+    assert kd[-1] < kd[0] and all(float(ce) > 0 for _, _, ce in epochs), out
 
 
 def test_public_names_are_exactly_the_documented_ones():

@@ -18,6 +18,11 @@ the epoch's first rows, so every rank gets the same number of rows and runs the 
 DataLoader worker ``w`` of ``n`` makes batches ``w, w + n, ...``; the DataLoader hands them out in
 order. Memory holds the decoded chunks of about one window. Every row's alignment key is checked
 before it is used.
+
+``all_ranks=True`` makes one stream for every process instead of one process's share: each global
+batch as its ``world_size`` rank shares, rank 0's first. A loader that deals consecutive batches out to
+its processes (``accelerate``'s prepared DataLoader, with or without ``dispatch_batches``; the Hugging
+Face ``Trainer``) then gives process ``r`` exactly what rank ``r`` reads here.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import numbers
 import os
 
 import numpy as np
@@ -33,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdpipe.pipeline.cache.reader import TeacherCache, release_shard
 from kdpipe.pipeline.data import input_hash
-from kdpipe.pipeline.errors import IntegrityError
+from kdpipe.pipeline.errors import ConfigError, IntegrityError
 
 
 def heldout_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -110,22 +116,32 @@ class CacheDataset(IterableDataset):
     inputs: model inputs for caches without token ids (module teachers): ``inputs[sample_index]``
     is fed to the student and must hash to the row's ``input_hash``.
     rank, world_size: this process's share; None = from ``torch.distributed`` (0 of 1 without it).
-    Iterate it with ``DataLoader(dataset, batch_size=None, num_workers=...)``.
+    all_ranks: yield every rank's share of each global batch in turn (rank 0's first), for loaders that
+    deal batches out to processes themselves (``accelerate``); ``rank`` must then be None.
+    Iterate it with ``DataLoader(dataset, batch_size=None, num_workers=...)``; ``len(dataset)`` is the
+    number of batches an iteration yields.
     """
 
     def __init__(
         self, cache: str | os.PathLike | TeacherCache, *, batch_size: int, rows: np.ndarray | None = None,
         shuffle: bool = True, seed: int = 0, shuffle_window: int = 1024, verify_hashes: bool = True,
         inputs: np.ndarray | None = None, rank: int | None = None, world_size: int | None = None,
+        all_ranks: bool = False,
     ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} is invalid: pass the rows per batch, a positive integer")
+        if all_ranks and rank is not None:
+            raise ConfigError(f"all_ranks=True yields every rank's share, so rank={rank} has no meaning: "
+                              "leave rank unset")
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache, verify_hashes=verify_hashes)
         selected = np.zeros(len(self.cache), dtype=bool)
         selected[np.arange(len(self.cache)) if rows is None else rows] = True
-        self.batch_size, self.shuffle, self.seed, self.shuffle_window = batch_size, shuffle, seed, shuffle_window
+        self.batch_size, self.shuffle, self.seed, self.shuffle_window = int(batch_size), shuffle, seed, shuffle_window
         self.inputs = inputs
         default_rank, default_world = distributed_rank()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
+        self.all_ranks = all_ranks
         self.epoch, self.start_batch = 0, 0
         self._chunks = self._selected_chunks(selected)
         self._shard_starts = np.asarray(self.cache._starts)  # [shards + 1] first global row of each shard
@@ -153,22 +169,34 @@ class CacheDataset(IterableDataset):
         """Batches every rank makes per epoch (the same for all ranks)."""
         return math.ceil(self.num_rows / (self.batch_size * self.world_size))
 
+    def __len__(self) -> int:
+        """Batches one iteration yields: the epoch's from ``start_batch`` on (``world_size`` times as many
+        with ``all_ranks``)."""
+        return max(0, self.batches_per_epoch - self.start_batch) * (self.world_size if self.all_ranks else 1)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Iterate epoch ``epoch`` from its batch ``start_batch`` (earlier ones are skipped unread)."""
+        """Iterate epoch ``epoch`` from its global batch ``start_batch`` (earlier ones are skipped unread)."""
         self.epoch, self.start_batch = epoch, start_batch
 
     def order(self) -> EpochOrder:
         return epoch_order(self._chunks, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                            shuffle_window=self.shuffle_window)
 
-    def batch_rows(self, order: EpochOrder, index: int) -> np.ndarray:
-        return order.batch_rows(index, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size)
+    def batch_rows(self, order: EpochOrder, index: int, rank: int | None = None) -> np.ndarray:
+        """Global row numbers of ``rank``'s share (default this dataset's) of global batch ``index``."""
+        return order.batch_rows(index, batch_size=self.batch_size, rank=self.rank if rank is None else rank,
+                                world_size=self.world_size)
+
+    def shares(self) -> list[tuple[int, int]]:
+        """(global batch, rank) of every batch one iteration yields, in order."""
+        ranks = range(self.world_size) if self.all_ranks else [self.rank]
+        return [(b, r) for b in range(self.start_batch, self.batches_per_epoch) for r in ranks]
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         order = self.order()
-        plan = [self.batch_rows(order, b) for b in range(self.start_batch + worker, self.batches_per_epoch, workers)]
+        plan = [self.batch_rows(order, b, r) for b, r in self.shares()[worker::workers]]
         chunk_ids = [self._chunk_ids(rows) for rows in plan]  # shard << 32 | chunk within the shard
         last_use = {int(c): n for n, ids in enumerate(chunk_ids) for c in np.unique(ids)}
         shard_last_use = {}

@@ -57,7 +57,7 @@ from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.train.fused_kd import output_head
 from kdpipe.pipeline.train.objective import distillation_objective, targets_for, uses_draws
 from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
-from kdpipe.pipeline.train.targets import TeacherTargets, check_student_vocab, fold_padded_vocab
+from kdpipe.pipeline.train.targets import TeacherTargets, Vocabulary, check_student_vocab, fold_padded_vocab
 
 
 class Trainer:
@@ -158,7 +158,8 @@ class Trainer:
 
     def targets(self, batch: dict, *, temperature: float) -> TeacherTargets:
         """The batch's teacher targets at ``temperature`` (with the draws when the loss uses them)."""
-        return targets_for(self.cache.schema, batch, temperature=temperature, kind=self.config.loss)
+        return targets_for(self.cache.schema, batch, temperature=temperature, kind=self.config.loss,
+                           vocabulary=Vocabulary.of(self.cache))
 
     def distributed_record(self) -> dict:
         """How the run was spread (recorded in run.json)."""
