@@ -84,4 +84,8 @@ def one_batch(batch, *, who: str) -> Mapping:
         keys = ", ".join(sorted(batch)) if isinstance(batch, Mapping) else type(batch).__name__
         raise ConfigError(f"{who} got no cache rows ({keys}): it collates CacheDataset batches unchanged "
                           f"(a Hugging Face Trainer: remove_unused_columns=False); {fix}")
+    keys = batch.get("sample_index")
+    if isinstance(keys, torch.Tensor) and keys.dim() != 1:  # whole batches stacked by default_collate
+        raise ConfigError(f"{who} got {tuple(keys.shape[:-1])} stacked batches of {keys.shape[-1]} rows: "
+                          f"CacheDataset yields whole batches, so its DataLoader must not batch them again; {fix}")
     return batch

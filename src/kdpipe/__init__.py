@@ -5,8 +5,9 @@ The public library API (stable under the cache format's versioning; everything e
 - :func:`open_cache` / :class:`TeacherCache`: a finished teacher cache, local or on an object store;
 - :class:`CacheDataset`: a ``torch.utils.data`` dataset of whole batches of its rows, split by
   DataLoader workers and by ranks, shuffled deterministically per epoch, shards verified;
-- :class:`TargetCollator`: its ``collate_fn``: the student's inputs and the flat teacher targets
-  (:class:`TeacherTargets`) at one captured temperature, causal shift done;
+- :class:`TargetCollator`: its ``collate_fn``: the student's inputs and the teacher targets at one
+  captured temperature, causal shift done, as per-row tensors (the loss flattens them to
+  :class:`TeacherTargets`);
 - :func:`distillation_loss` / :class:`DistillationLoss`: ``alpha * T**2 * D + (1 - alpha) * CE`` on
   those targets (:data:`LOSS_KINDS`), from the student's logits or fused with its lm-head
   (:func:`output_head`, :func:`body_and_head`).

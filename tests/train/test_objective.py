@@ -244,6 +244,9 @@ def test_a_loader_that_batches_whole_batches_again_is_refused_with_the_fix(cache
     assert all(torch.equal(a, b) for a, b in zip(leaves_of(one), leaves_of(whole)))
     with pytest.raises(ConfigError, match=r"got no cache rows \(input_ids\).*remove_unused_columns=False"):
         collate({"input_ids": whole["input_ids"]})
+    stacked = next(iter(DataLoader(data, batch_size=3)))  # default_collate stacks 3 whole batches: [3, 4, ...]
+    with pytest.raises(ConfigError, match=r"got \(3,\) stacked batches of 4 rows: .*batch_size=None"):
+        collate(stacked)
     with pytest.raises(ValueError, match="sampler"):  # torch's own refusal: an iterable dataset takes no sampler
         DataLoader(data, batch_size=None, sampler=range(3))
 
@@ -260,3 +263,27 @@ def test_hf_trainer_given_the_dataset_and_collator_says_how_to_build_the_loader(
                       data_collator=kdpipe.TargetCollator(cache, temperature=2.0))
     with pytest.raises(ConfigError, match="TargetCollator got a list of 2 batches.*get_train_dataloader"):
         trainer.train()
+
+
+def test_a_classification_cache_collates_one_position_per_row_and_the_loss_reads_it(module_teacher, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(main, [
+        "cache-teacher", "--teacher", module_teacher["spec"], "--weights", str(module_teacher["weights"]),
+        "--data", str(module_teacher["data"]), "--out", str(out), "--top-k", "3", "--temperature", "2"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with np.load(module_teacher["data"]) as npz:
+        x, y = npz["x"].astype(np.float32) / 255.0, npz["y"]
+    cache = kdpipe.open_cache(out)
+    data = kdpipe.CacheDataset(cache, batch_size=8, inputs=x, shuffle=False)
+    batch = next(iter(DataLoader(data, batch_size=None, collate_fn=kdpipe.TargetCollator(cache, temperature=2.0))))
+    teacher = batch["teacher"]
+    assert batch["inputs"].shape[0] == 8 and teacher["topk_ids"].shape == (8, 1, 3)
+    assert teacher["labels"][:, 0].tolist() == [int(y[i]) for i in batch["sample_index"]]
+    logits = module_teacher["build"]()(batch["inputs"])[:, None, :]  # [B, 1, 10]
+    each = kdpipe.distillation_loss(teacher, logits, alpha=0.5, temperature=2.0, reduction="none")
+    mean = kdpipe.distillation_loss(teacher, logits, alpha=0.5, temperature=2.0)
+    assert each["ce"].shape == (8, 1) and int(mean["ce_count"]) == int(mean["kd_count"]) == 8
+    torch.testing.assert_close(each["loss"].mean(), mean["loss"], rtol=1e-5, atol=1e-6)
