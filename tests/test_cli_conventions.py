@@ -220,8 +220,12 @@ def interrupt(args, *, once: str, cwd: Path) -> tuple[int, str]:
     """Run ``kdpipe ARGS`` in a new process, send it SIGINT (Ctrl-C) as soon as its stderr shows a line
     starting with ``once`` (the work is under way), and return its exit code and whole stderr."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Ctrl-C's default action in the child even where this suite runs with SIGINT ignored (a shell's
+    # background job ignores it, and an ignored signal stays ignored across exec: Python would then
+    # never raise KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(300, proc.kill)  # never hang the suite
     watchdog.start()
     try:
