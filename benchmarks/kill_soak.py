@@ -73,10 +73,10 @@ def command(args, out: Path) -> list[str]:
 
 
 def run(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, wait_for_bar: bool,
-        at_next_write: bool = False) -> tuple[str, float, float]:
-    """Run ``cmd``; SIGKILL it ``kill_after`` s after its start (or after its progress bar appears);
-    with ``at_next_write``, then wait until a ``*.tmp`` file appears (a shard or the progress record
-    being written) and kill at once.
+        at_next_write: bool = False, bar: str = "cache-teacher:", writing=None) -> tuple[str, float, float]:
+    """Run ``cmd``; SIGKILL it ``kill_after`` s after its start (or after its progress line ``bar``
+    appears); with ``at_next_write``, then wait until ``writing(out)`` (default: a ``*.tmp`` file
+    appears: a shard or the progress record being written) and kill at once.
 
     Returns ("killed" | "finished", seconds until the progress bar appeared, seconds after it).
     """
@@ -86,13 +86,13 @@ def run(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, wait_
     try:
         bar_at = None
         while proc.poll() is None and (wait_for_bar or kill_after is None) and bar_at is None:
-            if "cache-teacher:" in log.read_text():
+            if bar in log.read_text():
                 bar_at = time.monotonic() - started
             time.sleep(0.02)
         if kill_after is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=kill_after)
-        while at_next_write and proc.poll() is None and not _writing(out):
+        while at_next_write and proc.poll() is None and not (writing or _writing)(out):
             time.sleep(0.0005)
         if proc.poll() is None and kill_after is not None:
             proc.send_signal(signal.SIGKILL)
@@ -100,7 +100,7 @@ def run(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, wait_
             return "killed", bar_at or 0.0, 0.0
         proc.wait()
         if proc.returncode != 0:
-            raise SystemExit(f"capture failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise SystemExit(f"{bar.rstrip(':')} failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
         return "finished", bar_at or 0.0, time.monotonic() - started - (bar_at or 0.0)
     finally:
         if proc.poll() is None:

@@ -27,12 +27,12 @@ import contextlib
 import json
 import random
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import kill_soak
 from kill_soak import KDPIPE, REPO, tiny_teacher
 
 STEPS, HALF = 40, 20
@@ -66,34 +66,9 @@ def command(cache: Path, student: Path, out: Path, steps: int = STEPS) -> list[s
 
 def run(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, wait_for_bar: bool,
         at_next_write: bool = False) -> tuple[str, float, float]:
-    """Run ``cmd``; SIGKILL it ``kill_after`` s after its start (or after its progress bar appears),
-    with ``at_next_write`` at the next checkpoint write after that. Returns ("killed" | "finished",
-    seconds until the bar appeared, seconds after it)."""
-    started = time.monotonic()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        bar_at = None
-        while proc.poll() is None and (wait_for_bar or kill_after is None) and bar_at is None:
-            if "train-student:" in log.read_text():
-                bar_at = time.monotonic() - started
-            time.sleep(0.02)
-        if kill_after is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=kill_after)
-        while at_next_write and proc.poll() is None and not (out / "checkpoint.tmp").exists():
-            time.sleep(0.0005)
-        if proc.poll() is None and kill_after is not None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return "killed", bar_at or 0.0, 0.0
-        proc.wait()
-        if proc.returncode != 0:
-            raise SystemExit(f"train-student failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
-        return "finished", bar_at or 0.0, time.monotonic() - started - (bar_at or 0.0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    """kill_soak.run for train-student: "at the next write" is the next checkpoint write."""
+    return kill_soak.run(cmd, log, out, kill_after=kill_after, wait_for_bar=wait_for_bar, at_next_write=at_next_write,
+                         bar="train-student:", writing=lambda folder: (folder / "checkpoint.tmp").exists())
 
 
 def disk_state(out: Path) -> dict:

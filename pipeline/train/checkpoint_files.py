@@ -29,7 +29,7 @@ import torch
 
 from kdpipe.pipeline.cache.manifest import manifest_checksum
 from kdpipe.pipeline.errors import WriteError
-from kdpipe.pipeline.fileio import atomic_write_json, describe_os_error, fix_for_os_error, sha256_file
+from kdpipe.pipeline.fileio import atomic_write_json, describe_os_error, fix_for_os_error, fsync_dir, sha256_file
 from kdpipe.pipeline.models.students import load_state_dict_into, save_state_dict
 
 CHECKPOINT = "checkpoint"
@@ -71,11 +71,11 @@ def save_checkpoint(out: Path, model, optimizer, trainer_state: dict) -> None:
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
         manifest = {"format": FORMAT, "step": trainer_state["step"], "files": files}
         atomic_write_json(tmp / MANIFEST, {**manifest, "checksum": manifest_checksum(manifest)})  # last
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.is_dir():
             final.rename(previous)
         tmp.rename(final)
-        _fsync_dir(out)
+        fsync_dir(out)
 
 
 def verify_checkpoint(folder: Path) -> dict:
@@ -163,11 +163,3 @@ def _kept_step(out: Path) -> int | None:
             return verify_checkpoint(folder)["step"]
     return None
 
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
