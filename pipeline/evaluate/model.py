@@ -24,6 +24,9 @@ class EvalModel:
     tokenizer: object | None = None
     max_positions: int | None = None
     num_outputs: int | None = None  # size of the logits' last axis; None for a module until it runs
+    # the teacher's vocabulary V_t when the model has more outputs (a padded head): the logits are cut to
+    # their first V_t columns before any softmax, as training does (pipeline/train/targets.py's policy)
+    vocab_in_use: int | None = None
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -32,6 +35,8 @@ class EvalModel:
             out = self.module(input_ids=inputs, attention_mask=attention_mask).logits
         else:
             out = self.module(inputs)
+        if self.vocab_in_use is not None and out.shape[-1] > self.vocab_in_use:
+            out = out[..., : self.vocab_in_use]
         if self.task == "classification":
             if out.ndim != 2:
                 raise ConfigError(f"the model returns shape {tuple(out.shape)}; a classifier must return logits [batch, classes]")
@@ -99,6 +104,20 @@ def data_seq_len(model: EvalModel, model_dir, seq_len: int | None) -> tuple[int,
     if model.max_positions is not None and model.max_positions < DEFAULT_SEQ_LEN:
         return model.max_positions, f"the model's context (default {DEFAULT_SEQ_LEN}, capped at it; --seq-len sets it)"
     return DEFAULT_SEQ_LEN, f"default {DEFAULT_SEQ_LEN} (--seq-len sets it)"
+
+
+def training_teacher_vocab(model_dir) -> int | None:
+    """The teacher's vocabulary size V_t that a train-student run dir (``model_dir`` or its parent)
+    trained against, as its ``run.json`` records it; None otherwise (or for runs of earlier versions)."""
+    from kdpipe.pipeline.train.checkpoint import RUN_MANIFEST
+
+    root = Path(model_dir)
+    run = next((d / RUN_MANIFEST for d in (root, root.parent) if (d / RUN_MANIFEST).is_file()), None)
+    try:
+        vocab = json.loads(run.read_text()).get("teacher_vocab_size") if run is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(vocab) if isinstance(vocab, int) else None
 
 
 def _training_cache_seq_len(model_dir: Path) -> tuple[int, str] | None:

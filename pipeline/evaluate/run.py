@@ -41,7 +41,7 @@ import torch
 from kdpipe.pipeline.cache.reader import TeacherCache, open_cache
 from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError
-from kdpipe.pipeline.evaluate.model import EvalModel, data_seq_len, load_model
+from kdpipe.pipeline.evaluate.model import EvalModel, data_seq_len, load_model, training_teacher_vocab
 from kdpipe.pipeline.evaluate.rows import DataRows, cache_batches, check_cache_fits, data_batches, data_rows
 from kdpipe.pipeline.evaluate.scores import Scores, score_batch
 from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
@@ -70,12 +70,15 @@ def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=No
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise ConfigError("--batch-size and --max-rows must be at least 1")
     model = load_model(model_dir, device=resolve_device(device))
+    model.vocab_in_use = training_teacher_vocab(model_dir)  # a padded head scored as it was trained
     scores, report = Scores(model.task), on_rows or (lambda new_rows, total: None)
     teacher = None if teacher is None else str(teacher)
     if cache is None:
         seq_len, seq_len_from = data_seq_len(model, model_dir, seq_len) if model.kind == "hf" else (None, None)
         rows = data_rows(model, data, seq_len)
         run_teacher = None if teacher is None else _data_teacher(teacher, weights, model, rows, device)
+        if run_teacher is not None and model.task == "causal-lm":
+            model.vocab_in_use = run_teacher.vocab_size
         view = None if teacher is None else f"full vocabulary: teacher {teacher} run on the rows"
         n = min(len(rows.keys), max_rows or len(rows.keys))
         for batch in data_batches(rows, n, batch_size):
@@ -84,6 +87,7 @@ def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=No
     else:
         with open_cache(cache, storage_options=storage_options) as c:
             check_cache_fits(model, c, data, seq_len)
+            model.vocab_in_use = int(c.manifest["capture"]["teacher_vocab_size"])
             seq_len, seq_len_from = c.schema.input_len, "the cache"
             rows = None if data is None else data_rows(model, data, c.schema.input_len, c.manifest["capture"])
             n = min(len(c), max_rows or len(c))

@@ -60,16 +60,19 @@ def check_new_run_dir(out: Path) -> None:
 
 def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
                   seq_len: int | None = None, distributed: dict | None = None,
-                  loss_implementation: str | None = None, device: str | None = None) -> None:
+                  loss_implementation: str | None = None, device: str | None = None,
+                  teacher_vocab_size: int | None = None) -> None:
     """Create the run dir and its ``run.json`` (status running, every resolved setting; ``seq_len``: the
-    training rows' length, which ``evaluate`` uses for this model's data rows; ``command``: the kdpipe
-    command line, which ``kdpipe reproduce`` re-runs)."""
+    training rows' length, which ``evaluate`` uses for this model's data rows; ``teacher_vocab_size``:
+    the teacher's V_t, to which ``evaluate`` cuts a larger (padded) student's logits as training did;
+    ``command``: the kdpipe command line, which ``kdpipe reproduce`` re-runs)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
     atomic_write_bytes(out / PACKAGES_FILE, packages_text().encode())
     write_run_json(out, {"status": "running", "run_id": uuid.uuid4().hex[:16], "started_at": utc_now(),
-                         "command": command_record(), "task": task, "seq_len": seq_len, **identity,
+                         "command": command_record(), "task": task, "seq_len": seq_len,
+                         "teacher_vocab_size": teacher_vocab_size, **identity,
                          "resolved_settings": resolved_settings, "total_steps": total_steps,
                          "distributed": distributed or {"world_size": 1}, "device": device,
                          "loss_implementation": loss_implementation, "software": software_versions()})

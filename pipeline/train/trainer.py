@@ -128,7 +128,8 @@ class Trainer:
                 ckpt.start_run_dir(self.out, self.identity, resolved_settings=c.recorded(),
                                    total_steps=self.total_steps, task=self.task, seq_len=self.cache.schema.input_len,
                                    distributed=self.distributed_record(), loss_implementation=self.loss_implementation,
-                                   device=ckpt.describe_device(self.device))
+                                   device=ckpt.describe_device(self.device),
+                                   teacher_vocab_size=int(self.cache.manifest["capture"]["teacher_vocab_size"]))
         if self.is_main and not self.finished_already:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(
                 reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],
