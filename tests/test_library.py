@@ -45,8 +45,8 @@ def run_example(name: str, workdir: Path) -> str:
     return result.stdout
 
 
-def test_the_doc_has_the_four_examples():
-    assert set(examples()) == {"plain-loop", "hf-trainer", "workers", "accelerate"}
+def test_the_doc_has_the_five_examples():
+    assert set(examples()) == {"plain-loop", "hf-trainer", "workers", "accelerate", "lightning"}
 
 
 def test_plain_loop_example_learns_from_the_cache(workdir):
@@ -73,6 +73,12 @@ def test_accelerate_example_trains_from_the_prepared_loader(workdir):
     assert [int(steps) for steps, _, _ in epochs] == [6, 6], out  # 48 rows, 8 a step, one process
     kd = [float(value) for _, value, _ in epochs]
     assert kd[-1] < kd[0] and all(float(ce) > 0 for _, _, ce in epochs), out
+
+
+def test_lightning_example_trains_from_the_data_module(workdir):
+    out = run_example("lightning", workdir)
+    kd = [float(value) for value in re.findall(r"epoch \d: kd ([\d.]+) ce [\d.]+", out)]
+    assert len(kd) == 2 and kd[-1] < kd[0], out
 
 
 def test_public_names_are_exactly_the_documented_ones():
