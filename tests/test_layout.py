@@ -14,6 +14,7 @@ FLOORS = [
     {"train"},
     {"evaluate"},
     {"reproduce", "demo"},
+    {"integrations"},
 ]
 
 
