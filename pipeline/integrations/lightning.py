@@ -44,9 +44,11 @@ class EpochDataLoader(DataLoader):
     ``epoch_of()`` each time an iteration starts, before worker processes copy the dataset.
 
     It is resumable the way Lightning asks (``state_dict`` / ``load_state_dict``, kept in the Trainer's
-    checkpoints): the state is the epoch in progress and ``batches_done()`` of it; after loading it, the
-    iteration of that epoch starts at the next batch (``set_epoch(epoch, start_batch)``), so a run
-    resumed mid-epoch sees the rest of that epoch's order, not its first batches again.
+    checkpoints): the state is the epoch in progress and ``batches_done()`` of it. The first iteration
+    after loading it continues that epoch at the next batch (``set_epoch(epoch, start_batch)``), or starts
+    the next epoch when the checkpoint was written after the epoch's last batch: resuming, Lightning
+    makes that iterator before its epoch counter has moved on and makes no other for that epoch, so the
+    state decides. A run resumed mid-epoch sees the rest of that epoch's order, not its first batches again.
     ``len(loader)`` is a whole epoch's batches (Lightning counts the skipped ones as already fetched).
     """
 
@@ -62,9 +64,11 @@ class EpochDataLoader(DataLoader):
 
     def __iter__(self):
         self.epoch, start_batch = int(self.epoch_of()), 0
-        if self._resume_at is not None and self._resume_at[0] == self.epoch:
-            start_batch = min(self._resume_at[1], self.dataset.batches_per_epoch)
-        self._resume_at = None
+        if self._resume_at is not None:  # the first iteration after a resume: where the checkpoint left off
+            self.epoch, start_batch = self._resume_at
+            if start_batch >= self.dataset.batches_per_epoch:  # written after the epoch's last batch
+                self.epoch, start_batch = self.epoch + 1, 0
+            self._resume_at = None
         self.dataset.set_epoch(self.epoch, start_batch)
         return super().__iter__()
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -69,7 +70,10 @@ class Recorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         with torch.no_grad():
-            logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if "input_ids" in batch:
+                logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            else:  # a classifier of a module teacher's inputs
+                logits = module.student(batch["inputs"])
             want = kdpipe.DistillationLoss(alpha=0.7, temperature=TEMPERATURE)(batch["teacher"], logits)
         self.steps.append({"epoch": trainer.current_epoch, "rows": batch["sample_index"].tolist(),
                            "want": {k: float(want[k]) for k in ("loss", "kd", "ce")}})
@@ -135,13 +139,37 @@ def test_resumed_mid_epoch_continues_the_epoch_to_the_same_weights(cache_dir, tm
 
     whole, whole_module = fit(cache_dir, tmp_path / "whole", epochs=2, callbacks=[every_2_steps(tmp_path / "ck")])
     per_epoch = ROWS // BATCH
-    for step in (4, per_epoch + 2):  # 4 batches into epoch 0; 2 batches into epoch 1
-        checkpoint = tmp_path / "ck" / f"epoch={step // per_epoch}-step={step}.ckpt"
+    for step in (4, per_epoch, per_epoch + 2):  # 4 batches into epoch 0; its last batch; 2 into epoch 1
+        checkpoint = tmp_path / "ck" / f"epoch={(step - 1) // per_epoch}-step={step}.ckpt"
         resumed, module = fit(cache_dir, tmp_path / f"resumed{step}", epochs=2, resume=str(checkpoint),
                               callbacks=[every_2_steps(tmp_path / f"ck{step}")])
         assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in whole.steps][step:]
         for a, b in zip(whole_module.student.parameters(), module.student.parameters()):
             assert torch.equal(a, b)
+
+
+def test_classifier_on_a_module_teacher_cache(module_teacher, tmp_path):
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(main, [
+        "cache-teacher", "--teacher", module_teacher["spec"], "--weights", str(module_teacher["weights"]),
+        "--data", str(module_teacher["data"]), "--out", str(out), "--top-k", "3", "--temperature", "2"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with np.load(module_teacher["data"]) as npz:
+        inputs = npz["x"].astype(np.float32) / 255.0
+    recorder = Recorder()
+    torch.manual_seed(1)
+    module = KDLightningModule(module_teacher["build"](), alpha=0.7, temperature=TEMPERATURE)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[recorder], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=KDDataModule(out, batch_size=8, temperature=TEMPERATURE, seed=SEED, inputs=inputs))
+    assert len(recorder.steps) == 2 * 40 // 8
+    for step in recorder.steps:
+        assert step["got"] == pytest.approx(step["want"]["loss"], rel=1e-5)
+    data = kdpipe.CacheDataset(out, batch_size=8, seed=SEED, inputs=inputs)
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        assert recorder.rows_of(epoch) == [b["sample_index"].tolist() for b in DataLoader(data, batch_size=None)]
 
 
 def test_persistent_workers_refused(cache_dir):
