@@ -34,7 +34,7 @@ from kdpipe.pipeline.train.objective import DistillationLoss, TargetCollator
 
 try:
     import pytorch_lightning as pl
-except ImportError as missing:  # pragma: no cover - the test environment has it
+except ImportError as missing:  # tests/integrations/test_lightning.py: test_import_without_lightning_names_the_extra
     raise ImportError("kdpipe's Lightning integration needs PyTorch Lightning: "
                       "pip install 'kdpipe[lightning]' (or pytorch-lightning>=2.4)") from missing
 

@@ -90,9 +90,9 @@ def fit(cache_dir: Path, root: Path, *, epochs: int, num_workers: int = 0, resum
     recorder = Recorder()
     module = KDLightningModule(student or tiny_student(), alpha=0.7, temperature=TEMPERATURE, learning_rate=1e-2)
     data = KDDataModule(cache_dir, batch_size=BATCH, temperature=TEMPERATURE, seed=SEED, num_workers=num_workers)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=root, callbacks=[recorder, *callbacks],
-                         logger=pl.loggers.CSVLogger(root, name="logs", version=0), log_every_n_steps=1,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=root,
+                         callbacks=[recorder, *callbacks], logger=pl.loggers.CSVLogger(root, name="logs", version=0),
+                         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     return recorder, module
 
@@ -160,8 +160,8 @@ def test_classifier_on_a_module_teacher_cache(module_teacher, tmp_path):
     recorder = Recorder()
     torch.manual_seed(1)
     module = KDLightningModule(module_teacher["build"](), alpha=0.7, temperature=TEMPERATURE)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[recorder], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[recorder], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=KDDataModule(out, batch_size=8, temperature=TEMPERATURE, seed=SEED, inputs=inputs))
     assert len(recorder.steps) == 2 * 40 // 8
     for step in recorder.steps:
