@@ -11,11 +11,17 @@ bit for bit, having trained on the same rows; kd and ce are logged; misuse is re
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
@@ -25,6 +31,7 @@ from kdpipe.integrations.transformers import DistillationTrainer, position_count
 from kdpipe.stages.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("hf_trainer_worker.py")
 STUDENT = REPO / "data" / "students" / "lm-student.json"
 ROWS, BATCH, SEED = 24, 4, 5
 LOSS = dict(alpha=0.7, temperature=2.0)
@@ -164,6 +171,43 @@ def test_accumulation_2_has_the_gradient_of_a_batch_twice_as_large(cache_dir, tm
     # per-batch mean divided by the accumulation steps gives) is another gradient
     assert position_counts(halves[0]["teacher"]).tolist() != position_counts(halves[1]["teacher"]).tolist()
     assert max_difference(accumulated, gradients(halves[:2], 0.5)) > 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_at_accumulation_2_have_the_gradient_of_one_process_batch(cache_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 1, accumulation 2: the step's 4 rows are one process's batch
+    of 4; each process trains on kdpipe's rank share, and the averaged gradient and the logged terms are
+    that batch's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), str(WORKER), str(cache_dir), str(out), "--batch-size", "1",
+               "--accumulation", "2", "--seed", str(SEED)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+    for record in records:
+        own = kdpipe.CacheDataset(cache_dir, batch_size=1, seed=SEED, rank=record["rank"], world_size=2)
+        assert record["steps"] == [b["sample_index"].tolist() for b in DataLoader(own, batch_size=None)][:2]
+    whole = first_step_gradients(cache_dir, tmp_path / "one", batch=BATCH, accumulation=1)
+    assert sorted(i for r in records for step in r["steps"] for i in step) == sorted(cache_epoch(cache_dir, 0)[0])
+    assert max_difference(load_file(out / "grads.safetensors"), whole) < 1e-6
+    cache = kdpipe.open_cache(cache_dir)
+    batch = kdpipe.TargetCollator(cache, temperature=2.0)(
+        next(iter(kdpipe.CacheDataset(cache, batch_size=BATCH, seed=SEED, rank=0, world_size=1))))
+    with torch.no_grad():
+        logits = student()(input_ids=batch["input_ids"]).logits
+    expected = kdpipe.distillation_loss(batch["teacher"], logits, **LOSS)
+    for term in ("kd", "ce"):  # the log line's terms are the means over both processes' positions
+        assert records[0]["log"][term] == pytest.approx(expected[term].item(), rel=1e-5)
 
 
 def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(cache_dir, tmp_path):
