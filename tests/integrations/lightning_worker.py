@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kdpipe.pipeline.integrations.lightning import KDDataModule, KDLightningModule
+from kdpipe.integrations.lightning import KDDataModule, KDLightningModule
 
 
 class RowsSeen(pl.Callback):

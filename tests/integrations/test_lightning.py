@@ -1,4 +1,4 @@
-"""kdpipe.pipeline.integrations.lightning with the real PyTorch Lightning on CPU (issue 26, Lightning part).
+"""kdpipe.integrations.lightning with the real PyTorch Lightning on CPU (issue 26, Lightning part).
 
 A tiny Llama student distils from a 24-row cache of the tiny teacher (batches of 4 rows). Checked: each
 epoch's rows are exactly ``CacheDataset``'s order for that epoch (0 and 2 DataLoader workers, and after
@@ -29,7 +29,7 @@ from kdpipe.pipeline.errors import ConfigError
 from kdpipe.stages.cli import main
 
 pl = pytest.importorskip("pytorch_lightning")
-from kdpipe.pipeline.integrations.lightning import KDDataModule, KDLightningModule  # noqa: E402
+from kdpipe.integrations.lightning import KDDataModule, KDLightningModule  # noqa: E402
 
 WORKER = Path(__file__).with_name("lightning_worker.py")
 ROWS, BATCH, SEED, TEMPERATURE = 24, 4, 5, 2.0
@@ -174,7 +174,7 @@ def test_classifier_on_a_module_teacher_cache(module_teacher, tmp_path):
 
 def test_persistent_workers_refused(cache_dir):
     data = kdpipe.CacheDataset(cache_dir, batch_size=BATCH)
-    from kdpipe.pipeline.integrations.lightning import EpochDataLoader
+    from kdpipe.integrations.lightning import EpochDataLoader
 
     with pytest.raises(ConfigError, match="persistent_workers=True keeps the first epoch's dataset"):
         EpochDataLoader(data, epoch_of=lambda: 0, num_workers=1, persistent_workers=True)
@@ -183,7 +183,7 @@ def test_persistent_workers_refused(cache_dir):
 def test_import_without_lightning_names_the_extra():
     code = ("import sys; sys.modules['pytorch_lightning'] = None\n"
             "import kdpipe\n"  # the library itself imports without Lightning
-            "try:\n    import kdpipe.pipeline.integrations.lightning\n"
+            "try:\n    import kdpipe.integrations.lightning\n"
             "except ImportError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
