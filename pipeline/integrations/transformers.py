@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch.utils.data import DataLoader
 
-from kdpipe.pipeline.cache.reader import TeacherCache
+from kdpipe.pipeline.cache.reader import TeacherCache, open_cache
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train.dataset import CacheDataset
 from kdpipe.pipeline.train.objective import DistillationLoss, TargetCollator, distillation_loss
@@ -47,7 +47,7 @@ def position_counts(teacher: dict) -> torch.Tensor:
 class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss is ``loss`` (a :class:`DistillationLoss`: its ``alpha``,
     ``temperature``, ``kind`` and ``skew_lambda``; the reduction is the Trainer's) on the rows of ``cache``
-    (a path or an open :class:`TeacherCache`; ``rows``: the global row numbers to train on, None = all).
+    (a path or URL, or an open :class:`TeacherCache`; ``rows``: the global row numbers to train on, None = all).
 
     ``shuffle_window`` as in :class:`CacheDataset`. Every other argument is the ``Trainer``'s. ``kd`` and
     ``ce`` are logged next to ``loss``.
@@ -62,14 +62,14 @@ class DistillationTrainer(transformers.Trainer):
             if kwargs.get(name) is not None:
                 raise ConfigError(f"DistillationTrainer reads its batches from cache=, so {name}= has no use: "
                                   "leave it unset (rows= picks the rows to train on)")
-        if not hasattr(transformers.Trainer, "get_resumed_dataloader"):
+        if not all(hasattr(transformers.Trainer, name) for name in ("loss_is_scaled_for_ga", "get_resumed_dataloader")):
             raise ConfigError(f"DistillationTrainer needs a newer transformers than {transformers.__version__} "
                               "(Trainer.loss_is_scaled_for_ga and get_resumed_dataloader): upgrade transformers")
         if not isinstance(loss, DistillationLoss):
             raise ConfigError(f"loss= is a {type(loss).__name__}: pass a kdpipe.DistillationLoss (alpha, temperature, "
                               "kind)")
         super().__init__(model=model, args=args, **kwargs)
-        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        self.cache = cache if isinstance(cache, TeacherCache) else open_cache(cache)
         if self.cache.schema.input_len is None:
             raise ConfigError("this cache holds no token ids (module teacher): DistillationTrainer trains causal-LM "
                               "students; use train-student or a plain loop (docs/library.md)")
@@ -82,15 +82,15 @@ class DistillationTrainer(transformers.Trainer):
         self.kd_loss, self.rows, self.shuffle_window = loss, rows, shuffle_window
         self.collate = TargetCollator(self.cache, temperature=loss.temperature, kind=loss.kind)
         self.train_data: _ResumableCacheDataset | None = None
-        self._logged_sums = torch.zeros(4, dtype=torch.float64)  # kd sum, ce sum, kd count, ce count
+        self._logged_sums: torch.Tensor | None = None  # kd sum, ce sum, kd count, ce count since the last log line
 
     def get_train_dataloader(self):
         """The cache's loader, every process's share in one stream, prepared by the Trainer's accelerator."""
         args = self.args
         seed = args.seed if args.data_seed is None else args.data_seed
-        self.train_data = _ResumableCacheDataset(self.cache, batch_size=args.per_device_train_batch_size, rows=self.rows,
-                                       seed=seed, shuffle_window=self.shuffle_window, all_ranks=True,
-                                       world_size=self.accelerator.num_processes)
+        self.train_data = _ResumableCacheDataset(
+            self.cache, batch_size=args.per_device_train_batch_size, rows=self.rows, seed=seed,
+            shuffle_window=self.shuffle_window, all_ranks=True, world_size=self.accelerator.num_processes)
         workers = {}
         if args.dataloader_num_workers > 0:
             workers = dict(num_workers=args.dataloader_num_workers, prefetch_factor=args.dataloader_prefetch_factor,
@@ -124,9 +124,9 @@ class DistillationTrainer(transformers.Trainer):
         sums = distillation_loss(inputs["teacher"], outputs.logits, alpha=kd_loss.alpha,
                                  temperature=kd_loss.temperature, kind=kd_loss.kind,
                                  skew_lambda=kd_loss.skew_lambda, reduction="sum")
-        if model.training:
-            self._logged_sums += torch.stack([sums["kd"].detach().double().cpu(), sums["ce"].detach().double().cpu(),
-                                              sums["kd_count"].double().cpu(), sums["ce_count"].double().cpu()])
+        if model.training:  # kept on the loss's device: no host sync per step
+            step_sums = torch.stack([sums[key].detach().double() for key in ("kd", "ce", "kd_count", "ce_count")])
+            self._logged_sums = step_sums if self._logged_sums is None else self._logged_sums + step_sums
         if isinstance(num_items_in_batch, dict):
             n_kd, n_ce = num_items_in_batch["kd"], num_items_in_batch["ce"]
         else:
@@ -143,13 +143,13 @@ class DistillationTrainer(transformers.Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log line, with ``kd`` and ``ce`` (means over the positions since the last line) next to
         a training ``loss``."""
-        if "loss" in logs:
+        if "loss" in logs and self._logged_sums is not None:
             sums = self._logged_sums
             if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+                sums = self.accelerator.reduce(sums, reduction="sum")
             kd, ce, n_kd, n_ce = sums.tolist()
             logs = {**logs, "kd": kd / n_kd if n_kd else float("nan"), "ce": ce / n_ce if n_ce else float("nan")}
-            self._logged_sums = torch.zeros_like(self._logged_sums)
+            self._logged_sums = None
         super().log(logs, start_time)
 
 

@@ -227,7 +227,7 @@ def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(cache_
         assert torch.equal(value, straight.model.state_dict()[name]), name
 
 
-def test_misuse_is_refused_in_one_line(cache_dir, tmp_path):
+def test_misuse_is_refused_in_one_line(cache_dir, tmp_path, module_teacher):
     loss = kdpipe.DistillationLoss(**LOSS)
     data = kdpipe.CacheDataset(cache_dir, batch_size=BATCH)
     with pytest.raises(ConfigError, match="train_dataset= has no use"):
@@ -238,3 +238,10 @@ def test_misuse_is_refused_in_one_line(cache_dir, tmp_path):
             tmp_path, dataloader_num_workers=2, dataloader_persistent_workers=True))
     with pytest.raises(ConfigError, match="pass a kdpipe.DistillationLoss"):
         DistillationTrainer(model=student(), args=training_args(tmp_path), cache=cache_dir, loss=torch.nn.MSELoss())
+    module_cache = tmp_path / "module-cache"
+    result = CliRunner().invoke(main, [
+        "cache-teacher", "--teacher", module_teacher["spec"], "--weights", str(module_teacher["weights"]),
+        "--data", str(module_teacher["data"]), "--out", str(module_cache), "--top-k", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ConfigError, match="holds no token ids .* trains causal-LM students"):
+        DistillationTrainer(model=student(), args=training_args(tmp_path), cache=module_cache, loss=loss)
