@@ -115,3 +115,19 @@ def s3_url(s3_server, request) -> str:
     import re
 
     return f"s3://kdpipe-test/{re.sub(r'[^A-Za-z0-9_-]+', '-', request.node.name)[:80]}"
+
+
+@pytest.fixture(scope="session")
+def module_cache(module_teacher, tmp_path_factory) -> Path:
+    """The module teacher's top-3 cache of its 40 digits at T = 2 (its rows' inputs are in the .npz)."""
+    from click.testing import CliRunner
+
+    from kdpipe.stages.cli import main
+
+    out = tmp_path_factory.mktemp("module_cache") / "cache"
+    result = CliRunner().invoke(main, [
+        "cache-teacher", "--teacher", module_teacher["spec"], "--weights", str(module_teacher["weights"]),
+        "--data", str(module_teacher["data"]), "--out", str(out), "--top-k", "3", "--temperature", "2"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 import kdpipe
-from kdpipe.stages.cli import main
 
 pytest.importorskip("accelerate")
 
@@ -33,14 +31,8 @@ ROWS, BATCH = 45, 4
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tiny_lm_dir, text_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("accelerate") / "cache"
-    result = CliRunner().invoke(main, [
-        "cache-teacher", "--teacher", str(tiny_lm_dir), "--data", str(text_dir), "--out", str(out), "--top-k", "8",
-        "--seq-len", "16", "--limit-rows", str(ROWS), "--temperature", "1", "--temperature", "2"],
-        catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def cache_dir(capture_small_cache) -> Path:
+    return capture_small_cache("accelerate", ROWS)
 
 
 def _free_port() -> int:

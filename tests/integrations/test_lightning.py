@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 import kdpipe
 from kdpipe.pipeline.errors import ConfigError
-from kdpipe.stages.cli import main
 
 pl = pytest.importorskip("pytorch_lightning")
 from kdpipe.integrations.lightning import KDDataModule, KDLightningModule  # noqa: E402
@@ -36,14 +34,8 @@ ROWS, BATCH, SEED, TEMPERATURE = 24, 4, 5, 2.0
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tiny_lm_dir, text_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lightning") / "cache"
-    result = CliRunner().invoke(main, [
-        "cache-teacher", "--teacher", str(tiny_lm_dir), "--data", str(text_dir), "--out", str(out), "--top-k", "8",
-        "--seq-len", "16", "--limit-rows", str(ROWS), "--temperature", "1", "--temperature", "2"],
-        catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def cache_dir(capture_small_cache) -> Path:
+    return capture_small_cache("lightning", ROWS)
 
 
 def tiny_student() -> torch.nn.Module:
@@ -148,13 +140,8 @@ def test_resumed_mid_epoch_continues_the_epoch_to_the_same_weights(cache_dir, tm
             assert torch.equal(a, b)
 
 
-def test_classifier_on_a_module_teacher_cache(module_teacher, tmp_path):
-    out = tmp_path / "cache"
-    result = CliRunner().invoke(main, [
-        "cache-teacher", "--teacher", module_teacher["spec"], "--weights", str(module_teacher["weights"]),
-        "--data", str(module_teacher["data"]), "--out", str(out), "--top-k", "3", "--temperature", "2"],
-        catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+def test_classifier_on_a_module_teacher_cache(module_teacher, module_cache):
+    out = module_cache
     with np.load(module_teacher["data"]) as npz:
         inputs = npz["x"].astype(np.float32) / 255.0
     recorder = Recorder()

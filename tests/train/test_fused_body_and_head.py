@@ -30,12 +30,7 @@ CONFIGS = {  # architecture: (config class, settings, where transformers keeps t
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def tiny(name: str) -> torch.nn.Module:

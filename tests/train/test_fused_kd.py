@@ -18,13 +18,7 @@ TEMPS = (1.0, 2.0, 4.0)
 ALPHAS = (0.0, 0.5, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def make_case(seed=0, n=N, h=H, v=V, k=7, temperature=2.0, teacher_vocab=None, scale=0.5):
