@@ -65,6 +65,7 @@ def run(work) -> Path:
     return work / "run"
 
 
+@pytest.mark.slow  # re-runs a capture: 12-22 s on 2 cores
 def test_capture_reproduces_bit_for_bit(work):
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
     assert manifest["command"]["args"][:2] == ["-q", "cache-teacher"]
@@ -82,6 +83,7 @@ def test_capture_reproduces_bit_for_bit(work):
     assert "identical: " in done.stdout and "environment: every recorded package version" in done.stdout
 
 
+@pytest.mark.slow  # trains twice: 12-22 s on 2 cores
 def test_training_run_reproduces_model_bytes_and_metrics(run, tmp_path):
     recorded = json.loads((run / "run.json").read_text())
     assert [e["to_total_steps"] for e in recorded["extensions"]] == [6]
@@ -98,6 +100,7 @@ def test_training_run_reproduces_model_bytes_and_metrics(run, tmp_path):
     assert "same     final_eval_metrics" in done.stdout and "identical: " in done.stdout
 
 
+@pytest.mark.slow  # two torchrun trainings: 12-22 s on 2 cores
 def test_torchrun_run_is_reproduced_under_torchrun(work, tmp_path):
     """A run of 2 processes (gloo) is re-run under torchrun with 2 processes: same model bytes."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kdpipe"]
@@ -115,6 +118,7 @@ def test_torchrun_run_is_reproduced_under_torchrun(work, tmp_path):
     assert "environment: every recorded package version and machine fact is the same" in done.stdout
 
 
+@pytest.mark.slow  # re-runs a capture: 12-22 s on 2 cores
 def test_recorded_versions_that_differ_are_named(work, tmp_path):
     """The capture ran with a package ``kdpipe-probe`` 1.0 installed, the re-run with 2.0: the outputs are
     the same, and the difference is reported by name."""
@@ -136,6 +140,7 @@ def test_recorded_versions_that_differ_are_named(work, tmp_path):
     assert "kdpipe-probe: 1.0 recorded, 2.0 now" in done.stdout
 
 
+@pytest.mark.slow  # re-runs a capture: 12-22 s on 2 cores
 def test_changed_outputs_are_reported_and_fail(work, tmp_path):
     """Data edited after the capture: the re-run's shards differ, and reproduce says which and why."""
     shutil.copytree(work / "text", tmp_path / "text")

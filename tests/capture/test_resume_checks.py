@@ -46,6 +46,7 @@ def same_size_edit(text: str) -> str:
     return text[:i] + ("x" if text[i] != "x" else "y") + text[i + 1 :]
 
 
+@pytest.mark.slow  # a killed capture, its resume and a fresh capture: ~27 s on 2 cores
 def test_data_edited_in_place_after_a_kill_is_refused_naming_the_file_unless_not_yet_captured(
     tiny_lm_dir, docs, tmp_path
 ):
