@@ -204,3 +204,20 @@ def test_following_the_message_repairs_the_cache(pristine, tiny_lm_dir, text_dir
     hashes = [[s["sha256"] for s in kdpipe.open_cache(c).shards] for c in (cache, pristine)]
     assert hashes[0] == hashes[1]  # the same shards as before the damage
     assert run_cli("inspect", cache).exit_code == 0
+
+
+def test_a_shard_changed_after_it_was_hashed_is_hashed_again(pristine, tmp_path):
+    """A shard is hashed once while its file stays the same; a change between two opens is still caught."""
+    from kdpipe.pipeline.cache.reader import release_shard
+
+    cache = tmp_path / "cache"
+    shutil.copytree(pristine, cache)
+    with kdpipe.open_cache(cache) as opened:
+        index, _ = opened.locate(len(opened) - 1)
+        opened.read(len(opened) - 1)  # opens (and hashes) the last shard
+        release_shard(opened, index)
+        flipped = bytearray(shard_files(cache)[index].read_bytes())
+        flipped[len(flipped) // 2] ^= 0x01
+        shard_files(cache)[index].write_bytes(bytes(flipped))
+        with pytest.raises(IntegrityError, match="Checksum failure"):
+            opened.read(len(opened) - 1)

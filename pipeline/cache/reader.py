@@ -65,7 +65,8 @@ class TeacherCache:
     root: a local cache folder, or an object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``)
     read with ``storage_options`` (passed to fsspec; credentials otherwise come from the standard
     places). Shards are opened lazily, and no row of a shard is used before its bytes are checked: a
-    local shard's size and sha256 against the manifest each time it is opened (``verify_hashes=False``
+    local shard's size against the manifest each time it is opened, its sha256 the first time and again
+    whenever the file changed (inode, size or mtime) since it matched (``verify_hashes=False``
     skips the hash, not the size: for a reader that has just run ``kdpipe verify``), a remote shard's
     as it downloads (always). A shard whose bytes do not decode raises :class:`IntegrityError` too.
     A remote shard lands in ``local_cache`` (a folder shared by the
@@ -86,6 +87,7 @@ class TeacherCache:
         self.shards = self.manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self.shards]).tolist()
         self._verify_hashes = verify_hashes
+        self._hashed: dict[str, tuple[int, int, int]] = {}  # shard name -> (inode, size, mtime_ns) when it matched
         self._readers: dict[int, ShardReader] = {}
         self._read_ahead = None
         if self.location.is_remote:
@@ -146,11 +148,15 @@ class TeacherCache:
                 f"shard {entry['name']} of {self.root} has {size} bytes, manifest says {entry['bytes']} (truncated or "
                 f"replaced); its rows were not used -- {self._fix_hint()}"
             )
-        if self._verify_hashes and sha256_file(path) != entry["sha256"]:
-            raise IntegrityError(
-                f"Checksum failure: shard {entry['name']} of {self.root} does not match its manifest sha256 (damaged "
-                f"or replaced); its rows were not used -- {self._fix_hint()}"
-            )
+        stat = path.stat()
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)  # unchanged since it matched: no second hash
+        if self._verify_hashes and self._hashed.get(entry["name"]) != identity:
+            if sha256_file(path) != entry["sha256"]:
+                raise IntegrityError(
+                    f"Checksum failure: shard {entry['name']} of {self.root} does not match its manifest sha256 "
+                    f"(damaged or replaced); its rows were not used -- {self._fix_hint()}"
+                )
+            self._hashed[entry["name"]] = identity
 
     def _fix_hint(self) -> str:
         """What to do about a bad shard: find every one, then let cache-teacher redo them."""
