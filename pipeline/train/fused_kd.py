@@ -27,6 +27,11 @@ tail's own maximum, every log-sum and the top-k bins relative to the row's maxim
 as exact as ``log_softmax`` (see ``losses.student_bin_logprobs``) and a tail far below the head
 (``q_tail`` ~ exp(-1e4)) keeps a finite log.
 
+Targets with draws (a sampled or mixed cache, ``sample_ids=...``): the KD term is the unbiased
+estimator of ``losses.sampled_kd_loss``, which needs the student's log-probabilities only at the
+top-k and drawn ids and its log-normaliser; each chunk goes to
+:func:`kdpipe.pipeline.train.fused_draws.chunk_gradient_draws` (same buffers, same memory bound).
+
 Memory: per chunk one ``[rows, V]`` fp32 buffer for the logits and, when both terms run at ``T != 1``,
 a second one (the two exponentials ``exp((x - m) / T)`` and ``exp(x - m)``); both are allocated once
 per call and reused by every chunk. Rows that count for neither term (padding) are skipped. Besides them: the ``[V, H]`` fp32 gradient of the head (the size
@@ -44,11 +49,14 @@ import typing
 import torch
 
 from kdpipe.pipeline.cache.schema import check_temperature
+from kdpipe.pipeline.train.fused_draws import chunk_gradient_draws, draw_slots
 from kdpipe.pipeline.train.losses import (
     TAIL_LOGPROB_FLOOR,
     _check_kind,
     _check_labels,
     _check_mask,
+    _check_sampled_kind,
+    _check_sampled_targets,
     _check_sparse_targets,
     _check_unit,
     _divergence,
@@ -149,8 +157,9 @@ def _autocast_dtype(device_type: str):
 def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
                                    *, alpha, temperature, kind="forward-kl", kd_mask=None, ce_mask=None,
                                    skew_lambda=0.1, ignore_index=-100, head_bias=None, chunk_rows=None,
-                                   vocab_size=None) -> dict:
-    """``distillation_loss(hidden @ head_weight.T + head_bias, ...)`` without the ``[N, V]`` logits.
+                                   vocab_size=None, sample_ids=None, sample_logprobs=None, sample_weights=None) -> dict:
+    """``distillation_loss(hidden @ head_weight.T + head_bias, ...)`` without the ``[N, V]`` logits; with
+    ``sample_ids``, the KD term of ``sampled_kd_loss`` (the unbiased estimator on draws) instead.
 
     Args:
         hidden: [N, H] the student's last hidden states (after its final norm: what its lm-head reads),
@@ -173,6 +182,11 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
             default all ``V_head`` rows. ``V`` below means this number. The vocabulary policy
             (``targets.apply_vocab_policy``) passes the teacher's ``V_t`` for a head with more rows
             (``targets.student_vocab_in_use``): the extra rows are masked out of the student's softmax.
+        sample_ids, sample_logprobs, sample_weights: [N, m] a sampled (``k = 0``) or mixed cache's draws
+            (as in ``losses.sampled_kd_loss``): the KD term is then that function's estimate, with the
+            exact top-k weighed by ``p_T`` and ``teacher_tail_logprob`` unused (may be None); kinds
+            other than ``losses.SAMPLED_KINDS`` are refused with its message. Drawn or top-k ids ``>= V``
+            are dropped as ``targets.fold_padded_vocab`` drops them (:mod:`.fused_draws`).
 
     Returns:
         ``{"loss": alpha * kd + (1 - alpha) * ce, "kd": kd, "ce": ce}``, fp32 scalars with the values of
@@ -218,7 +232,19 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
         labels = labels.to(device)
     else:
         labels = None
-    if alpha > 0.0:
+    draw_weights = None
+    if sample_ids is not None:
+        _check_sampled_kind(kind)
+    if alpha > 0.0 and sample_ids is not None:  # the estimator's slots: the top-k, then the draws
+        if topk_ids is None or teacher_topk_logprobs is None:
+            raise ValueError("topk_ids and teacher_topk_logprobs ([N, 0] for a sampled cache) are needed with sample_ids")
+        _check_sampled_targets(topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs, sample_weights, n)
+        top = teacher_topk_logprobs.to(device).float()
+        topk_ids = torch.cat([topk_ids.to(device), sample_ids.to(device)], dim=1)  # [N, k+m]
+        teacher_topk_logprobs = torch.cat([top, sample_logprobs.to(device).float()], dim=1)
+        draw_weights = torch.cat([top.exp(), sample_weights.to(device).float()], dim=1)
+        teacher_tail_logprob = None
+    elif alpha > 0.0:
         if topk_ids is None or teacher_topk_logprobs is None or teacher_tail_logprob is None:
             raise ValueError("topk_ids, teacher_topk_logprobs and teacher_tail_logprob are needed when alpha > 0")
         _check_sparse_targets(topk_ids, teacher_topk_logprobs, teacher_tail_logprob, n)
@@ -231,7 +257,7 @@ def fused_linear_distillation_loss(hidden, head_weight, labels, topk_ids, teache
     cfg = _Config(alpha, temperature, kind, skew_lambda, int(ignore_index),
                   None if chunk_rows is None else int(chunk_rows), grad)
     loss, kd, ce = _FusedLinearDistillation.apply(
-        hidden, head_weight, head_bias, labels, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
+        hidden, head_weight, head_bias, labels, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, draw_weights,
         None if kd_mask is None else kd_mask.to(device), None if ce_mask is None else ce_mask.to(device), cfg)
     return {"loss": loss, "kd": kd, "ce": ce}
 
@@ -262,7 +288,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     """Forward computes the loss and all gradients chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, kd_mask, ce_mask, cfg: _Config):
+    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, draw_weights, kd_mask, ce_mask, cfg: _Config):
         device = hidden.device
         n = hidden.shape[0]
         v = weight.shape[0]
@@ -278,7 +304,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
 
         # ---- targets and per-row weights of the gradient: d loss / d (per-row divergence or CE)
         fold = None
-        if use_kd:
+        draws = use_kd and draw_weights is not None  # the estimator: ids, logprobs, draw_weights are its slots
+        if draws:
+            ids_eff, log_p_all, draw_weights = draw_slots(ids, logprobs, draw_weights, v)
+        elif use_kd:
             ids = ids.to(device)
             logprobs = logprobs.float()
             tail = tail.float()
@@ -290,6 +319,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             if cfg.kind == "reverse-kl":
                 tail = tail.clamp_min(TAIL_LOGPROB_FLOOR)
             log_p_all = torch.cat([logprobs, tail[:, None]], dim=1)  # [N, k+1]
+        if use_kd:
             kd_rows = kd_mask if kd_mask is not None else torch.ones(n, dtype=torch.bool, device=device)
             n_kd = kd_mask.sum().clamp_min(1) if kd_mask is not None else torch.tensor(n, device=device)
             w_kd = torch.where(kd_rows, alpha * temperature ** 2 / n_kd.to(f32), zero)  # [N]
@@ -338,11 +368,18 @@ class _FusedLinearDistillation(torch.autograd.Function):
                         torch.mm(h_c, w_c.t(), out=x)
                     else:
                         torch.addmm(b_c, h_c, w_c.t(), out=x)
-                    dlogits = _chunk_gradient(
-                        x, e_buf if e_buf is None else e_buf[:r], cfg, sel, per_kd, per_ce,
-                        kd=(ids_eff[sel], log_p_all[sel], kd_rows[sel], w_kd[sel],
-                            None if fold is None else (inside[sel], row_has[sel])) if use_kd else None,
-                        ce=(labels_safe[sel], ce_rows[sel], w_ce[sel]) if use_ce else None)
+                    e_r = e_buf if e_buf is None else e_buf[:r]
+                    ce_r = (labels_safe[sel], ce_rows[sel], w_ce[sel]) if use_ce else None
+                    if draws:
+                        dlogits = chunk_gradient_draws(
+                            x, e_r, temperature=temperature, kind=cfg.kind, skew_lambda=cfg.skew_lambda, sel=sel,
+                            per_kd=per_kd, per_ce=per_ce, ce=ce_r,
+                            kd=(ids_eff[sel], log_p_all[sel], draw_weights[sel], kd_rows[sel], w_kd[sel]))
+                    else:
+                        dlogits = _chunk_gradient(
+                            x, e_r, cfg, sel, per_kd, per_ce, ce=ce_r,
+                            kd=(ids_eff[sel], log_p_all[sel], kd_rows[sel], w_kd[sel],
+                                None if fold is None else (inside[sel], row_has[sel])) if use_kd else None)
                     # ---- through the head
                     d_c = dlogits if compute == f32 else dlogits.to(compute)
                     if need_h:
@@ -386,7 +423,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # hand the tensors over (autograd may keep them as .grad)
         one = bool(grad_loss == 1)
         out = tuple(None if g is None else (g if one else g * grad_loss.to(g.dtype)) for g in grads)
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def _chunk_gradient(x, e, cfg: _Config, sel, per_kd, per_ce, *, kd, ce):

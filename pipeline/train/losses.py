@@ -282,6 +282,20 @@ def _check_id_rows(name: str, ids: torch.Tensor, n: int) -> None:
         raise ValueError(f"{name} has dtype {ids.dtype}: pass int64 ids (e.g. {name}.long())")
 
 
+def _check_sampled_targets(topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs, sample_weights, n: int) -> None:
+    """Sampled targets of ``n`` positions: top-k ids and log-probs [n, k] (k may be 0), drawn ids,
+    their log-probs and weights [n, m]."""
+    _check_id_rows("topk_ids", topk_ids, n)
+    if teacher_topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
+                         f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
+    _check_id_rows("sample_ids", sample_ids, n)
+    for name, t in (("sample_logprobs", sample_logprobs), ("sample_weights", sample_weights)):
+        if t is None or t.shape != sample_ids.shape:
+            shape = None if t is None else tuple(t.shape)
+            raise ValueError(f"{name} has shape {shape}: pass the same shape as sample_ids {tuple(sample_ids.shape)}")
+
+
 def _student_logprobs_at(student_logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log q_T`` at ``ids [N, n]`` from raw logits ``[N, V]``, with the numerics of
     ``student_bin_logprobs`` (shift by the detached row max first; at most two [N, V] fp32 temporaries)."""
@@ -331,16 +345,9 @@ def sampled_kd_loss(student_logits, topk_ids, teacher_topk_logprobs, sample_ids,
     _check_sampled_kind(kind)
     skew_lambda = _check_unit("skew_lambda", skew_lambda)
     n, v = _check_student_logits(student_logits)
-    _check_id_rows("topk_ids", topk_ids, n)
+    _check_sampled_targets(topk_ids, teacher_topk_logprobs, sample_ids, sample_logprobs, sample_weights, n)
     if topk_ids.shape[1] > v:
         raise ValueError(f"topk_ids has k={topk_ids.shape[1]} > V={v}: pass at most V distinct ids per row")
-    if teacher_topk_logprobs.shape != topk_ids.shape:
-        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: "
-                         f"pass the same shape as topk_ids {tuple(topk_ids.shape)}")
-    _check_id_rows("sample_ids", sample_ids, n)
-    for name, t in (("sample_logprobs", sample_logprobs), ("sample_weights", sample_weights)):
-        if t.shape != sample_ids.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}: pass the same shape as sample_ids {tuple(sample_ids.shape)}")
     mask = _check_mask(mask, n)
 
     ids = torch.cat([topk_ids, sample_ids], dim=1).to(student_logits.device)

@@ -10,8 +10,8 @@ users (``kdpipe.distillation_loss``, ``kdpipe.DistillationLoss``):
 - :func:`distillation_objective` computes ``alpha * kd + (1 - alpha) * ce`` on them: the unbiased
   estimator when the targets carry draws, else the (k+1)-bin view (top-k + tail bucket), from the
   student's logits or, given its last hidden states and lm-head, fused with the head
-  (:mod:`kdpipe.pipeline.train.fused_kd`: the ``[N, V]`` logits never exist); both terms are always
-  reported, as means, sums with their counts, or per position (``reduction``);
+  (:mod:`kdpipe.pipeline.train.fused_kd`: the ``[N, V]`` logits never exist, with draws or without);
+  both terms are always reported, as means, sums with their counts, or per position (``reduction``);
 - :class:`TargetCollator` is the library's ``collate_fn``: per-row tensors only
   (:mod:`~kdpipe.pipeline.train.batch_layout`), which ``accelerate`` and the Hugging Face ``Trainer``
   can split across processes; :class:`DistillationLoss` / :func:`distillation_loss` flatten them.
@@ -89,8 +89,8 @@ def distillation_objective(targets: TeacherTargets, *, alpha: float, temperature
     needs logits). Give either ``student_logits`` (``[N, V]`` or ``[B, P, V]`` raw logits) or ``hidden``
     (``[N, H]`` or ``[B, P, H]``, the student's last hidden states) with ``head_weight`` (``[V, H]``) and
     ``head_bias`` (``[V]`` or None) for the fused path. Targets with draws (see :func:`targets_for`) take
-    the unbiased estimator on full logits (computed from ``hidden`` and the head when no logits are
-    given). Only ``"loss"`` is sure to carry a gradient; ``"kd"`` and ``"ce"`` are for logging.
+    the unbiased estimator, on the logits or fused with the head alike. Only ``"loss"`` is sure to carry a
+    gradient; ``"kd"`` and ``"ce"`` are for logging.
     """
     alpha = _check_unit("alpha", alpha)
     if reduction not in REDUCTIONS:
@@ -104,14 +104,12 @@ def distillation_objective(targets: TeacherTargets, *, alpha: float, temperature
     options = dict(alpha=alpha, temperature=temperature, kind=kind, skew_lambda=skew_lambda)
     if hidden is not None:
         hidden = hidden.reshape(-1, hidden.shape[-1])
-    if targets.sample_ids is None and student_logits is None:  # the [N, V] logits never exist
+    if student_logits is None:  # the [N, V] logits never exist
         if reduction == "none":
             raise ValueError("reduction='none' needs the student's logits (the fused head reduces as it goes): "
                              "pass student_logits, or reduction='mean' / 'sum'")
         terms = _fused_terms(hidden, head_weight, head_bias, targets, counts, reduction=reduction, **options)
         return {**terms, **counts}
-    if student_logits is None:
-        student_logits = torch.nn.functional.linear(hidden, head_weight, head_bias)
     logits, targets = fold_padded_vocab(student_logits.reshape(-1, student_logits.shape[-1]).float(), targets)
     if reduction == "none":
         return {**_per_position_terms(logits, targets, **options), **counts}
@@ -198,7 +196,8 @@ def _fused_terms(hidden, head_weight, head_bias, targets: TeacherTargets, counts
         return fused_linear_distillation_loss(
             hidden, head_weight, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
             alpha=a, temperature=temperature, kind=kind, kd_mask=targets.kd_mask, ce_mask=targets.ce_mask,
-            skew_lambda=skew_lambda, head_bias=head_bias, vocab_size=vocab)
+            skew_lambda=skew_lambda, head_bias=head_bias, vocab_size=vocab, sample_ids=targets.sample_ids,
+            sample_logprobs=targets.sample_logprobs, sample_weights=targets.sample_weights)
 
     out = run(weight)
     means = {"kd": out["kd"], "ce": out["ce"]}

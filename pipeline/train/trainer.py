@@ -113,7 +113,7 @@ class Trainer:
         self._check_student()
         self.model = self.student.model.to(self.device)  # the student itself: saved, evaluated
         # The fused loss needs the student's last hidden states and its lm-head (weight, bias).
-        fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm" and not self.estimator
+        fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm"
         self.head = output_head(self.model) if fusable else None
         forward = _HiddenStates(self.model) if self.head is not None else self.model
         with distributed.peer_failures(self.launch, "while the ranks set up"):
@@ -147,8 +147,10 @@ class Trainer:
         schema = self.cache.schema
         if self.estimator:
             head = f"exact top-{schema.top_k} + " if schema.top_k else ""
-            return (f"unbiased estimator: {head}{schema.sample_draws} importance-weighted draws per position "
-                    "(losses.sampled_kd_loss), full student logits")
+            draws = f"unbiased estimator: {head}{schema.sample_draws} importance-weighted draws per position"
+            if self.head is not None:
+                return f"fused: lm-head and loss chunk by chunk (pipeline/train/fused_kd.py), {draws}"
+            return f"{draws} (losses.sampled_kd_loss), full student logits"
         targets = "; the cache's draws unused: --loss " + self.config.loss + " takes the top-k + tail bins" \
             if schema.sample_draws else ""
         if self.head is not None:
