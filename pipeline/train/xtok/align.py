@@ -82,7 +82,7 @@ class StudentTokenizer:
         return encode(before), encode(after)
 
     def segment(self, data: bytes, offset: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids [n] and absolute byte ends [n] of one segment's bytes ``data`` starting at byte ``offset``."""
+        """ids [n] and absolute byte ends [n] (-1: no text) of one segment's bytes ``data`` from byte ``offset``."""
         lead = 0
         while lead < min(3, len(data)) and data[lead] & 0xC0 == 0x80:  # UTF-8 continuation bytes
             lead += 1
@@ -98,9 +98,11 @@ class StudentTokenizer:
         edge_ids = [self._byte_id(data[i:i + 1]) for i in range(lead)]
         tail_ids = [self._byte_id(data[i:i + 1]) for i in range(len(data) - cut, len(data))]
         all_ids = np.concatenate([edge_ids, np.asarray(ids, np.int64), tail_ids]).astype(np.int64)
-        ends = np.concatenate([np.arange(1, lead + 1), np.asarray(spans, np.int64).reshape(-1, 2)[:, 1] + lead,
-                               np.arange(len(data) - cut + 1, len(data) + 1)]).astype(np.int64)
-        return all_ids, ends + offset
+        spans = np.asarray(spans, np.int64).reshape(-1, 2)
+        ends = np.concatenate([np.arange(1, lead + 1), spans[:, 1] + lead,
+                               np.arange(len(data) - cut + 1, len(data) + 1)]).astype(np.int64) + offset
+        empty = np.concatenate([np.zeros(lead, bool), spans[:, 1] == spans[:, 0], np.zeros(cut, bool)])
+        return all_ids, np.where(empty, -1, ends)  # a token covering no text (a prepended metaspace) ends nowhere
 
     def _byte_id(self, byte: bytes) -> int:
         if byte not in self.byte_ids:

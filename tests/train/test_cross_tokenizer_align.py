@@ -1,0 +1,132 @@
+"""Alignment by byte ends and the shared-bytes map (pipeline/train/xtok/align.py, vocab_map.py),
+checked against brute-force computations on the shipped BPE and Unigram tokenizers."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.train.xtok.align import IGNORE, StudentTokenizer, student_row
+from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map, token_bytes
+from tests.train.xtok_rows import DATA, packed_teacher_row, spans_from_bytes
+
+DOCS = ["First Witch.\nWhen shall we three meet again\nIn thunder, lightning, or in rain?",
+        "Second Witch.\nWhen the hurlyburly’s done,\nWhen the battle’s lost and won. Café naïve é",
+        "  Third Witch.\n\nThat will be ere the set of sun."]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return AutoTokenizer.from_pretrained(DATA / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def unigram():
+    return AutoTokenizer.from_pretrained(DATA / "tokenizer-unigram")
+
+
+def _student(tokenizer):
+    return StudentTokenizer.of(tokenizer, token_bytes(tokenizer), spans=spans_from_bytes)
+
+
+def _brute_force_pairs(text, teacher_spans, counted, student_ids, student_ends):
+    """Every byte offset: the teacher's counted text token ending there and the student's, if both exist."""
+    pairs = []
+    for b in range(1, len(text) + 1):
+        t = [i for i, (s, e) in enumerate(teacher_spans) if e == b and e > s and counted[i]]
+        s = [i for i, e in enumerate(student_ends) if e == b]
+        assert len(t) <= 1 and len(s) <= 1
+        if t and s:
+            pairs.append((s[0], t[0]))
+    return pairs
+
+
+@pytest.mark.parametrize("skip,length", [(0, 64), (5, 48), (30, 200), (0, 12)])
+def test_aligned_positions_equal_a_brute_force_over_byte_offsets(teacher, unigram, skip, length):
+    text, spans, segments, real = packed_teacher_row(teacher, DOCS, length=length, skip=skip)
+    kd_mask = real.copy()
+    kd_mask[3] = False  # a teacher position without KD never pairs
+    row = student_row(text, spans, segments, kd_mask, _student(unigram), chat=False, teacher_real=real)
+    want = _brute_force_pairs(text, spans, kd_mask & real, row.input_ids, row.ends)
+    assert list(zip(row.student_positions.tolist(), row.teacher_positions.tolist())) == want
+    assert len(want) > 0.3 * len(row.input_ids)
+
+
+def test_the_student_row_re_tokenises_each_segment_with_its_own_eos_between(teacher, unigram):
+    text, spans, segments, real = packed_teacher_row(teacher, DOCS, length=400)
+    row = student_row(text, spans, segments, real, _student(unigram), chat=False, teacher_real=real)
+    eos = unigram.eos_token_id
+    pieces = np.split(row.input_ids, np.nonzero(row.input_ids == eos)[0])
+    assert [p[0] for p in pieces if len(p)] == [eos] * len(DOCS)  # one EOS before each document
+    assert len(segments) == len(DOCS)
+    for (kind, start, stop), piece in zip(segments, [p[1:] for p in pieces if len(p)]):
+        assert piece.tolist() == unigram.encode(text[start:stop].decode(), add_special_tokens=False)
+    ends = row.ends[row.ends >= 0]
+    assert (np.diff(ends) > 0).all() and ends[-1] == len(text)
+    # CE: every next token, EOS included; the last position has no label
+    assert row.labels[:-1].tolist() == row.input_ids[1:].tolist() and row.labels[-1] == IGNORE
+
+
+def test_a_row_cut_inside_a_character_gets_byte_tokens_at_its_edge(teacher, unigram):
+    doc = "é" * 40
+    text, spans, segments, real = packed_teacher_row(teacher, [doc], length=21, skip=2)  # 'Ã' '©' byte tokens
+    assert not text.startswith("é".encode())
+    row = student_row(text, spans, segments, real, _student(unigram), chat=False, teacher_real=real)
+    table = token_bytes(unigram)
+    assert b"".join(table[i] for i in row.input_ids).replace(b" ", b"") == text  # (the prepended metaspace)
+    assert row.ends[0] == 1 and row.ends[-1] == len(text)
+    want = _brute_force_pairs(text, spans, real, row.input_ids, row.ends)
+    assert list(zip(row.student_positions.tolist(), row.teacher_positions.tolist())) == want
+
+
+def test_the_student_row_is_cut_at_max_len(teacher, unigram):
+    text, spans, segments, real = packed_teacher_row(teacher, DOCS, length=100)
+    row = student_row(text, spans, segments, real, _student(unigram), chat=False, teacher_real=real, max_len=20)
+    assert len(row.input_ids) == 20 and row.student_positions.max() < 20 and row.labels[-1] == IGNORE
+
+
+def _decoded(tokenizer, token_id):
+    """Bytes of one token by the tokenizer's own decoder, after an anchor token (so a SentencePiece
+    decoder keeps the leading space); None where the token is no whole character."""
+    anchor = tokenizer.convert_tokens_to_string(["x"])
+    text = tokenizer.backend_tokenizer.decoder.decode(["x", tokenizer.convert_ids_to_tokens(token_id)])
+    if "\ufffd" in text or not text.startswith(anchor):
+        return None
+    return text[len(anchor):].encode()
+
+
+def test_the_shared_map_equals_a_brute_force_comparison_of_both_vocabularies(teacher, unigram):
+    mapping = shared_token_map(teacher, unigram).teacher_to_student
+    special_t, special_s = set(teacher.all_special_ids), set(unigram.all_special_ids)
+    student = {}
+    for j in range(len(unigram)):
+        value = None if j in special_s else _decoded(unigram, j)
+        if value is not None and not unigram.convert_ids_to_tokens(j).startswith("<0x"):
+            student.setdefault(value, j)
+    checked = 0
+    for i in range(len(teacher)):
+        value = None if i in special_t else _decoded(teacher, i)
+        if value is None:
+            continue
+        want = student.get(value)
+        if want is None and len(value) == 1:  # only a byte-fallback token has it
+            want = unigram.convert_tokens_to_ids(f"<0x{value[0]:02X}>")
+        assert mapping[i] == (want if want is not None else -1), (teacher.convert_ids_to_tokens(i), value)
+        checked += 1
+    assert checked > 1900 and (mapping >= 0).sum() > 500
+    assert mapping[teacher.eos_token_id] == unigram.eos_token_id
+    # bytes that are no whole character: the BPE's byte tokens map to the byte-fallback tokens
+    for t, byte in zip(teacher.encode("é"), "é".encode()):
+        assert mapping[t] == unigram.convert_tokens_to_ids(f"<0x{byte:02X}>")
+
+
+def test_a_tokenizer_whose_bytes_cannot_be_told_is_refused(teacher):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    with pytest.raises(ConfigError, match="WordPiece decoder"):
+        shared_token_map(teacher, wordpiece)
