@@ -62,6 +62,7 @@ def setting(flag: str, help: str, **kwargs):
 @setting("--shuffle-buffer", "Rows shuffled together within each shard's order (1: none).", type=int)
 @setting("--num-workers", "DataLoader worker processes.", type=int)
 @setting("--fused-loss/--no-fused-loss", "Compute the lm-head and the loss together, chunk by chunk, so the student's [tokens, vocab] logits never exist (only where the student's output layer allows it; run.json says which ran).")
+@setting("--cross-tokenizer-loss", "For a student whose tokenizer differs from the cache's (--tokenizer DIR; the cache must record text): exact-map (the teacher's top-k mapped onto student tokens with the same bytes, the rest in one bin; --loss applies), uld (L1 between the sorted probabilities) or exact-map+uld (their sum). KD counts where both tokenizations end at the same byte; CE at every student position.")
 @setting("--report-to", "Also send the metrics to: none, tensorboard (RUN_DIR/tensorboard), wandb, mlflow; repeat or comma-separate for several.", multiple=True, default=("none",))
 @storage_options_flag
 @setting("--local-cache", "Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs.  [default: a temporary folder holding only the shards in use and read ahead]")

@@ -43,6 +43,8 @@ def run_identity(cache, config, *, world_size: int = 1) -> dict:
     decides the global batch, so the order rows are seen in)."""
     settings = {k: v for k, v in config.recorded().items() if k not in RESUMABLE_SETTINGS}  # no storage options
     settings["world_size"] = world_size
+    if settings.get("cross_tokenizer_loss") == "exact-map+uld":  # the default: as runs from before it existed
+        settings.pop("cross_tokenizer_loss")
     return {
         "cache_path": cache.location.record(),  # resolved local path, or the URL without user info
         "cache_manifest_sha256": cache.manifest_sha256,

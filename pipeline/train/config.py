@@ -18,6 +18,7 @@ import tomllib
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train.losses import KINDS
 from kdpipe.pipeline.train.reporting import parse_report_to
+from kdpipe.pipeline.train.xtok.losses import CROSS_TOKENIZER_LOSSES
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     fused_loss: bool = True  # the lm-head and the loss in one chunked pass where the student allows it
+    cross_tokenizer_loss: str = "exact-map+uld"  # a student with another tokenizer (pipeline/train/xtok)
     log_every: int = 10
     report_to: list[str] = dataclasses.field(default_factory=list)  # trackers besides metrics.jsonl
     # Reading a cache from an object store (s3://, gs://, az://); none of these change what is computed.
@@ -65,6 +67,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} is required (or set {name} in the config file)")
         if self.loss not in KINDS:
             raise ConfigError(f"unknown --loss {self.loss!r}; use one of {', '.join(KINDS)}")
+        if self.cross_tokenizer_loss not in CROSS_TOKENIZER_LOSSES:
+            raise ConfigError(f"unknown --cross-tokenizer-loss {self.cross_tokenizer_loss!r}; use one of {', '.join(CROSS_TOKENIZER_LOSSES)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"--alpha {self.alpha} must be between 0 and 1")
         if not self.temperature > 0:

@@ -42,6 +42,7 @@ class StudentRow:
     input_ids: np.ndarray  # [L] int64
     labels: np.ndarray  # [L] int64: the next student token where it is a CE target, else IGNORE
     ends: np.ndarray  # [L] int64: byte end in the row's text of each text token, -1 for special/template tokens
+    byte_lengths: np.ndarray  # [L] int64: bytes of the row's text each token covers (0 for special/template tokens)
     student_positions: np.ndarray  # [M] int64: aligned student positions carrying KD
     teacher_positions: np.ndarray  # [M] int64: the teacher positions they pair with
 
@@ -82,7 +83,8 @@ class StudentTokenizer:
         return encode(before), encode(after)
 
     def segment(self, data: bytes, offset: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids [n] and absolute byte ends [n] (-1: no text) of one segment's bytes ``data`` from byte ``offset``."""
+        """ids [n], absolute byte ends [n] (-1: no text) and bytes covered [n] of one segment's bytes ``data``
+        from byte ``offset``."""
         lead = 0
         while lead < min(3, len(data)) and data[lead] & 0xC0 == 0x80:  # UTF-8 continuation bytes
             lead += 1
@@ -102,7 +104,8 @@ class StudentTokenizer:
         ends = np.concatenate([np.arange(1, lead + 1), spans[:, 1] + lead,
                                np.arange(len(data) - cut + 1, len(data) + 1)]).astype(np.int64) + offset
         empty = np.concatenate([np.zeros(lead, bool), spans[:, 1] == spans[:, 0], np.zeros(cut, bool)])
-        return all_ids, np.where(empty, -1, ends)  # a token covering no text (a prepended metaspace) ends nowhere
+        lengths = np.diff(np.concatenate([[offset], ends]))
+        return all_ids, np.where(empty, -1, ends), lengths  # a token covering no text (a prepended metaspace) ends nowhere
 
     def _byte_id(self, byte: bytes) -> int:
         if byte not in self.byte_ids:
@@ -140,9 +143,9 @@ def student_row(text: bytes, token_spans: np.ndarray, segments: list, teacher_kd
     spans = np.asarray(token_spans, np.int64).reshape(-1, 2)
     real = np.ones(len(spans), bool) if teacher_real is None else np.asarray(teacher_real, bool)
     before, after = _specials_around(spans, real, segments)
-    ids, ends, counted = [], [], []  # counted: whether the token is a CE target
+    ids, ends, lengths, counted = [], [], [], []  # counted: whether the token is a CE target
     for g, (kind, start, stop) in enumerate(segments):
-        seg_ids, seg_ends = student.segment(text[start:stop], start)
+        seg_ids, seg_ends, seg_lengths = student.segment(text[start:stop], start)
         if chat:
             head, tail = student.template(kind)
             head, tail = (head if before[g] else []), (tail if after[g] else [])
@@ -155,12 +158,13 @@ def student_row(text: bytes, token_spans: np.ndarray, segments: list, teacher_kd
             ids += head + list(seg_ids) + tail
             counted += [True] * (len(head) + len(seg_ids) + len(tail))
         ends += [-1] * len(head) + list(seg_ends) + [-1] * len(tail)
-    ids, ends, counted = (np.asarray(ids, np.int64)[:max_len], np.asarray(ends, np.int64)[:max_len],
-                          np.asarray(counted, bool)[:max_len])
+        lengths += [0] * len(head) + list(seg_lengths) + [0] * len(tail)
+    ids, ends, lengths, counted = (np.asarray(ids, np.int64)[:max_len], np.asarray(ends, np.int64)[:max_len],
+                                   np.asarray(lengths, np.int64)[:max_len], np.asarray(counted, bool)[:max_len])
     labels = np.full(len(ids), IGNORE, np.int64)
     labels[:-1] = np.where(counted[1:], ids[1:], IGNORE)
     s, t = aligned_positions(ends, spans, real & np.asarray(teacher_kd_mask, bool))
-    return StudentRow(ids, labels, ends, s, t)
+    return StudentRow(ids, labels, ends, lengths, s, t)
 
 
 def aligned_positions(student_ends: np.ndarray, teacher_spans: np.ndarray, teacher_counted: np.ndarray):

@@ -1,0 +1,79 @@
+"""``kdpipe train-student`` with a student that has its own tokenizer (the shipped Unigram one) on a
+cache of the shipped BPE teacher: real capture, real training, run.json, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kdpipe.stages.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+UNIGRAM = REPO / "data" / "tokenizer-unigram"
+STUDENT = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1500, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "max_position_embeddings": 256, "eos_token_id": 0, "bos_token_id": 1, "pad_token_id": 0,
+}
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory) -> Path:
+    """The shipped teacher over the first 12 kB of two held-out-play excerpts, 64-token rows."""
+    folder = tmp_path_factory.mktemp("xtok_text")
+    play = (REPO / "data" / "shakespeare" / "heldout" / "twelfth_night.txt").read_text()
+    (folder / "a.txt").write_text(play[2000:8000])
+    (folder / "b.txt").write_text(play[40000:46000])
+    out = folder / "cache"
+    result = run_cli("cache-teacher", "--teacher", REPO / "data" / "teacher", "--data", folder, "--out", out,
+                     "--top-k", 16, "--seq-len", 64, "--temperature", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("xtok_student") / "student.json"
+    path.write_text(json.dumps(STUDENT))
+    return path
+
+
+def train(cache, student, out, *extra):
+    return run_cli("train-student", "--cache", cache, "--student", student, "--tokenizer", UNIGRAM, "--out", out,
+                   "--batch-size", 4, "--lr", 3e-3, "--seed", 0, "--log-every", 1, "--eval-every", 3,
+                   "--eval-rows", 8, "--eval-fraction", 0.1, "--device", "cpu", *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["exact-map+uld", "uld"])
+def test_train_student_with_the_unigram_tokenizer_records_the_loss_and_the_aligned_share(
+        text_cache, student, tmp_path, one_thread, loss):
+    result = train(text_cache, student, tmp_path / "run", "--steps", 3, "--cross-tokenizer-loss", loss)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["resolved_settings"]["cross_tokenizer_loss"] == loss
+    assert run["loss_implementation"].startswith("cross-tokenizer: full student logits")
+    held_out = run["final_eval_metrics"]
+    assert 0.3 < held_out["aligned_share"] <= 1.0
+    assert math.isfinite(held_out["bits_per_byte"]) and held_out["bits_per_byte"] > 0
+    assert held_out["kl_exact_map"] > 0 and held_out["uld"] > 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r for r in steps if r["split"] == "train"]
+    assert len(train_steps) == 3 and all(r["kd"] > 0 and r["ce"] > 0 for r in train_steps)
+    saved = json.loads((tmp_path / "run" / "model" / "tokenizer_config.json").read_text())
+    assert saved["eos_token"] == "</s>"  # the student's own tokenizer is saved with it
+
+
+def test_an_unknown_cross_tokenizer_loss_is_one_line(text_cache, student, tmp_path):
+    result = train(text_cache, student, tmp_path / "run", "--steps", 1, "--cross-tokenizer-loss", "gold")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: unknown --cross-tokenizer-loss 'gold'; use one of exact-map, uld, "
+                             "exact-map+uld\n")
