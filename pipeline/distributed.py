@@ -8,6 +8,11 @@ rank has finished its data blocks, rank 0 alone writes the manifest); a capture 
 without torchrun (a Slurm array task, a Kubernetes job) is on its own and the last rank to finish
 writes the manifest.
 
+Tensor parallelism (``cache-teacher --tensor-parallel TP``): the world is cut into ``WORLD_SIZE / TP``
+data-parallel groups of ``TP`` consecutive ranks (:func:`data_parallel_rank`); the ranks of a group
+run one teacher split over them and see the same data, the groups split the data blocks as ranks do
+without tensor parallelism. :class:`Group` then also holds this rank's tensor-parallel process group.
+
 A rank that waits longer than the group's timeout (``DEFAULT_TIMEOUT_MIN`` minutes unless asked
 otherwise) for the others, or whose partner process died, stops with a
 :class:`~kdpipe.pipeline.errors.DistributedError` at :meth:`Group.barrier`, so an error on one rank
@@ -74,17 +79,42 @@ def launch_from_env(*, rank: int | None = None, world_size: int | None = None,
     return Launch(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"])
 
 
-class Group:
-    """The ``torch.distributed`` group of a torchrun capture; see :func:`process_group`."""
+def data_parallel_rank(launch: Launch, tensor_parallel: int) -> tuple[int, int]:
+    """``(data-parallel rank, data-parallel size)`` of this process when its ``launch`` is cut into
+    groups of ``tensor_parallel`` consecutive ranks; ConfigError when the world size does not divide."""
+    if tensor_parallel < 1:
+        raise ConfigError(f"--tensor-parallel {tensor_parallel} must be 1 (no tensor parallelism) or more")
+    if launch.world_size % tensor_parallel:
+        raise ConfigError(f"--tensor-parallel {tensor_parallel} does not divide the {launch.world_size} processes "
+                          f"(WORLD_SIZE); start a multiple of {tensor_parallel} processes (torchrun --nproc-per-node)")
+    return launch.rank // tensor_parallel, launch.world_size // tensor_parallel
 
-    def __init__(self, launch: Launch, device: torch.device, timeout_min: float):
+
+class Group:
+    """The ``torch.distributed`` group of a torchrun capture; see :func:`process_group`.
+
+    ``rank`` and ``world_size`` are torchrun's (every process); with ``tensor_parallel > 1`` the
+    capture's ranks are the data-parallel groups (``capture_rank`` of ``capture_world_size``), and
+    ``tp_group`` is the process group of this rank's ``tensor_parallel`` consecutive ranks, whose
+    first (``tp_rank == 0``, :attr:`writes`) writes the group's shards."""
+
+    def __init__(self, launch: Launch, device: torch.device, timeout_min: float, tensor_parallel: int = 1):
         self.rank, self.world_size, self.timeout_min = launch.rank, launch.world_size, timeout_min
         self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self.tensor_parallel = tensor_parallel
+        self.capture_rank, self.capture_world_size = data_parallel_rank(launch, tensor_parallel)
+        self.tp_rank = launch.rank % tensor_parallel
+        self.tp_group = None  # made in _start when tensor_parallel > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writes(self) -> bool:
+        """This process writes its data-parallel group's shards and progress record."""
+        return self.tp_rank == 0
 
     def _start(self) -> None:
         import torch.distributed as dist
@@ -96,6 +126,12 @@ class Group:
                                     timeout=datetime.timedelta(minutes=self.timeout_min))
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(self._message("to join the other ranks", exc)) from None
+        if self.tensor_parallel > 1:  # every rank makes every group, in the same order
+            for first in range(0, self.world_size, self.tensor_parallel):
+                ranks = list(range(first, first + self.tensor_parallel))
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.tp_group = group
 
     def barrier(self, what: str) -> None:
         """Wait until every rank gets here (``what``: for the error message, e.g. "for the other
@@ -126,17 +162,19 @@ class Group:
 
 
 @contextlib.contextmanager
-def process_group(launch: Launch, device: torch.device, *, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Iterator[Group | None]:
+def process_group(launch: Launch, device: torch.device, *, timeout_min: float = DEFAULT_TIMEOUT_MIN,
+                  tensor_parallel: int = 1) -> Iterator[Group | None]:
     """The group of a torchrun launch (None for a process started on its own), destroyed on exit.
 
     ``device`` is where this process runs its teacher (nccl for CUDA, else gloo); ``timeout_min``
-    bounds every wait for the other ranks (joining, barriers)."""
+    bounds every wait for the other ranks (joining, barriers); ``tensor_parallel``: ranks per
+    tensor-parallel group (see the module doc)."""
     if not launch.torchrun:
         yield None
         return
     if not timeout_min > 0:
         raise ConfigError(f"timeout {timeout_min:g} minutes must be positive (the default is {DEFAULT_TIMEOUT_MIN:g})")
-    group = Group(launch, device, timeout_min)
+    group = Group(launch, device, timeout_min, tensor_parallel)
     group._start()
     try:
         yield group

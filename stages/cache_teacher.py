@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -9,6 +10,7 @@ import click
 
 from kdpipe.pipeline.cache.encoding import VALUE_ENCODINGS
 from kdpipe.pipeline.cache.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR
+from kdpipe.pipeline.cache.sampling import describe_draws
 from kdpipe.pipeline.cache.storage.location import CacheLocation, parse_storage_options
 from kdpipe.pipeline.capture import (
     CaptureSettings,
@@ -22,7 +24,7 @@ from kdpipe.pipeline.capture import (
 from kdpipe.pipeline.capture.lock import LOCK_SUFFIX, out_lock
 from kdpipe.pipeline.capture.probe import probe_capture
 from kdpipe.pipeline.capture.progress import PROGRESS_DIR, recorded_counts
-from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN
+from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN, data_parallel_rank, peer_failures
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.stages.display import Progress, capture_fields, capture_progress, plural
 from kdpipe.stages.options import storage_options_flag, threads_flag, user_errors
@@ -44,10 +46,11 @@ from kdpipe.stages.options import storage_options_flag, threads_flag, user_error
 @click.option("--format", "storage", type=click.Choice(["zarr", "parquet"]), default="zarr", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")
 @click.option("--device-map", type=click.Choice(["none", "auto"]), default="none", show_default=True, help="auto: spread a Hugging Face teacher over the machine's GPUs (accelerate; under torchrun over this process's group of GPU count / --nproc-per-node GPUs); without GPUs it all runs on the CPU.")
+@click.option("--tensor-parallel", default=1, show_default=True, type=int, help="Under torchrun: processes each teacher is split over with its model's tensor-parallel plan (transformers, DTensor); groups of this many consecutive ranks, which split the data blocks as single ranks do (WORLD_SIZE must be a multiple).")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
 @click.option("--values", "--value-dtype", "value_dtype", type=click.Choice(VALUE_ENCODINGS), default="quantized", show_default=True, help="How the cached logits are stored: quantized (a 1/16-nat grid, error <= 1/(32 T) nats in log p_T, ~2.5 bits each) or a float dtype (format 1's fp16 costs ~12 bits).")
 @click.option("--sample", default=0, show_default=True, type=int, help="Draws per position from the teacher's distribution, stored as unique ids with counts (with --top-k: drawn outside the top-k, mixed targets; alone: sampled targets only). Trains with an unbiased estimator of the KD loss.")
-@click.option("--sample-temperature", default=None, type=float, help="Captured temperature the draws are made at [default: the first --temperature]; the others reuse them with exact importance weights.")
+@click.option("--sample-temperature", default=None, type=float, help="Make all the draws at this captured temperature (the others reuse them with exact importance weights) [default: the draws split evenly over every --temperature, each drawn stratified, all of them used at every temperature].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows (stops reading there).")
 @click.option("--max-tokens", default=None, type=int, help="Capture only the first N tokens of the data (stops reading there; chat data keeps whole conversations, so it may end up to one conversation past N).")
@@ -66,19 +69,21 @@ from kdpipe.stages.options import storage_options_flag, threads_flag, user_error
 @threads_flag
 @user_errors(on_interrupt="finished shards are kept; re-run the same command to resume")
 def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, world_size, device_map, dist_timeout,
-                  storage_options, **options):
+                  tensor_parallel, storage_options, **options):
     """Run TEACHER over DATA once; store top-k logits, exact at each temperature, plus the tail mass.
 
     Killed or failed (disk full), the same command resumes: finished shards are checked and kept.
     Under torchrun (torchrun --nproc-per-node N kdpipe cache-teacher ...) the processes split the
-    data blocks and rank 0 writes the manifest once all are done.
+    data blocks and rank 0 writes the manifest once all are done; with --tensor-parallel TP each group
+    of TP processes runs one teacher split over them.
     """
     launch = launch_from_env(rank=rank, world_size=world_size)
+    data_rank, data_world = data_parallel_rank(launch, tensor_parallel) if launch.torchrun else (launch.rank, launch.world_size)
     if options["sample"] and click.get_current_context().get_parameter_source("top_k").name == "DEFAULT":
         options["top_k"] = 0  # --sample alone: sampled targets only
     settings = CaptureSettings(
-        format=storage, temperatures=tuple(temperatures), rank=launch.rank, world_size=launch.world_size,
-        local_rank=launch.local_rank, local_world_size=launch.local_world_size,
+        format=storage, temperatures=tuple(temperatures), rank=data_rank, world_size=data_world,
+        local_rank=launch.local_rank, local_world_size=launch.local_world_size, tensor_parallel=tensor_parallel,
         device_map=None if device_map == "none" else device_map,
         storage_options=parse_storage_options(storage_options), **options,
     )
@@ -101,14 +106,20 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
         return
     if not overwrite and not out.is_empty() and not _has_progress(out):
         raise ConfigError(f"--out {out} exists and is not a kdpipe cache; choose an empty or new directory")
-    plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
-    with process_group(launch, plan.teacher.device, timeout_min=dist_timeout) as group, \
-            out_lock(out, rank=settings.rank):  # refuses a second process writing this rank of --out
+    split = settings.tensor_parallel > 1  # loaded inside the group, over its tensor-parallel ranks
+    if not split:
+        plan = with_teacher_weights(plan)  # a teacher that fails to load leaves --out untouched
+    with process_group(launch, plan.teacher.device, timeout_min=dist_timeout, tensor_parallel=tensor_parallel) as group, \
+            _writer_lock(out, settings.rank, group):  # refuses a second process writing this rank of --out
+        if split:
+            with peer_failures(launch, "while the ranks load the teacher"):
+                plan = with_teacher_weights(plan, group=group)
         if overwrite and main:
             _clear_cache(out)
         if group is not None:  # no rank writes before rank 0 has cleared --out
             group.barrier("for the other ranks to load the teacher")
-        manifest = _capture(plan, group, show=main)
+        with peer_failures(launch, "while capturing"):
+            manifest = _capture(plan, group, show=main)
     if manifest is None:
         if group is None:
             click.echo(f"rank {settings.rank} finished; the manifest is written when every rank is done")
@@ -116,10 +127,18 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
     t = manifest["totals"]
     truncated = f", {t['truncated_rows']} rows truncated at --seq-len {settings.seq_len}" if t.get("truncated_rows") else ""
     ranks = f" by {settings.world_size} ranks" if group is not None and settings.world_size > 1 else ""
+    if split:
+        ranks = f" by {launch.world_size} processes ({plural(settings.world_size, 'group')} of tensor-parallel {tensor_parallel})"
     click.echo(
         f"wrote {out}{ranks}: {plural(t['rows'], 'row')}, {plural(t['tokens'], 'token')}, {plural(t['shards'], 'shard')}, "
         f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes_per_token']:.1f} B/token){truncated}"
     )
+
+
+def _writer_lock(out, rank: int, group):
+    """The lock of ``rank`` on ``--out`` (see :func:`out_lock`), taken by the process that writes it
+    (of a tensor-parallel group, its first rank only)."""
+    return out_lock(out, rank=rank) if group is None or group.writes else contextlib.nullcontext()
 
 
 def _capture(plan, group, *, show: bool) -> dict | None:
@@ -221,7 +240,7 @@ def _print_plan(plan, probe_rows: int) -> None:
     click.echo(f"shards:    at most {plan.rows_per_shard} rows each")
     schema = plan.schema
     targets = (f"top-{schema.top_k}" if schema.top_k else "") + (" + " if schema.top_k and s.sample else "") + \
-        (f"{s.sample} draws at T={s.sampling_temperature:g}" if s.sample else "")
+        (describe_draws(s.sample, sample_temperature=s.sampling_temperature, temperatures=s.temperatures) if s.sample else "")
     click.echo(f"encoding:  {targets}, ids {schema.id_bits} bits, values {schema.value_dtype}, "
                f"{len(schema.temperatures)} temperatures, format {FORMAT_VERSION}")
     how = (f"measured on {probe['rows']} probe rows" if probe and probe["rows"] else

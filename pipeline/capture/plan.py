@@ -21,6 +21,7 @@ from kdpipe.pipeline.cache import encoding
 from kdpipe.pipeline.cache.schema import CacheSchema, narrowest_id_dtype
 from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation, is_url
+from kdpipe.pipeline.capture import tensor_parallel
 from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.data.arrays import ARRAY_PACKING
 from kdpipe.pipeline.data.stream import BLOCK_CHARS, BlockStream
@@ -53,7 +54,7 @@ class CaptureSettings:
     dtype: str = "auto"
     value_dtype: str = "quantized"  # how values are stored: "quantized" (1/16-nat grid) or a float dtype
     sample: int = 0  # draws per position from the teacher (outside the top-k); 0: none
-    sample_temperature: float | None = None  # the temperature they are drawn at; None: the first one
+    sample_temperature: float | None = None  # the temperature they are drawn at; None: split over every temperature
     seed: int = 0
     limit_rows: int | None = None
     max_tokens: int | None = None
@@ -65,6 +66,7 @@ class CaptureSettings:
     local_rank: int | None = None  # under torchrun: this process's rank on its machine (picks its GPUs)
     local_world_size: int = 1  # under torchrun: processes on this machine
     device_map: str | None = None  # "auto": spread an HF teacher over the GPUs (accelerate)
+    tensor_parallel: int = 1  # torchrun processes per teacher (rank, world_size: the data-parallel groups)
     text_field: str = "text"
     messages_field: str = "messages"
     targets: str = "assistant"  # chat data: which tokens are distillation targets
@@ -87,14 +89,24 @@ class CaptureSettings:
             "shard_size_mb": self.shard_size_mb, "task": self.task, "world_size": self.world_size,
             "text_field": self.text_field, "messages_field": self.messages_field,
             "targets": self.targets, "packing": self.packing, "block_chars": self.block_chars,
+            **({"tensor_parallel": self.tensor_parallel} if self.tensor_parallel > 1 else {}),
         }
 
     @property
     def sampling_temperature(self) -> float | None:
-        """The temperature draws are made at (None without sampling)."""
+        """The one temperature draws are made at: None without sampling, and for the default draws split
+        over every captured temperature (:attr:`sample_scheme`)."""
+        if not self.sample or self.sample_temperature is None:
+            return None
+        return float(self.sample_temperature)
+
+    @property
+    def sample_scheme(self) -> str | None:
+        """How draws are made (:data:`kdpipe.pipeline.cache.sampling.SCHEMES`; None without sampling):
+        ``"one-temperature"`` with ``--sample-temperature``, else ``"temperature-mixture"``."""
         if not self.sample:
             return None
-        return float(self.temperatures[0] if self.sample_temperature is None else self.sample_temperature)
+        return "temperature-mixture" if self.sample_temperature is None else "one-temperature"
 
     @property
     def fields(self) -> datalib.Fields:
@@ -210,9 +222,28 @@ def _validate(settings: CaptureSettings) -> None:
         if settings.device not in ("auto", "cuda"):
             raise ConfigError(f"--device-map auto places the teacher on the GPUs itself (or the CPU without GPUs); "
                               f"drop --device {settings.device}, or drop --device-map to run on {settings.device}")
+    _validate_tensor_parallel(settings)
     if not is_url(settings.out) and Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ConfigError(f"--out {settings.out} is a file; give a directory (a new one, or one holding this capture)")
     get_format(settings.format)
+
+
+def _validate_tensor_parallel(settings: CaptureSettings) -> None:
+    tp = settings.tensor_parallel
+    if tp < 1:
+        raise ConfigError(f"--tensor-parallel {tp} must be 1 (no tensor parallelism) or more")
+    if tp == 1:
+        return
+    if settings.device_map is not None:
+        raise ConfigError(f"--tensor-parallel {tp} splits every layer of the teacher over torchrun processes and "
+                          "--device-map auto places whole layers on the GPUs of one process; use one of them")
+    if is_module_spec(settings.teacher):
+        raise ConfigError("--tensor-parallel splits a Hugging Face teacher with its model's tensor-parallel plan, which a "
+                          "package.module:factory teacher has not; drop --tensor-parallel (--device-map auto spreads "
+                          "an HF teacher over the GPUs)")
+    if settings.local_rank is None:
+        raise ConfigError(f"--tensor-parallel {tp} splits the teacher over torchrun processes; start the capture with "
+                          f"torchrun --nproc-per-node N (N a multiple of {tp})")
 
 
 def capture_device(settings: CaptureSettings) -> torch.device:
@@ -256,7 +287,9 @@ def _max_memory(settings: CaptureSettings) -> dict | None:
     return memory
 
 
-def load_teacher(settings: CaptureSettings, *, load_weights: bool) -> Teacher:
+def load_teacher(settings: CaptureSettings, *, load_weights: bool, group=None) -> Teacher:
+    """The teacher of ``settings`` (its weights when ``load_weights``); with ``--tensor-parallel``, split
+    over the tensor-parallel ranks of ``group`` (the torchrun group, needed then to load weights)."""
     device = capture_device(settings)
     dtype = resolve_dtype(settings.dtype, device)
     if is_module_spec(settings.teacher):
@@ -265,11 +298,36 @@ def load_teacher(settings: CaptureSettings, *, load_weights: bool) -> Teacher:
             settings.teacher, weights=settings.weights, device=device, dtype=dtype,
             num_classes=num_classes, load_weights=load_weights,
         )
+    if settings.tensor_parallel > 1:
+        return _tensor_parallel_teacher(settings, device, dtype, load_weights=load_weights, group=group)
     return load_hf_teacher(
         settings.teacher, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
         load_weights=load_weights, task=settings.task, device_map=settings.device_map,
         max_memory=_max_memory(settings) if settings.device_map and load_weights else None,
     )
+
+
+def _tensor_parallel_teacher(settings: CaptureSettings, device, dtype, *, load_weights: bool, group) -> Teacher:
+    """The HF teacher checked for ``--tensor-parallel`` (see :mod:`.tensor_parallel`), split over
+    ``group``'s tensor-parallel ranks when ``load_weights``."""
+    from transformers import AutoConfig
+
+    teacher = load_hf_teacher(settings.teacher, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                              load_weights=False, task=settings.task)
+    if teacher.task != "causal-lm":
+        raise ConfigError(f"--tensor-parallel splits a causal LM's vocabulary; teacher {settings.teacher} is a "
+                          f"{teacher.task} model: drop --tensor-parallel (or use --device-map auto)")
+    config = AutoConfig.from_pretrained(settings.teacher, trust_remote_code=settings.trust_remote_code)
+    tensor_parallel.check_tensor_parallel_config(config, settings.tensor_parallel, teacher=settings.teacher,
+                                                 top_k=0 if settings.sample else settings.top_k)
+    if not load_weights:
+        return teacher
+    if group is None or group.tensor_parallel != settings.tensor_parallel:
+        raise ConfigError(f"--tensor-parallel {settings.tensor_parallel} loads the teacher inside its torchrun group; "
+                          "start the capture with torchrun")
+    model = tensor_parallel.load_tensor_parallel_model(settings.teacher, group=group, dtype=dtype,
+                                                       trust_remote_code=settings.trust_remote_code)
+    return tensor_parallel.TensorParallelTeacher.of(teacher, model, group)
 
 
 def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> CapturePlan:
@@ -298,6 +356,7 @@ def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> Cap
         input_id_bits=encoding.id_bits(input_vocab) if teacher.kind == "hf" else None,
         sample_draws=settings.sample,
         sample_temperature=settings.sampling_temperature,
+        sample_scheme="temperature-mixture" if settings.sample_scheme == "temperature-mixture" else None,
     )
     rows_per_shard = max(1, int(settings.shard_size_mb * 2**20 // schema.row_nbytes()))
     data = {**source.identity(), "packing": spec.describe() if spec else ARRAY_PACKING,
@@ -354,8 +413,9 @@ def finished_capture(plan: CapturePlan) -> dict | None:
     return manifest
 
 
-def with_teacher_weights(plan: CapturePlan) -> CapturePlan:
-    """The same plan with the teacher's weights loaded (a plan from ``load_weights=False`` has none)."""
+def with_teacher_weights(plan: CapturePlan, *, group=None) -> CapturePlan:
+    """The same plan with the teacher's weights loaded (a plan from ``load_weights=False`` has none);
+    ``group``: the torchrun group, which a ``--tensor-parallel`` teacher is split over."""
     if plan.teacher.model is not None:
         return plan
-    return dataclasses.replace(plan, teacher=load_teacher(plan.settings, load_weights=True))
+    return dataclasses.replace(plan, teacher=load_teacher(plan.settings, load_weights=True, group=group))

@@ -29,6 +29,7 @@ are single PUTs (see :mod:`kdpipe.pipeline.capture.progress`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -43,11 +44,12 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
-from kdpipe.pipeline.cache.sampling import Samples, draw_samples
+from kdpipe.pipeline.cache.sampling import Samples, draw_mixture, draw_samples, split_draws
 from kdpipe.pipeline.cache.schema import encode_rows
 from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation
 from kdpipe.pipeline.capture import progress as progresslib
+from kdpipe.pipeline.capture import tensor_parallel
 from kdpipe.pipeline.capture.lock import out_lock
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_logits
@@ -93,8 +95,13 @@ def _sampled_view(plan: CapturePlan, inputs, attention, mask, draws: "Draws") ->
     if k == 0:  # sampled only: everything is "tail"
         view = SparseView(view.topk_ids[:, :0], view.topk_logits[:, :0], view.logsumexp,
                           torch.zeros_like(view.tail_logprob))
-    samples = draw_samples(logits, view.topk_ids, temperature=schema.sample_temperature, draws=schema.sample_draws,
-                           generator=draws.generator(logits.device))
+    generator = draws.generator(logits.device)
+    if schema.sample_scheme == "temperature-mixture":  # the default: split over every captured temperature
+        samples = draw_mixture(logits, view.topk_ids, temperatures=schema.temperatures, draws=schema.sample_draws,
+                               generator=generator)
+    else:  # --sample-temperature: all at one temperature
+        samples = draw_samples(logits, view.topk_ids, temperature=schema.sample_temperature,
+                               draws=schema.sample_draws, generator=generator)
     return view, samples
 
 
@@ -163,22 +170,28 @@ def run_capture(
     settings = plan.settings
     torch.manual_seed(settings.seed)
     out = CacheLocation(settings.out, settings.storage_options)
-    if group is not None and (group.rank, group.world_size) != (settings.rank, settings.world_size):
-        raise ConfigError(f"rank {settings.rank} of {settings.world_size} in the settings, but {group.rank} of "
-                          f"{group.world_size} in the torchrun group; take both from the same launch")
-    with out_lock(out, rank=settings.rank):  # before anything is written: one process per rank
+    if group is not None and (group.capture_rank, group.capture_world_size) != (settings.rank, settings.world_size):
+        raise ConfigError(f"rank {settings.rank} of {settings.world_size} in the settings, but {group.capture_rank} of "
+                          f"{group.capture_world_size} in the torchrun group; take both from the same launch")
+    writes = group is None or group.writes  # a tensor-parallel group has one writer
+    with out_lock(out, rank=settings.rank) if writes else contextlib.nullcontext():  # one process per rank
         return _run_locked(plan, out, group, on_rows=on_rows, on_start=on_start, on_data=on_data)
 
 
 def _run_locked(plan: CapturePlan, out: CacheLocation, group: Group | None, *, on_rows, on_start, on_data) -> dict | None:
     settings = plan.settings
+    writes = group is None or group.writes
     log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size,
-                                   writes_manifest=(group.is_main if group is not None else None))
+                                   writes_manifest=(group.is_main if group is not None else None)) \
+        if writes else tensor_parallel.FollowerProgress()
     log.start(plan)
+    if group is not None and group.tensor_parallel > 1:  # the group's ranks run the same batches
+        tensor_parallel.share_progress(log, group)
     if on_start:
         on_start(log)
     stream = plan.stream(skip=log.block_done)
-    writer = _ShardWriter(get_format(settings.format), plan, log)
+    fmt = get_format(settings.format)
+    writer = _ShardWriter(fmt, plan, log) if writes else tensor_parallel.DiscardWriter(fmt.suffix)
     try:
         for block in stream:
             _capture_block(plan, block, log, writer, on_rows)
@@ -186,7 +199,7 @@ def _run_locked(plan: CapturePlan, out: CacheLocation, group: Group | None, *, o
                 on_data(block.bytes_read)
     finally:
         writer.close()
-    data_sha256 = stream.state.complete_hashes() if plan.source.files else {}
+    data_sha256 = stream.state.complete_hashes() if plan.source.files and writes else {}
     log.finish(num_blocks=stream.num_blocks, data_sha256=data_sha256)
     if group is None:
         return progresslib.finalize(out, plan=plan, header=manifest_header(plan))
@@ -230,6 +243,7 @@ def manifest_header(plan: CapturePlan) -> dict:
         **plan.fingerprints,
         "capture": {**s.content_settings(), "teacher": s.teacher, "data": s.data,
                     "batch_size": s.batch_size, "device_map": s.device_map, "id_bits": plan.schema.id_bits,
+                    "tensor_parallel": s.tensor_parallel, "data_parallel": s.world_size,
                     "teacher_vocab_size": plan.teacher.vocab_size,
                     "rows_per_shard": plan.rows_per_shard, "chunk_rows": CHUNK_ROWS,
                     "sparse_view": sparse_view_path(plan.teacher),
@@ -245,21 +259,20 @@ def manifest_header(plan: CapturePlan) -> dict:
 def sampling_record(plan: CapturePlan) -> dict:
     """How the draws were made (recorded in the manifest)."""
     s = plan.settings
-    return {"draws": s.sample, "temperature": s.sampling_temperature, "seed": s.seed,
-            "from": "the teacher's distribution outside the top-k" if s.top_k else "the teacher's distribution",
-            "generator": "torch.multinomial, one generator per shard seeded by blake2b(seed, block, part)"}
+    record = {"draws": s.sample, "scheme": s.sample_scheme, "temperature": s.sampling_temperature, "seed": s.seed,
+              "from": "the teacher's distribution outside the top-k" if s.top_k else "the teacher's distribution",
+              "generator": "torch.multinomial, one generator per shard seeded by blake2b(seed, block, part)"}
+    if s.sample_scheme == "temperature-mixture":
+        record["draws_by_temperature"] = {f"{t:g}": m for t, m in zip(s.temperatures, split_draws(s.sample, s.temperatures))}
+        record["generator"] = ("stratified: draw j uniform in the j-th of M_T equal slices of the proposal's cumulative "
+                               "distribution (ids in order), one generator per shard seeded by blake2b(seed, block, part)")
+        record["weights"] = "count / M * p_T / pi_mix, pi_mix = sum_T' (M_T' / M) * (p_T' outside the top-k, renormalised)"
+    return record
 
 
 def sparse_view_path(teacher) -> str:
-    """How the sparse view was made (recorded in the manifest)."""
-    fused, reason = teacher.fused_head, teacher.fused_head_reason
-    if fused is None:  # this process ran no batch (a resumed or empty share): what it would have done
-        reason = teacher.fused_head_problem() if teacher.model is not None else "no weights loaded"
-        fused = reason is None
-    if fused:
-        return "head-fused: the lm-head in vocabulary blocks, logits never materialised"
-    reason = f" ({reason})" if reason else ""
-    return f"from the teacher's logits{reason}"
+    """How the sparse view was made (recorded in the manifest; see ``Teacher.sparse_view_path``)."""
+    return teacher.sparse_view_path()
 
 
 class _ShardWriter:

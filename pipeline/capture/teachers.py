@@ -117,6 +117,17 @@ class Teacher:
                                f"[batch, {mask.shape[1]}, {self.vocab_size}]")
         return logits
 
+    def sparse_view_path(self) -> str:
+        """How the sparse view was made (the manifest's ``capture.sparse_view``)."""
+        fused, reason = self.fused_head, self.fused_head_reason
+        if fused is None:  # this process ran no batch (a resumed or empty share): what it would have done
+            reason = self.fused_head_problem() if self.model is not None else "no weights loaded"
+            fused = reason is None
+        if fused:
+            return "head-fused: the lm-head in vocabulary blocks, logits never materialised"
+        reason = f" ({reason})" if reason else ""
+        return f"from the teacher's logits{reason}"
+
     def _cached_head_problem(self) -> str | None:
         if self._head_problem == _UNCHECKED:
             self._head_problem = self.fused_head_problem()

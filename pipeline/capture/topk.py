@@ -271,14 +271,46 @@ def sparse_view_of_hidden(
     Raises ``FloatingPointError`` naming the first position whose logits are NaN or infinite (or all
     ``-inf``), unless ``check_finite=False`` (see :func:`sparse_view_of_logits`).
     """
+    if hidden.shape[0] == 0:
+        _check_top_k(top_k, head_weight.shape[0])
+        return _empty_view(top_k, temperatures, hidden.device)
+    partial = partial_of_hidden(hidden, head_weight, head_bias, top_k=top_k, temperatures=temperatures,
+                                vocab_block=vocab_block, chunk_bytes=chunk_bytes)
+    return view_of_partial(partial, temperatures, check_finite=check_finite)
+
+
+@dataclasses.dataclass
+class HeadPartial:
+    """The state :func:`sparse_view_of_hidden` keeps per position, in absolute logits (not shifted by
+    the max): what a slice of the vocabulary contributes, for combining slices (tensor parallelism)."""
+
+    values: torch.Tensor  # [N, k] fp32, the slice's top-k logits, best first
+    ids: torch.Tensor  # [N, k] int64, their ids (in the head's rows)
+    tail_max: torch.Tensor  # [N] fp64, the largest logit outside the top-k (-inf: none)
+    tail_sum: torch.Tensor  # [N, nT] fp64, sum over the rest of exp((z - tail_max) / T)
+    bad: torch.Tensor  # [N] bool, a NaN or +inf logit in the slice
+
+
+def view_of_partial(partial: HeadPartial, temperatures: tuple[float, ...], *, check_finite: bool = True) -> SparseView:
+    """The sparse view of a :class:`HeadPartial` that covers the whole vocabulary."""
+    finite = ~partial.bad & torch.isfinite(partial.values[:, 0])  # (a row of -inf has no distribution)
+    if check_finite:
+        _raise_non_finite(finite, 0)
+    return _finish(partial.values, partial.ids, partial.tail_max, partial.tail_sum, temperatures, finite)
+
+
+@torch.inference_mode()
+def partial_of_hidden(
+    hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None = None, *,
+    top_k: int, temperatures: tuple[float, ...], vocab_block: int | None = None, chunk_bytes: int | None = None,
+) -> HeadPartial:
+    """The running top-k and tail of :func:`sparse_view_of_hidden` (same arguments), before the view."""
     n, hidden_size = hidden.shape
     vocab = head_weight.shape[0]
     if head_weight.shape[1] != hidden_size:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {hidden_size}")
     _check_top_k(top_k, vocab)
     device = hidden.device
-    if n == 0:
-        return _empty_view(top_k, temperatures, device)
     kind = "cuda" if hidden.is_cuda else "cpu"
     block = min(vocab, max(top_k, vocab_block or DEFAULT_VOCAB_BLOCK[kind]))
     rows = max(1, min(n, (chunk_bytes or DEFAULT_HEAD_CHUNK_BYTES[kind]) // (4 * block)))
@@ -329,7 +361,4 @@ def sparse_view_of_hidden(
             cand.scatter_(1, kept, _NEG_INF)
             part_max, part_sum = _tail_sums(cand, temperatures, torch.empty_like(cand))
             tail_max[r0:r1], tail_sum[r0:r1] = _merge_tails(tail_max[r0:r1], tail_sum[r0:r1], part_max, part_sum, inv_t)
-    finite = ~bad & torch.isfinite(best_values[:, 0])  # (a row of -inf has no distribution)
-    if check_finite:
-        _raise_non_finite(finite, 0)
-    return _finish(best_values, best_ids, tail_max, tail_sum, temperatures, finite)
+    return HeadPartial(best_values, best_ids, tail_max, tail_sum, bad)
