@@ -63,6 +63,12 @@ def setting(flag: str, help: str, **kwargs):
 @setting("--num-workers", "DataLoader worker processes.", type=int)
 @setting("--fused-loss/--no-fused-loss", "Compute the lm-head and the loss together, chunk by chunk, so the student's [tokens, vocab] logits never exist (only where the student's output layer allows it; run.json says which ran).")
 @setting("--cross-tokenizer-loss", "For a student whose tokenizer differs from the cache's (--tokenizer DIR; the cache must record text): exact-map (the teacher's top-k mapped onto student tokens with the same bytes, the rest in one bin; --loss applies), uld (L1 between the sorted probabilities) or exact-map+uld (their sum). KD counts where both tokenizations end at the same byte; CE at every student position.")
+@setting("--sharding", "How torchrun's ranks hold the student: ddp (a whole copy each; fits while the student + gradients + AdamW state, ~16 bytes a parameter, fit one device) or fsdp (FSDP2: each rank a 1/N shard of every layer, gathered layer by layer; for students beyond that). One process trains the plain student either way.", type=click.Choice(["ddp", "fsdp"]))
+@setting("--cpu-offload/--no-cpu-offload", "With --sharding fsdp under torchrun: keep the parameter, gradient and optimizer shards in CPU memory (slower; for students whose shards do not fit the devices).")
+@setting("--gradient-checkpointing/--no-gradient-checkpointing", "Recompute each decoder layer's activations in the backward pass (Hugging Face students): less activation memory, about one more forward per step, the same gradients.")
+@setting("--lora-r", "Train LoRA adapters of this rank (peft) instead of every weight; needs a pretrained --student DIR. model/ gets the merged model, adapter/ the adapter.  [default: off]", type=int)
+@setting("--lora-alpha", "LoRA scaling: each adapted layer adds (alpha / r) B A to its frozen weight.  [default: 2 x --lora-r]", type=float)
+@setting("--lora-targets", "Layers given adapters, by module name (q_proj,v_proj; repeat or comma-separate), or all-linear: every linear layer but the lm-head.  [default: all-linear]", multiple=True, default=None)
 @setting("--report-to", "Also send the metrics to: none, tensorboard (RUN_DIR/tensorboard), wandb, mlflow; repeat or comma-separate for several.", multiple=True, default=("none",))
 @storage_options_flag
 @setting("--local-cache", "Folder keeping shards downloaded from an s3:// (gs://, az://) cache, shared by the processes of this machine and kept between runs.  [default: a temporary folder holding only the shards in use and read ahead]")
@@ -75,7 +81,7 @@ def train_student(config_file, resume, **flags):
     """Train a student on CACHE with alpha*T^2*KL(p_T||q_T) + (1-alpha)*CE.
 
     Under torchrun (torchrun --nproc-per-node N kdpipe train-student ...) the ranks train one model
-    with DistributedDataParallel; --batch-size is per rank.
+    with DistributedDataParallel, or sharded by FSDP2 with --sharding fsdp; --batch-size is per rank.
     """
     config = merge_config(config_file, given_flags(flags), resume=resume)
     trainer = Trainer(config, resume=resume)

@@ -32,7 +32,7 @@ RUN_MANIFEST = "run.json"
 # Settings that may differ when resuming: they do not change what is computed. The cache is known by
 # the hashes of its manifest and shards (checked apart), not by its path: it may have moved.
 RESUMABLE_SETTINGS = {"out", "cache", "device", "num_workers", "log_every", "eval_every", "checkpoint_every",
-              "local_cache", "local_cache_gb", "read_ahead", "report_to"}
+              "local_cache", "local_cache_gb", "read_ahead", "report_to", "gradient_checkpointing"}
 # Settings a resumed run may raise: it then goes on to the new length.
 _EXTENDABLE = ("steps", "epochs")
 _FINISHED_KEYS = ("finished_at", "final_train_metrics", "final_eval_metrics", "model_dir")
@@ -45,6 +45,12 @@ def run_identity(cache, config, *, world_size: int = 1) -> dict:
     settings["world_size"] = world_size
     if settings.get("cross_tokenizer_loss") == "exact-map+uld":  # the default: as runs from before it existed
         settings.pop("cross_tokenizer_loss")
+    if settings.get("sharding") == "ddp" and not settings.get("cpu_offload"):  # as runs from before --sharding
+        settings.pop("sharding", None)
+        settings.pop("cpu_offload", None)
+    if settings.get("lora_r") is None:  # no LoRA: the identity of runs from before LoRA existed
+        for key in ("lora_r", "lora_alpha", "lora_targets"):
+            settings.pop(key, None)
     return {
         "cache_path": cache.location.record(),  # resolved local path, or the URL without user info
         "cache_manifest_sha256": cache.manifest_sha256,
@@ -63,10 +69,11 @@ def check_new_run_dir(out: Path) -> None:
 def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
                   seq_len: int | None = None, distributed: dict | None = None,
                   loss_implementation: str | None = None, device: str | None = None,
-                  teacher_vocab_size: int | None = None) -> None:
+                  teacher_vocab_size: int | None = None, lora: dict | None = None) -> None:
     """Create the run dir and its ``run.json`` (status running, every resolved setting; ``seq_len``: the
     training rows' length, which ``evaluate`` uses for this model's data rows; ``teacher_vocab_size``:
     the teacher's V_t, to which ``evaluate`` cuts a larger (padded) student's logits as training did;
+    ``lora``: a LoRA run's settings, adapted layers, trainable parameters and base weights' sha256;
     ``command``: the kdpipe command line, which ``kdpipe reproduce`` re-runs)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,8 @@ def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_s
                          "teacher_vocab_size": teacher_vocab_size, **identity,
                          "resolved_settings": resolved_settings, "total_steps": total_steps,
                          "distributed": distributed or {"world_size": 1}, "device": device,
-                         "loss_implementation": loss_implementation, "software": software_versions()})
+                         "loss_implementation": loss_implementation, "software": software_versions(),
+                         **({"lora": lora} if lora else {})})
 
 
 def describe_device(device: torch.device) -> str:
@@ -172,10 +180,11 @@ def finished_already(out: Path, recorded: dict, total_steps: int) -> bool:
         (out / "model").is_dir()
 
 
-def load_checkpoint(out: Path, model, optimizer) -> dict:
-    """Load the latest checkpoint of ``out`` into ``model``, ``optimizer`` and the torch RNG once
-    it is verified (after :func:`check_resumable`); returns its trainer state (step, epoch,
-    batches_in_epoch). A damaged checkpoint is refused, naming the previous one when that is intact."""
+def load_checkpoint(out: Path, model, optimizer, *, rank: int = 0) -> dict:
+    """Load the latest checkpoint of ``out`` into ``model``, ``optimizer`` and the torch RNG (of
+    ``rank``) once it is verified (after :func:`check_resumable`); returns its trainer state (step,
+    epoch, batches_in_epoch). A damaged checkpoint is refused, naming the previous one when that is
+    intact. A sharded checkpoint (``--sharding fsdp``) loads into the FSDP root ``model`` on every rank."""
     folders = checkpoint_folders(out)
     if not folders:
         if (out / "model").is_dir():
@@ -188,7 +197,7 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
         raise IntegrityError(f"--resume refused: checkpoint {damage.folder} is damaged: {damage.reason}; "
                              f"{_previous_good(folders[1:], damage.folder)}") from None
     read_metrics(out)  # a damaged metrics.jsonl is refused before anything is loaded or written
-    load_checkpoint_files(folders[0], model, optimizer)
+    load_checkpoint_files(folders[0], model, optimizer, rank=rank)
     return state
 
 
@@ -218,6 +227,8 @@ def write_run_manifest(out: Path, identity: dict, config, *, final_metrics: dict
 
 
 def output_hashes(out: Path) -> dict[str, str]:
-    """sha256 of each file of the final model and of metrics.jsonl, by path relative to ``out``."""
-    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / METRICS]
+    """sha256 of each file of the final model (and a LoRA run's adapter) and of metrics.jsonl, by path
+    relative to ``out``."""
+    files = sorted(p for folder in ("model", "adapter") for p in (out / folder).rglob("*") if p.is_file())
+    files.append(out / METRICS)
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in files if p.is_file()}

@@ -16,9 +16,11 @@ from pathlib import Path
 import tomllib
 
 from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.models.lora import DEFAULT_TARGETS, default_alpha
 from kdpipe.pipeline.train.losses import KINDS
 from kdpipe.pipeline.train.reporting import parse_report_to
 from kdpipe.pipeline.train.xtok.losses import CROSS_TOKENIZER_LOSSES
+from kdpipe.pipeline.train.sharding import SHARDINGS
 
 
 @dataclasses.dataclass
@@ -53,6 +55,12 @@ class TrainConfig:
     num_workers: int = 0
     fused_loss: bool = True  # the lm-head and the loss in one chunked pass where the student allows it
     cross_tokenizer_loss: str = "exact-map+uld"  # a student with another tokenizer (pipeline/train/xtok)
+    sharding: str = "ddp"  # under torchrun: a whole student per rank (ddp) or a shard of it (fsdp)
+    cpu_offload: bool = False  # fsdp: parameter, gradient and optimizer shards in CPU memory
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    lora_r: int | None = None  # LoRA adapters of this rank train instead of every weight (pretrained students)
+    lora_alpha: float | None = None  # the update is (lora_alpha / lora_r) B A; None: 2 * lora_r
+    lora_targets: list[str] = dataclasses.field(default_factory=list)  # module names; empty: all-linear
     log_every: int = 10
     report_to: list[str] = dataclasses.field(default_factory=list)  # trackers besides metrics.jsonl
     # Reading a cache from an object store (s3://, gs://, az://); none of these change what is computed.
@@ -83,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
         self._validate_optimizer()
         self._validate_counts()
+        self._validate_lora()
+        self._validate_sharding()
         parse_report_to(self.report_to)
         if self.read_ahead is not None and self.read_ahead < 0:
             raise ConfigError(f"--read-ahead {self.read_ahead} must be 0 (no read-ahead) or more")
@@ -109,6 +119,26 @@ class TrainConfig:
         for name in ("eval_rows", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0 (0 turns it off)")
+
+    def _validate_sharding(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ConfigError(f"unknown --sharding {self.sharding!r}; use one of {', '.join(SHARDINGS)}")
+        if self.cpu_offload and self.sharding != "fsdp":
+            raise ConfigError("--cpu-offload moves FSDP's shards to CPU memory; add --sharding fsdp (under torchrun)")
+
+    def _validate_lora(self) -> None:
+        """Fills in the LoRA defaults (alpha 2r, all-linear) so that run.json records what ran."""
+        self.lora_targets = [t.strip() for item in self.lora_targets for t in item.split(",") if t.strip()]
+        if self.lora_r is None:
+            if self.lora_alpha is not None or self.lora_targets:
+                raise ConfigError("--lora-alpha and --lora-targets need --lora-r (the adapters' rank)")
+            return
+        if self.lora_r < 1:
+            raise ConfigError(f"--lora-r {self.lora_r} must be >= 1")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha {self.lora_alpha} must be > 0")
+        self.lora_alpha = default_alpha(self.lora_r) if self.lora_alpha is None else self.lora_alpha
+        self.lora_targets = self.lora_targets or list(DEFAULT_TARGETS)
 
     def storage(self) -> dict:
         """How to read the caches: keyword arguments of :class:`~kdpipe.pipeline.cache.reader.TeacherCache`."""

@@ -24,15 +24,19 @@ function of the step number alone:
 - the data continue in the same epoch order: step ``N + 1`` reads the batch that follows the
   checkpoint's.
 
-Under ``torchrun`` every process trains the same model wrapped in ``DistributedDataParallel`` on
-its share of each global batch (:mod:`kdpipe.pipeline.train.dataset`), so a step of W ranks x batch b is
-the step of one process that accumulates the W per-rank losses (and, when every row has as many
-target tokens, of one process with batch W*b). Rank 0 alone writes the run directory.
+Under ``torchrun`` every process trains the same model on its share of each global batch
+(:mod:`kdpipe.pipeline.train.dataset`), so a step of W ranks x batch b is the step of one process that
+accumulates the W per-rank losses (and, when every row has as many target tokens, of one process with
+batch W*b). The model is wrapped in ``DistributedDataParallel`` or, with ``--sharding fsdp``, sharded
+by FSDP2 (:mod:`kdpipe.pipeline.train.sharding`). Rank 0 alone writes the run directory's files; under
+DDP it alone evaluates and checkpoints, under FSDP every rank takes part (its collectives need them
+all), each writing its shards of a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -47,17 +51,19 @@ from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.models.devices import resolve_device
-from kdpipe.pipeline.models.students import load_student, save_student
+from kdpipe.pipeline.models.lora import apply_lora, check_lora_base
+from kdpipe.pipeline.models.students import Student, load_student, save_student
 from kdpipe.pipeline.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from kdpipe.pipeline.train import checkpoint as ckpt
-from kdpipe.pipeline.train import metrics, metrics_log, reporting
-from kdpipe.pipeline.train.checkpoint_files import save_checkpoint
+from kdpipe.pipeline.train import metrics, metrics_log, reporting, sharding
+from kdpipe.pipeline.train.checkpoint_files import save_checkpoint, save_sharded_checkpoint
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.dataset import CacheDataset, split_rows
 from kdpipe.pipeline.train.fused_kd import output_head
 from kdpipe.pipeline.train.objective import distillation_objective, targets_for, uses_draws
 from kdpipe.pipeline.train.schedule import parse_schedule, phase_at, warmup_cosine
 from kdpipe.pipeline.train.targets import TeacherTargets, Vocabulary, check_student_vocab, fold_padded_vocab
+from kdpipe.pipeline.train.xtok import objective as xtok
 
 
 class Trainer:
@@ -75,6 +81,7 @@ class Trainer:
         self.finished_already = False  # a resume of a finished run to its length: nothing to do
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.xtok = None  # a student with another tokenizer than the cache's: its run (pipeline/train/xtok)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -108,17 +115,25 @@ class Trainer:
             raise ConfigError(f"cache {c.cache} has no training rows; lower --eval-fraction or capture more data")
         self.total_steps = c.steps or max(1, math.ceil(c.epochs * self.train_set.batches_per_epoch / c.grad_accum))
         self.student = load_student(c.student, task=self.task, seed=c.seed, tokenizer_path=c.tokenizer)
+        if c.lora_r is not None:  # only the adapters train (the optimizer below takes what requires grad)
+            apply_lora(self.student, r=c.lora_r, alpha=c.lora_alpha, targets=c.lora_targets, task=self.task)
         if self.student.kind == "hf" and self.student.tokenizer is None:
             self.student.tokenizer = load_tokenizer(_teacher_tokenizer(self.cache), required=False)
         self._check_student()
         self.model = self.student.model.to(self.device)  # the student itself: saved, evaluated
+        if c.gradient_checkpointing:
+            sharding.enable_gradient_checkpointing(self.model, kind=self.student.kind)
         # The fused loss needs the student's last hidden states and its lm-head (weight, bias).
         fusable = c.fused_loss and self.student.kind == "hf" and self.task == "causal-lm"
-        self.head = output_head(self.model) if fusable else None
-        forward = _HiddenStates(self.model) if self.head is not None else self.model
+        self.head = output_head(self.model) if fusable else None  # not None: the fused loss runs
+        # What the training forward runs: the student (in a StudentForward for HF), DDP around it, or FSDP's shards
+        self.forward = sharding.StudentForward(self.model) if self.student.kind == "hf" else self.model
         with distributed.peer_failures(self.launch, "while the ranks set up"):
-            self.ddp = self._wrap(forward)  # what the training forward runs: ``forward``, or DDP around it
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            self.ddp = sharding.wrap(self.forward, model=self.model, sharding=c.sharding, world_size=self.world_size,
+                                     device=self.device, cpu_offload=c.cpu_offload)
+        self.sharded = sharding.is_sharded(self.ddp)  # FSDP: evaluation, checkpoints and finish need every rank
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.weight_decay)
         self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size)
         if self.resume:
             self._resume()
@@ -129,21 +144,18 @@ class Trainer:
                                    total_steps=self.total_steps, task=self.task, seq_len=self.cache.schema.input_len,
                                    distributed=self.distributed_record(), loss_implementation=self.loss_implementation,
                                    device=ckpt.describe_device(self.device),
-                                   teacher_vocab_size=int(self.cache.manifest["capture"]["teacher_vocab_size"]))
+                                   teacher_vocab_size=int(self.cache.manifest["capture"]["teacher_vocab_size"]),
+                                   lora=self.student.lora)
         if self.is_main and not self.finished_already:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(
                 reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],
                 settings=c.recorded(), resumed_at=self.step))
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.world_size == 1:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
     @property
     def loss_implementation(self) -> str:
         """What computes the training loss (recorded in run.json)."""
+        if self.xtok is not None:
+            return self.xtok.implementation
         schema = self.cache.schema
         if self.estimator:
             head = f"exact top-{schema.top_k} + " if schema.top_k else ""
@@ -156,6 +168,7 @@ class Trainer:
         if self.head is not None:
             return "fused: lm-head and loss chunk by chunk (pipeline/train/fused_kd.py)" + targets
         why = ("--no-fused-loss" if not self.config.fused_loss else
+               "the lm-head is a LoRA target (--lora-targets)" if (self.student.lora or {}).get("head_adapted") else
                "the student's output layer is not a plain nn.Linear of a causal LM")
         return f"unfused: full student logits ({why})" + targets
 
@@ -169,9 +182,16 @@ class Trainer:
         c, w = self.config, self.world_size
         return {"world_size": w, "per_rank_batch_size": c.batch_size, "global_batch_size": c.batch_size * w,
                 "rows_per_step": c.batch_size * w * c.grad_accum,
-                "backend": torch.distributed.get_backend() if w > 1 else None}
+                "backend": torch.distributed.get_backend() if w > 1 else None,
+                "sharding": sharding.sharding_record(c.sharding, world_size=w)}
 
     def _check_student(self) -> None:
+        self.xtok = xtok.for_student(self.cache, self.student, cache_name=self.config.cache,
+                                     loss=self.config.cross_tokenizer_loss,
+                                     teacher_tokenizer_path=self.cache.manifest["teacher"].get("path"))
+        if self.xtok is not None:  # its batches: the cache's rows re-tokenised, with the aligned pairs
+            self.train_set, self.eval_set = self.xtok.dataset(self.train_set), self.xtok.dataset(self.eval_set)
+            return
         m = self.cache.manifest
         tokenizer_fp = m.get("tokenizer")
         if self.student.vocab_size:
@@ -188,10 +208,12 @@ class Trainer:
 
     def _resume(self) -> None:
         recorded = ckpt.check_resumable(self.out, self.identity)
+        check_lora_base(recorded.get("lora"), self.student.lora, out=self.out, student=self.config.student)
         if ckpt.finished_already(self.out, recorded, self.total_steps):  # nothing is loaded or written
             self.finished_already, self.step = True, self.total_steps
             return
-        state = ckpt.load_checkpoint(self.out, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(self.out, self.ddp if self.sharded else self.model, self.optimizer,
+                                     rank=self.launch.rank)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         if self.is_main:
             ckpt.resume_run_dir(self.out, self.identity, self.config, step=self.step, total_steps=self.total_steps)
@@ -224,8 +246,7 @@ class Trainer:
         while self.step < self.total_steps:
             with distributed.peer_failures(self.launch, f"at step {self.step + 1}"):
                 metrics = self._train_step(batches)
-                if self.is_main:  # the other ranks go on and wait for it at the next gradient exchange
-                    self._record(metrics)
+                self._record(metrics)
             if on_step:
                 on_step(metrics)
         return metrics
@@ -241,8 +262,10 @@ class Trainer:
         step_tokens = 0
         for micro in range(c.grad_accum):
             batch = next(batches)
-            # DDP averages gradients over ranks at the last micro-batch's backward only
-            sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or self.world_size == 1 else self.ddp.no_sync()
+            # DDP averages gradients over ranks at the last micro-batch's backward only (FSDP at each one,
+            # into its sharded gradients: no micro-batch keeps whole ones)
+            last = micro == c.grad_accum - 1 or self.world_size == 1 or self.sharded
+            sync = contextlib.nullcontext() if last else self.ddp.no_sync()
             with sync:
                 parts = self.loss(batch, temperature=temperature, alpha=alpha)
                 (parts["loss"] / c.grad_accum).backward()
@@ -262,16 +285,24 @@ class Trainer:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
     def _record(self, metrics: dict) -> None:
-        """Rank 0 after a step: log, evaluate and checkpoint when the settings ask for it."""
+        """After a step: log, evaluate and checkpoint when the settings ask for it. Rank 0 alone logs;
+        under DDP it alone evaluates and checkpoints (the other ranks go on and wait for it at the next
+        gradient exchange), under FSDP every rank does both (FSDP's gathers need them all)."""
         c = self.config
         last = self.step == self.total_steps
-        if self.step % c.log_every == 0 or last:
+        takes_part = self.is_main or self.sharded
+        if self.is_main and (self.step % c.log_every == 0 or last):
             self.log(metrics)
-        if c.eval_every and (self.step % c.eval_every == 0 or last):
-            self.log({"step": self.step, "split": "eval", **self.evaluate()})
-        if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or last):
-            save_checkpoint(self.out, self.model, self.optimizer,
-                            {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch})
+        if takes_part and c.eval_every and (self.step % c.eval_every == 0 or last):
+            record = {"step": self.step, "split": "eval", **self.evaluate()}
+            if self.is_main:
+                self.log(record)
+        if takes_part and c.checkpoint_every and (self.step % c.checkpoint_every == 0 or last):
+            state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+            if self.sharded:  # each rank writes its shards (torch.distributed.checkpoint)
+                save_sharded_checkpoint(self.out, self.ddp, self.optimizer, state, rank=self.launch.rank)
+            else:
+                save_checkpoint(self.out, self.model, self.optimizer, state)
 
     def log(self, record: dict) -> None:
         """Append a metrics record to metrics.jsonl and send it to the ``--report-to`` trackers (rank 0)."""
@@ -285,9 +316,8 @@ class Trainer:
         """Student logits ``[B, P, V]`` for a batch of cache rows (by ``model``, default the training forward)."""
         model = self.ddp if model is None else model
         with self._autocast():
-            if self.student.kind == "hf":
-                ids = batch["input_ids"].to(self.device)
-                out = model(input_ids=ids, attention_mask=self._attention(batch)).logits
+            if self.student.kind == "hf":  # a StudentForward (or DDP or FSDP around it): the logits
+                out = model(batch["input_ids"].to(self.device), self._attention(batch))
             else:
                 out = model(batch["inputs"].to(self.device))
         return out if out.ndim == 3 else out[:, None, :]
@@ -301,13 +331,17 @@ class Trainer:
 
     def loss(self, batch: dict, *, temperature: float, alpha: float) -> dict:
         batch = _to(batch, self.device)  # once: targets and the student read the same tensors
+        if self.xtok is not None:
+            return self.xtok.objective(self.cache.schema, batch, self.student_logits(batch), temperature=temperature,
+                                       alpha=alpha, kind=self.config.loss)
         targets = self.targets(batch, temperature=temperature)
         options = dict(alpha=alpha, temperature=temperature, kind=self.config.loss)
         if self.head is not None:  # the student's [B*P, V] logits never exist
-            with self._autocast():
-                hidden = self.ddp(batch["input_ids"], self._attention(batch))  # [B, P, H]
-                weight, bias = self.head
+            def objective(hidden, weight, bias):  # hidden [B, P, H]; run inside the forward (FSDP: whole head)
                 return distillation_objective(targets, hidden=hidden, head_weight=weight, head_bias=bias, **options)
+
+            with self._autocast():
+                return self.ddp(batch["input_ids"], self._attention(batch), objective)
         return distillation_objective(targets, student_logits=self.student_logits(batch), **options)
 
     @torch.no_grad()
@@ -321,10 +355,17 @@ class Trainer:
         self.model.eval()
         kl, agree, ce, correct = metrics.Mean(), metrics.Mean(), metrics.Mean(), metrics.Mean()
         temperature = 1.0 if 1.0 in self.cache.temperatures else self.cache.temperatures[0]
+        if self.xtok is not None:  # CE per student token, bits per byte, the aligned KL and share
+            batches = (_to(b, self.device) for b in DataLoader(self.eval_set, batch_size=None))
+            scores = self.xtok.evaluate(self.cache.schema, batches, lambda b: self.student_logits(
+                b, model=self.ddp if self.sharded else self.forward), temperature=temperature)
+            self.model.train()
+            return {**scores, "rows": self.eval_set.num_rows}
         for batch in DataLoader(self.eval_set, batch_size=None, generator=self._loader_generator()):
             batch = _to(batch, self.device)
             targets = self.targets(batch, temperature=temperature)
-            logits = self.student_logits(batch, model=self.model)  # rank 0 alone: not through DDP
+            # DDP: rank 0 alone, not through DDP; FSDP: every rank, through its shards
+            logits = self.student_logits(batch, model=self.ddp if self.sharded else self.forward)
             logits, targets = fold_padded_vocab(logits.reshape(-1, logits.shape[-1]).float(), targets)
             if self.estimator:  # an unbiased estimate of the full KL
                 kl.add(*metrics.sampled_kl_to_teacher(logits, targets.topk_ids, targets.topk_logprobs, targets.sample_ids,
@@ -354,27 +395,24 @@ class Trainer:
     def finish(self, metrics: dict) -> dict | None:
         """Rank 0 writes the model and the run manifest (returned); other ranks return None. A run
         that had finished already (:attr:`finished_already`) is left as it is: its run.json is returned."""
+        if self.finished_already:
+            return ckpt.read_run(self.out) if self.is_main else None
+        student = self._final_student()  # under FSDP every rank sends its shards to rank 0
         if not self.is_main:
             return None
-        if self.finished_already:
-            return ckpt.read_run(self.out)
-        save_student(self.student, self.out / "model")
+        save_student(student, self.out / "model")
         final = metrics or metrics_log.last_record(self.out, "train") or {}  # {}: resumed with no step left to run
         return ckpt.write_run_manifest(self.out, self.identity, self.config, final_metrics=final,
                                        eval_metrics=metrics_log.last_record(self.out, "eval"), total_steps=self.total_steps)
 
-
-class _HiddenStates(torch.nn.Module):
-    """A Hugging Face causal LM without its output layer: ``forward`` gives the last hidden states
-    ``[B, P, H]`` (after the final norm: what the lm-head reads). DDP wraps this module, so the
-    lm-head's gradient, made by the fused loss outside ``forward``, is still averaged over ranks."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def _final_student(self) -> Student:
+        """The student to save: itself, or under FSDP a plain copy of it holding the gathered weights
+        (on rank 0; the other ranks only send their shards)."""
+        if not self.sharded:
+            return self.student
+        weights = sharding.full_model_state(self.ddp)
+        return self.student if weights is None else \
+            dataclasses.replace(self.student, model=sharding.unsharded_copy(self.model, weights))
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:
