@@ -14,6 +14,15 @@ and the one being written share the disk), then ``checkpoint/`` becomes ``checkp
 checkpoint: ``checkpoint/``, or ``checkpoint.previous/`` alone between the two renames, which a resume
 then takes. A failed write (disk full) deletes ``checkpoint.tmp/`` and raises a one-line
 :class:`~kdpipe.pipeline.errors.WriteError`; the checkpoints already written stay as they were.
+
+Sharded checkpoints (``--sharding fsdp``, format ``kdpipe-sharded-checkpoint/1``) rotate alike, and
+every rank writes its own shards: ``dcp/`` is a ``torch.distributed.checkpoint`` folder (one
+``__R_0.distcp`` file per rank with its shards of the model and of the AdamW state, and ``.metadata``),
+``rng/rankR.pt`` each rank's torch RNG, ``trainer_state.json``; no rank gathers the whole model or
+optimizer. Each rank hashes a share of the files, rank 0 writes ``checkpoint.json`` listing them all
+(and the world size), then renames. The folder must be on a file system all ranks share (one machine,
+or a shared mount). ``.metadata`` is a pickle (DCP's format); it is read with an unpickler that builds
+only DCP's metadata classes, never arbitrary objects.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ WRITING = f"{CHECKPOINT}.tmp"
 MANIFEST = "checkpoint.json"
 FORMAT = "kdpipe-checkpoint/1"
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+SHARDED_FORMAT = "kdpipe-sharded-checkpoint/1"
+DCP_FOLDER = "dcp"
 
 
 class DamagedCheckpoint(Exception):
@@ -68,14 +79,52 @@ def save_checkpoint(out: Path, model, optimizer, trainer_state: dict) -> None:
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
+        files = {name: _file_record(tmp / name) for name in FILES}
         manifest = {"format": FORMAT, "step": trainer_state["step"], "files": files}
-        atomic_write_json(tmp / MANIFEST, {**manifest, "checksum": manifest_checksum(manifest)})  # last
-        fsync_dir(tmp)
-        if final.is_dir():
-            final.rename(previous)
-        tmp.rename(final)
-        fsync_dir(out)
+        _land(out, manifest)
+
+
+def _land(out: Path, manifest: dict) -> None:
+    """Write ``checkpoint.tmp/checkpoint.json`` (last) and rename the folder into place, the latest
+    checkpoint becoming the previous one."""
+    final, previous, tmp = out / CHECKPOINT, out / PREVIOUS, out / WRITING
+    atomic_write_json(tmp / MANIFEST, {**manifest, "checksum": manifest_checksum(manifest)})
+    fsync_dir(tmp)
+    if final.is_dir():
+        final.rename(previous)
+    tmp.rename(final)
+    fsync_dir(out)
+
+
+def save_sharded_checkpoint(out: Path, root, optimizer, trainer_state: dict, *, rank: int) -> None:
+    """Every rank of an FSDP run: write this rank's shards of ``root`` (the FSDP root module) and
+    ``optimizer``, its RNG and (rank 0) ``trainer_state`` into ``checkpoint.tmp/``, hash its share of
+    the files; rank 0 then lists them all in ``checkpoint.json`` and lands the folder as :func:`save_checkpoint`."""
+    from kdpipe.pipeline.train.sharded_checkpoint import gather_to_rank_0, save_shards, wait_for_ranks
+
+    final, previous, tmp = out / CHECKPOINT, out / PREVIOUS, out / WRITING
+    step = trainer_state["step"]
+    with _checkpoint_write_errors(out, tmp, step=step):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+            if final.is_dir():
+                shutil.rmtree(previous, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+            atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        wait_for_ranks()  # tmp/ is ready
+        _torch_save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank{rank}.pt")
+        world_size = save_shards(tmp / DCP_FOLDER, root, optimizer)  # returns once every rank's files are written
+        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        mine = {name: _file_record(tmp / name) for name in names[rank::world_size]}  # ranks hash a share each
+        shares = gather_to_rank_0(mine)
+        if rank == 0:
+            files = {name: record for share in shares for name, record in share.items()}
+            _land(out, {"format": SHARDED_FORMAT, "step": step, "world_size": world_size, "files": files})
+    wait_for_ranks()  # no rank goes on (and may write the next checkpoint) before this one landed
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify_checkpoint(folder: Path) -> dict:
@@ -88,9 +137,10 @@ def verify_checkpoint(folder: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         recorded = manifest["checksum"], manifest["files"], manifest["step"]
+        required = _required_files(manifest)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise DamagedCheckpoint(folder, f"its {MANIFEST} is not a checkpoint manifest (damaged)") from None
-    if manifest_checksum(manifest) != recorded[0] or set(recorded[1]) != set(FILES):
+    if manifest_checksum(manifest) != recorded[0] or not required <= set(recorded[1]):
         raise DamagedCheckpoint(folder, f"its {MANIFEST} was edited (its checksum does not match)")
     for name, expected in recorded[1].items():
         file = folder / name
@@ -104,8 +154,23 @@ def verify_checkpoint(folder: Path) -> dict:
     return state
 
 
-def load_checkpoint_files(folder: Path, model, optimizer) -> None:
-    """Load a verified checkpoint (:func:`verify_checkpoint`) into ``model``, ``optimizer`` and the torch RNG."""
+def _required_files(manifest: dict) -> set[str]:
+    """The files a checkpoint of ``manifest``'s format must list (a sharded one: also every distcp file)."""
+    if manifest.get("format") == SHARDED_FORMAT:
+        ranks = int(manifest["world_size"])
+        return {"trainer_state.json", f"{DCP_FOLDER}/.metadata", *(f"rng/rank{r}.pt" for r in range(ranks))}
+    return set(FILES)
+
+
+def load_checkpoint_files(folder: Path, model, optimizer, *, rank: int = 0) -> None:
+    """Load a verified checkpoint (:func:`verify_checkpoint`) into ``model``, ``optimizer`` and the torch
+    RNG; a sharded one into the FSDP root ``model`` (every rank reads its shards; ``rank``: whose RNG)."""
+    if json.loads((folder / MANIFEST).read_text()).get("format") == SHARDED_FORMAT:
+        from kdpipe.pipeline.train.sharded_checkpoint import load_shards
+
+        load_shards(folder / DCP_FOLDER, model, optimizer)
+        torch.set_rng_state(torch.load(folder / "rng" / f"rank{rank}.pt", weights_only=True)["torch"])
+        return
     load_state_dict_into(model, folder / "model.safetensors")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])

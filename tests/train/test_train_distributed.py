@@ -79,7 +79,7 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(cache, stud
     assert any(not torch.equal(a[n], weights(tmp_path / "zero")[n]) for n in a)  # training moved them
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["distributed"] == {"world_size": 2, "per_rank_batch_size": 4, "global_batch_size": 8,
-                                  "rows_per_step": 8, "backend": "gloo"}
+                                  "rows_per_step": 8, "backend": "gloo", "sharding": "ddp"}
     assert [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["split"] == "train"] == [4]  # written once, by rank 0
 
