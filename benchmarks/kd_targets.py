@@ -187,7 +187,9 @@ def reused_run(args, *, cache: Path, run_dir: Path, seed: int, alpha: float) -> 
             "reused": True}
 
 
-def train(args, *, cache: Path, run_dir: Path, seed: int, alpha: float, teacher=None) -> dict:
+def train(args, *, cache: Path, run_dir: Path, seed: int, alpha: float, teacher=None, trainer_class=None) -> dict:
+    """Train one student (or take the finished run, ``--reuse-runs``): the library's ``Trainer``
+    (fused head + loss), ``OnlineKDTrainer`` given ``teacher``, or ``trainer_class`` (unfused) given one."""
     reused = reused_run(args, cache=cache, run_dir=run_dir, seed=seed, alpha=alpha)
     if reused is not None:
         return reused
@@ -195,9 +197,12 @@ def train(args, *, cache: Path, run_dir: Path, seed: int, alpha: float, teacher=
     config = TrainConfig(cache=str(cache), student=args.student, out=str(run_dir), device=args.device,
                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          alpha=alpha, temperature=args.temperature, seed=seed, eval_fraction=0.0, eval_every=0,
-                         checkpoint_every=0, fused_loss=teacher is None)
+                         checkpoint_every=0, fused_loss=teacher is None and trainer_class is None)
     config.validate()
-    trainer = Trainer(config) if teacher is None else OnlineKDTrainer(config, teacher)
+    if teacher is not None:
+        trainer = OnlineKDTrainer(config, teacher)
+    else:
+        trainer = (trainer_class or Trainer)(config)
     started = time.perf_counter()
     trainer.setup()
     try:
