@@ -32,7 +32,7 @@ def per_row(targets: TeacherTargets, rows: int) -> dict[str, torch.Tensor]:
             continue
         if name == "temperature":
             value = torch.full(targets.kd_mask.shape, float(value), dtype=torch.float32, device=targets.kd_mask.device)
-        out[name] = value.reshape(rows, -1, *value.shape[1:])
+        out[name] = value.reshape(rows, targets.kd_mask.shape[0] // rows, *value.shape[1:])  # [N, 0] too (k = 0)
     return out
 
 
@@ -51,7 +51,7 @@ def flat_targets(teacher) -> TeacherTargets:
         if name == "temperature":
             value = _one_temperature(value)
         elif isinstance(value, torch.Tensor):
-            value = value.reshape(-1, *value.shape[lead:])
+            value = value.reshape(teacher["kd_mask"].numel(), *value.shape[lead:])  # [N, 0] too (k = 0)
         flat[name] = value
     return TeacherTargets(**flat)
 

@@ -28,6 +28,27 @@ import torch
 from kdpipe.pipeline.train.losses import _weighted_log_ratio
 
 
+def tempered_exp(x, shift, temperature: float, *, out):
+    """``exp((x - shift[:, None]) / T)`` [r, V] into ``out`` (which may be ``x``): one pass for the shift and
+    the scale, one for the exponential."""
+    if temperature == 1.0:
+        torch.sub(x, shift[:, None], out=out)
+    else:
+        torch.add(shift[:, None] * (-1.0 / temperature), x, alpha=1.0 / temperature, out=out)
+    return out.exp_()
+
+
+def untempered_exp(e_t, x, shift, temperature: float):
+    """``exp(x - shift[:, None])`` into ``x`` (the logits, unchanged so far), given
+    ``e_t = tempered_exp(x, shift, temperature)`` in another buffer: for T = 2, 3, 4 the T-th power of
+    ``e_t`` by one or two multiplications (several times cheaper than ``exp`` on a CPU; relative error a
+    few fp32 ulps; values below ~1e-38 may flush to 0, which no sum >= 1 can see), else ``exp``."""
+    if temperature in (2.0, 3.0, 4.0):
+        torch.mul(e_t, e_t, out=x)
+        return x.mul_(e_t) if temperature == 3.0 else x.mul_(x) if temperature == 4.0 else x
+    return x.sub_(shift[:, None]).exp_()
+
+
 def draw_slots(ids, logprobs, weights, vocab: int):
     """The estimator's slots for a head of ``vocab`` rows: ``(ids, logprobs, weights)`` [N, k+m].
 
@@ -61,11 +82,7 @@ def chunk_gradient_draws(x, e, *, temperature: float, kind: str, skew_lambda: fl
     m = torch.where(torch.isfinite(m), m, 0.0)
     both_t1 = ce is not None and T == 1.0  # one exponential serves both terms
 
-    # e_t = exp((x - m) / T): softmax(s) = e_t / z
-    e_t = x.sub_(m[:, None]) if e is None else torch.sub(x, m[:, None], out=e)
-    if T != 1.0:
-        e_t.mul_(1.0 / T)
-    e_t.exp_()
+    e_t = tempered_exp(x, m, T, out=x if e is None else e)  # softmax(s) = e_t / z
     z = e_t.sum(1)  # [r], >= 1 (the maximum gives exp(0))
     log_q = (xs - m[:, None]) / T - z.log()[:, None]  # [r, k+m] the student's log q_T at the slots
     with torch.enable_grad():
@@ -81,7 +98,7 @@ def chunk_gradient_draws(x, e, *, temperature: float, kind: str, skew_lambda: fl
         if both_t1:
             e_1, z1 = e_t, z
         else:  # x still holds the logits: e_t went to the second buffer
-            e_1 = x.sub_(m[:, None]).exp_()
+            e_1 = untempered_exp(e_t, x, m, T)
             z1 = e_1.sum(1)
         per_ce[sel] = torch.where(ce_rows, z1.log() - (xy - m), 0.0)
         c_ce = torch.where(ce_rows, w_ce / z1, 0.0)

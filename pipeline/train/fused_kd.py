@@ -49,7 +49,7 @@ import typing
 import torch
 
 from kdpipe.pipeline.cache.schema import check_temperature
-from kdpipe.pipeline.train.fused_draws import chunk_gradient_draws, draw_slots
+from kdpipe.pipeline.train.fused_draws import chunk_gradient_draws, draw_slots, tempered_exp, untempered_exp
 from kdpipe.pipeline.train.losses import (
     TAIL_LOGPROB_FLOOR,
     _check_kind,
@@ -460,10 +460,7 @@ def _chunk_gradient(x, e, cfg: _Config, sel, per_kd, per_ce, *, kd, ce):
 
     if kd is not None:
         # e_t = exp((x - m_rest) / T) on the tail columns, 0 at the top-k columns
-        e_t = x.sub_(m_rest_safe[:, None]) if e is None else torch.sub(x, m_rest_safe[:, None], out=e)
-        if T != 1.0:
-            e_t.mul_(1.0 / T)
-        e_t.exp_()
+        e_t = tempered_exp(x, m_rest_safe, T, out=x if e is None else e)
         z_rest = e_t.sum(1)  # [r], >= 1 (the tail's maximum gives exp(0)) unless empty
         lr = torch.where(empty, _NEG_INF, (m_rest_safe - m) / T + z_rest.log())  # log tail sum, relative to m / T
         top_s = (xs - m[:, None]) / T  # [r, k]
@@ -491,6 +488,9 @@ def _chunk_gradient(x, e, cfg: _Config, sel, per_kd, per_ce, *, kd, ce):
         # e_1 = exp(x - m_rest) on the tail columns (all columns when there is no KD term)
         if both_t1:
             e_1, z1 = e_t, z_rest
+        elif kd is not None:  # x still holds the logits: e_t went to the second buffer
+            e_1 = untempered_exp(e_t, x, m_rest_safe, T)
+            z1 = e_1.sum(1)
         else:
             e_1 = x.sub_(m_rest_safe[:, None]).exp_()
             z1 = e_1.sum(1)
