@@ -6,6 +6,7 @@ import numpy as np
 
 from kdpipe.pipeline.cache.encoding import GRID_STEP
 from kdpipe.pipeline.cache.reader import TeacherCache
+from kdpipe.pipeline.cache.sampling import describe_draws
 
 
 def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0) -> dict:
@@ -50,6 +51,7 @@ def summarize_cache(cache: TeacherCache, *, sample_rows: int = 64, seed: int = 0
         "values": schema.value_dtype,
         "sample_draws": schema.sample_draws,
         "sample_temperature": schema.sample_temperature,
+        "sample_scheme": schema.sample_scheme,  # None: at sample_temperature; "temperature-mixture": split over T
         "rows": m["totals"]["rows"],
         "tokens": m["totals"]["tokens"],
         "bytes": m["totals"]["bytes"],
@@ -82,6 +84,6 @@ def describe_encoding(summary: dict) -> str:
     """One line for people, e.g. ``format 2: ids packed in 11 bits, values quantized (1/16 nat), top-16, 16 draws at T=1``."""
     ids = f"ids packed in {summary['id_bits']} bits" if summary["id_bits"] else f"ids {summary['id_dtype']}"
     values = f"quantized (1/{round(1 / GRID_STEP)} nat grid)" if summary["values"] == "quantized" else summary["values"]
-    draws = (f", {summary['sample_draws']} draws at T={summary['sample_temperature']:g}"
-             if summary["sample_draws"] else ", no draws")
+    draws = (", " + describe_draws(summary["sample_draws"], sample_temperature=summary["sample_temperature"],
+                                   temperatures=summary["temperatures"]) if summary["sample_draws"] else ", no draws")
     return f"format {summary['format_version']}: {ids}, values {values}, top-{summary['top_k']}{draws}"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.cache.manifest import MANIFEST_NAME, SHARD_DIR, load_manifest, parse_manifest, resolve_shard_path
-from kdpipe.pipeline.cache.sampling import sample_weights
+from kdpipe.pipeline.cache.sampling import draw_weights
 from kdpipe.pipeline.cache.schema import CacheSchema, decode_rows
 from kdpipe.pipeline.cache.storage.base import ShardReader, get_format
 from kdpipe.pipeline.cache.storage.local_copies import LocalCopies
@@ -301,14 +301,13 @@ class TeacherCache:
 
     def _sample_weights(self, raw: dict, j: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``log p_T`` at a row's drawn ids and their importance weights at ``T`` (see
-        :func:`kdpipe.pipeline.cache.sampling.sample_weights`), ``[P, m]`` each."""
+        :func:`kdpipe.pipeline.cache.sampling.draw_weights`), ``[P, m]`` each."""
         schema = self.schema
-        j0 = schema.temperature_index(schema.sample_temperature)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        log_p, weights = sample_weights(
-            t(raw["sample_logits"]), t(raw["sample_counts"]), logsumexp=t(raw["logsumexp"][:, j]),
-            logsumexp_t0=t(raw["logsumexp"][:, j0]), tail_logprob_t0=t(raw["tail_logprob"][:, j0]),
-            temperature=temperature, sample_temperature=schema.sample_temperature, draws=schema.sample_draws)
+        log_p, weights = draw_weights(
+            t(raw["sample_logits"]), t(raw["sample_counts"]), logsumexp=t(raw["logsumexp"]),
+            tail_logprob=t(raw["tail_logprob"]), temperatures=schema.temperatures, temperature_index=j,
+            draws=schema.sample_draws, scheme=schema.sample_scheme, sample_temperature=schema.sample_temperature)
         return log_p.numpy(), weights.numpy()
 
     def close(self) -> None:

@@ -14,10 +14,29 @@ temperature ``T`` (as :mod:`pipeline.capture.topk` stores them) every sampled id
 and ``E[sum_i w_i f(i)] = sum_{v not in S} p_T(v) f(v)`` for any ``f``: plain importance sampling with
 exact probabilities, unbiased at every captured ``T`` (at ``T = T0``, ``w_i = count_i / M * r_T0``).
 :func:`pipeline.train.losses.sampled_kd_loss` turns these into an unbiased KD loss.
+
+Two schemes (``SCHEMES``; the cache's schema records which, ``sample_scheme``):
+
+- ``"one-temperature"`` (:func:`draw_samples`, :func:`sample_weights`; every cache written before the
+  scheme was recorded, and ``--sample-temperature T0``): the ``M`` draws are i.i.d. from ``pi`` at
+  ``T0``. Reweighted to a distant ``T`` they are noisy: ``p_T / pi`` is large where ``T`` spreads mass that
+  ``T0`` does not (on the demo teacher, draws at T = 1 give a gradient cosine of 0.34 at T = 2).
+- ``"temperature-mixture"`` (:func:`draw_mixture`, :func:`mixture_weights`; what ``--sample`` does
+  without ``--sample-temperature``): the draws are split over the captured temperatures
+  (:func:`split_draws`: ``M_j`` at ``T_j``), each temperature's share drawn *stratified* (one draw per
+  ``1/M_j`` slice of the proposal's cumulative distribution), and every draw serves every ``T`` through
+  the mixture ``pi_mix = sum_j (M_j / M) pi_j`` ("balance heuristic" multiple importance sampling):
+
+      w_i = (count_i / M) * p_T(i) / pi_mix(i)   <=  count_i * r_T / M_T     (M_T: the draws made at T)
+
+  Unbiased at every ``T`` (``E[count_i] = M pi_mix(i)`` for stratified and i.i.d. draws alike), with
+  weights bounded at every captured ``T``. Measured against the other candidates in
+  ``benchmarks/draw_schemes.py``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 import torch
@@ -28,6 +47,7 @@ from kdpipe.pipeline.cache.schema import check_temperature
 # may make of them stay under this.
 CHUNK_BYTES = 64 * 2**20
 MAX_DRAWS = 255  # counts fit uint8
+SCHEMES = ("one-temperature", "temperature-mixture")
 
 _NEG_INF = float("-inf")
 
@@ -58,18 +78,42 @@ def _unique_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unique, counts
 
 
-def _draw_chunk(logits, topk_ids, temperature, draws, generator) -> Samples:
-    row_max = logits.amax(dim=1, keepdim=True).float()  # [n, 1]
-    row_max.masked_fill_(row_max == _NEG_INF, 0.0)  # a row of -inf: an empty tail, no NaN
-    w = logits.to(torch.float32, copy=True).sub_(row_max).div_(temperature)  # [n, V]: (z - max z) / T0
+def _tail_weights(logits, row_max, topk_ids, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([n, V] fp32 weights proportional to pi, the tail of softmax(logits / T)), [n, 1] empty)``:
+    the largest weight of a row is 1 (no overflow); an empty tail gets weights 1 (any valid row)."""
+    w = logits.to(torch.float32, copy=True).sub_(row_max).div_(temperature)  # [n, V]: (z - max z) / T
     w.scatter_(1, topk_ids, _NEG_INF)  # the proposal lives on the tail only
     tail_max = w.amax(dim=1, keepdim=True)
     empty = tail_max == _NEG_INF  # [n, 1]: nothing (with probability > 0) left to draw
-    w.sub_(tail_max.masked_fill(empty, 0.0)).exp_()  # largest weight 1: no overflow, no all-zero row
-    w.masked_fill_(empty, 1.0)  # any valid distribution; these rows become padding below
-    drawn = torch.multinomial(w, draws, replacement=True, generator=generator)  # [n, M]
-    del w
-    ids, counts = _unique_counts(drawn)
+    w.sub_(tail_max.masked_fill(empty, 0.0)).exp_()
+    return w.masked_fill_(empty, 1.0), empty
+
+
+def _stratified(w: torch.Tensor, draws: int, generator) -> torch.Tensor:
+    """``[n, draws]`` ids, draw ``j`` uniform in the ``j``-th of ``draws`` equal slices of the cumulative
+    distribution of ``w [n, V]`` (ids in their natural order): each draw alone is distributed as
+    ``w / sum w``, so ``E[count_i] = draws * w_i / sum w``, with less spread than i.i.d. draws."""
+    cdf = w.double().cumsum(dim=1)  # [n, V]
+    total = cdf[:, -1:]
+    slots = torch.arange(draws, dtype=torch.float64, device=w.device)
+    jitter = torch.rand(w.shape[0], draws, generator=generator, dtype=torch.float64, device=w.device)
+    targets = (slots + jitter) / draws * total  # [n, draws], in [0, total)
+    ids = torch.searchsorted(cdf, targets, right=True)  # the first id whose cumulative mass passes the target
+    last = w.shape[1] - 1 - (w.flip(1) > 0).int().argmax(dim=1, keepdim=True)  # rounding at the very end
+    return torch.minimum(ids, last)
+
+
+def _draw_chunk(logits, topk_ids, shares, generator) -> Samples:
+    """``shares``: ``(temperature, draws, stratified)`` per proposal; their draws are pooled."""
+    row_max = logits.amax(dim=1, keepdim=True).float()  # [n, 1]
+    row_max.masked_fill_(row_max == _NEG_INF, 0.0)  # a row of -inf: an empty tail, no NaN
+    drawn = []
+    for temperature, draws, stratified in shares:
+        w, empty = _tail_weights(logits, row_max, topk_ids, temperature)
+        drawn.append(_stratified(w, draws, generator) if stratified
+                     else torch.multinomial(w, draws, replacement=True, generator=generator))  # [n, M_j]
+        del w
+    ids, counts = _unique_counts(torch.cat(drawn, dim=1))
     values = logits.gather(1, ids).float() - row_max  # the same fp32 z - max z as the cache's top-k
     real = (counts > 0) & ~empty
     # most probable first; the stable sort keeps ascending ids among equal logits; padding last
@@ -78,6 +122,29 @@ def _draw_chunk(logits, topk_ids, temperature, draws, generator) -> Samples:
     n_real = real.sum(dim=1, keepdim=True)
     last = values.gather(1, (n_real - 1).clamp_min(0)).masked_fill(n_real == 0, 0.0)
     return Samples(ids.masked_fill(~real, 0), counts.masked_fill(~real, 0), torch.where(real, values, last))
+
+
+def _check_rows(logits, topk_ids) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: pass [n, V] (flatten batch/time first)")
+    n, vocab = logits.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] > vocab or topk_ids.dtype != torch.int64:
+        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)} and dtype {topk_ids.dtype}: "
+                         f"pass int64 ids of shape [n, k] with n={n} and k <= V={vocab}")
+
+
+def _draw_rows(logits, topk_ids, shares, generator, *, bytes_per_logit: int) -> Samples:
+    """:func:`_draw_chunk` over chunks of rows whose ``[rows, V]`` temporaries stay under ``CHUNK_BYTES``."""
+    n, vocab = logits.shape
+    draws = sum(m for _, m, _ in shares)
+    if n == 0:
+        empty = torch.zeros(0, draws, dtype=torch.int64, device=logits.device)
+        return Samples(empty, empty.clone(), torch.zeros(0, draws, device=logits.device))
+    rows = max(1, CHUNK_BYTES // (bytes_per_logit * vocab))
+    parts = [_draw_chunk(logits[i : i + rows], topk_ids[i : i + rows], shares, generator) for i in range(0, n, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return Samples(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Samples)))
 
 
 @torch.no_grad()
@@ -107,21 +174,32 @@ def draw_samples(logits, topk_ids, *, temperature, draws, generator) -> Samples:
     """
     temperature = check_temperature(temperature)
     draws = _check_draws(draws)
-    if logits.dim() != 2:
-        raise ValueError(f"logits has shape {tuple(logits.shape)}: pass [n, V] (flatten batch/time first)")
-    n, vocab = logits.shape
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] > vocab or topk_ids.dtype != torch.int64:
-        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)} and dtype {topk_ids.dtype}: "
-                         f"pass int64 ids of shape [n, k] with n={n} and k <= V={vocab}")
+    _check_rows(logits, topk_ids)
+    return _draw_rows(logits, topk_ids, [(temperature, draws, False)], generator, bytes_per_logit=8)
+
+
+def split_draws(draws: int, temperatures) -> tuple[int, ...]:
+    """The ``temperature-mixture`` split of ``M`` draws over the captured temperatures (in their
+    order): ``M // nT`` each, the first ``M % nT`` one more (so some get none when ``M < nT``)."""
+    draws, n = _check_draws(draws), len(temperatures)
     if n == 0:
-        empty = torch.zeros(0, draws, dtype=torch.int64, device=logits.device)
-        return Samples(empty, empty.clone(), torch.zeros(0, draws, device=logits.device))
-    rows = max(1, CHUNK_BYTES // (2 * 4 * vocab))
-    parts = [_draw_chunk(logits[i : i + rows], topk_ids[i : i + rows], temperature, draws, generator)
-             for i in range(0, n, rows)]
-    if len(parts) == 1:
-        return parts[0]
-    return Samples(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Samples)))
+        raise ValueError("temperatures is empty: pass the captured temperatures")
+    return tuple(draws // n + (1 if j < draws % n else 0) for j in range(n))
+
+
+@torch.no_grad()
+def draw_mixture(logits, topk_ids, *, temperatures, draws, generator) -> Samples:
+    """The ``temperature-mixture`` draws: :func:`split_draws` of ``draws`` over ``temperatures``, each
+    share drawn stratified from ``softmax(logits / T_j)`` outside the top-k, pooled into unique ids.
+
+    Same arguments and result as :func:`draw_samples` (``temperatures``: the captured ones, in the
+    cache's order, instead of one ``temperature``); the draws of a row depend on the generator's
+    state, as there. Weights: :func:`mixture_weights`.
+    """
+    temperatures = [check_temperature(t) for t in temperatures]
+    shares = [(t, m, True) for t, m in zip(temperatures, split_draws(draws, temperatures)) if m]
+    _check_rows(logits, topk_ids)
+    return _draw_rows(logits, topk_ids, shares, generator, bytes_per_logit=16)  # w fp32 and its fp64 cdf, and a copy
 
 
 @torch.no_grad()
@@ -158,3 +236,64 @@ def sample_weights(sample_logits, counts, *, logsumexp, logsumexp_t0, tail_logpr
     real = counts > 0
     weights = torch.where(real, counts.double() / draws * log_ratio.exp(), 0.0)
     return log_p.masked_fill(~real, _NEG_INF).float(), weights.float()
+
+
+@torch.no_grad()
+def mixture_weights(sample_logits, counts, *, logsumexp, tail_logprob, temperatures, temperature_index,
+                    draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_weights` for ``temperature-mixture`` draws (:func:`draw_mixture`).
+
+    Args:
+        sample_logits, counts: [N, M] as for :func:`sample_weights`.
+        logsumexp, tail_logprob: [N, nT] ``lse_T`` and the log tail mass outside the top-k (0 when k = 0)
+            at every captured temperature, in the order of ``temperatures``.
+        temperature_index: which of ``temperatures`` the log-probs and weights are for; draws: ``M``.
+
+    Returns: ``(log_p, weights)`` fp32 ``[N, M]``: ``log p_T`` (``-inf`` at padding) and
+    ``w = count / M * p_T / pi_mix`` (0 at padding), ``pi_mix = sum_j (M_j / M) p_Tj / r_Tj`` on the
+    tail. Unbiased for the tail sum at every captured ``T``. fp64 arithmetic.
+    """
+    temperatures = [check_temperature(t) for t in temperatures]
+    shares = split_draws(draws, temperatures)
+    if sample_logits.dim() != 2 or counts.shape != sample_logits.shape:
+        raise ValueError(f"sample_logits {tuple(sample_logits.shape)} and counts {tuple(counts.shape)}: "
+                         "pass two [N, M] tensors of the same shape")
+    shape = (sample_logits.shape[0], len(temperatures))
+    for name, x in (("logsumexp", logsumexp), ("tail_logprob", tail_logprob)):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: pass {shape} (one value per position and temperature)")
+    if not 0 <= temperature_index < len(temperatures):
+        raise ValueError(f"temperature_index={temperature_index} is invalid: pass 0 .. {len(temperatures) - 1}")
+    z, lse, tail = sample_logits.double(), logsumexp.double(), tail_logprob.double()
+    log_pi = torch.stack([math.log(m / draws) + z / t - (lse[:, j] + tail[:, j])[:, None]
+                          for j, (t, m) in enumerate(zip(temperatures, shares)) if m]).logsumexp(dim=0)  # [N, M]
+    j = temperature_index
+    log_p = z / temperatures[j] - lse[:, j, None]
+    real = counts > 0
+    weights = torch.where(real, counts.double() / draws * (log_p - log_pi).exp(), 0.0)
+    return log_p.masked_fill(~real, _NEG_INF).float(), weights.float()
+
+
+def draw_weights(sample_logits, counts, *, logsumexp, tail_logprob, temperatures, temperature_index, draws,
+                 scheme, sample_temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_p, weights)`` at captured temperature ``temperatures[temperature_index]`` for draws made
+    by ``scheme`` (``None`` or ``"one-temperature"``: at ``sample_temperature``; ``"temperature-mixture"``).
+    ``logsumexp``, ``tail_logprob``: ``[N, nT]``, every captured temperature (see :func:`mixture_weights`)."""
+    if scheme == "temperature-mixture":
+        return mixture_weights(sample_logits, counts, logsumexp=logsumexp, tail_logprob=tail_logprob,
+                               temperatures=temperatures, temperature_index=temperature_index, draws=draws)
+    if scheme not in (None, "one-temperature"):
+        raise ValueError(f"scheme={scheme!r} is invalid: pass one of {SCHEMES}")
+    j0 = [math.isclose(t, sample_temperature, rel_tol=1e-6) for t in temperatures].index(True)
+    return sample_weights(sample_logits, counts, logsumexp=logsumexp[:, temperature_index],
+                          logsumexp_t0=logsumexp[:, j0], tail_logprob_t0=tail_logprob[:, j0],
+                          temperature=temperatures[temperature_index], sample_temperature=sample_temperature,
+                          draws=draws)
+
+
+def describe_draws(draws: int, *, sample_temperature, temperatures) -> str:
+    """For people: ``16 draws at T=1`` or ``16 draws split over T=1, 2, 4 (6/5/5)``."""
+    if sample_temperature is not None:
+        return f"{draws} draws at T={sample_temperature:g}"
+    split = "/".join(str(m) for m in split_draws(draws, temperatures))
+    return f"{draws} draws split over T={', '.join(f'{t:g}' for t in temperatures)} ({split})"

@@ -23,7 +23,9 @@ field               shape          dtype       meaning
 
 Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]`` (and the same for a
 sampled id). Sampled caches (``sample_draws = m > 0``) drew ``m`` ids with replacement per position
-from the teacher at ``sample_temperature``, outside the top-k (``top_k`` may be 0: sampled only).
+from the teacher at ``sample_temperature``, outside the top-k (``top_k`` may be 0: sampled only), or,
+with ``sample_scheme = "temperature-mixture"``, split over every captured temperature (the weights:
+:mod:`kdpipe.pipeline.cache.sampling`); an older kdpipe refuses such a manifest (unknown schema key).
 
 That is the *logical* row, what :meth:`~kdpipe.pipeline.cache.reader.TeacherCache.read_rows` returns.
 How it is stored depends on the format version (:meth:`CacheSchema.fields` lists the stored fields):
@@ -83,7 +85,8 @@ class CacheSchema:
     id_bits: int | None = None  # format 2: bits per packed output id; None: format 1's id_dtype arrays
     input_id_bits: int | None = None  # format 2: bits per packed input id
     sample_draws: int = 0  # draws per position of a sampled (or mixed) cache; 0: none
-    sample_temperature: float | None = None  # the temperature the draws were made at
+    sample_temperature: float | None = None  # the temperature the draws were made at (one-temperature draws)
+    sample_scheme: str | None = None  # "temperature-mixture": draws split over every T (cache.sampling); None: at sample_temperature
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -96,6 +99,8 @@ class CacheSchema:
             raise CacheFormatError(f"unknown mask meaning {self.mask_meaning!r}; expected one of {MASK_MEANINGS} (a newer kdpipe wrote this cache?)")
         if self.id_bits is None and (self.value_dtype == "quantized" or self.sample_draws):
             raise CacheFormatError("quantized values and sampled ids need format 2 (packed ids); the manifest is inconsistent")
+        if self.sample_scheme not in (None, "temperature-mixture"):
+            raise CacheFormatError(f"unknown sample scheme {self.sample_scheme!r}; expected 'temperature-mixture' (a newer kdpipe wrote this cache?)")
 
     @property
     def normalizer_dtype(self) -> np.dtype:
@@ -180,7 +185,7 @@ class CacheSchema:
         d["temperatures"] = list(self.temperatures)
         if self.mask_meaning == "real-token":
             del d["mask_meaning"]
-        for key in ("id_bits", "input_id_bits", "sample_temperature"):  # format 1 had none of these
+        for key in ("id_bits", "input_id_bits", "sample_temperature", "sample_scheme"):  # format 1 had none of these
             if d[key] is None:
                 del d[key]
         if not d["sample_draws"]:

@@ -255,8 +255,8 @@ def encoding_summary(cache: TeacherCache) -> dict:
     schema = cache.schema
     return {"format_version": cache.manifest["format_version"], "id_bits": schema.id_bits,
             "id_dtype": None if schema.packed else schema.id_dtype, "values": schema.value_dtype,
-            "top_k": schema.top_k, "sample_draws": schema.sample_draws,
-            "sample_temperature": schema.sample_temperature}
+            "top_k": schema.top_k, "temperatures": list(schema.temperatures), "sample_draws": schema.sample_draws,
+            "sample_temperature": schema.sample_temperature, "sample_scheme": schema.sample_scheme}
 
 
 def fidelity_report(cache: TeacherCache, teacher: Teacher, *, rows: int = 64, seed: int = 0, device="cpu",

@@ -36,7 +36,7 @@ import dataclasses
 import torch
 
 from kdpipe.pipeline.cache.reader import renormalized_topk_logprobs
-from kdpipe.pipeline.cache.sampling import sample_weights
+from kdpipe.pipeline.cache.sampling import mixture_weights, sample_weights
 from kdpipe.pipeline.errors import ConfigError
 
 IGNORE = -100
@@ -75,16 +75,23 @@ class TeacherTargets:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How a sampled cache's draws were made: at captured temperature index ``index`` (``T0``), ``draws`` each."""
-    index: int
-    temperature: float
+    """How a sampled cache's draws were made: ``draws`` each, at captured temperature index ``index``
+    (``T0 = temperature``), or, with ``scheme = "temperature-mixture"``, split over all the captured
+    ``temperatures`` (``index`` and ``temperature`` are then None; see :mod:`kdpipe.pipeline.cache.sampling`)."""
+    index: int | None
+    temperature: float | None
     draws: int
+    scheme: str = "one-temperature"
+    temperatures: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, schema) -> "Sampling | None":
         if not schema.sample_draws:
             return None
-        return cls(schema.temperature_index(schema.sample_temperature), schema.sample_temperature, schema.sample_draws)
+        if schema.sample_scheme == "temperature-mixture":
+            return cls(None, None, schema.sample_draws, "temperature-mixture", tuple(schema.temperatures))
+        return cls(schema.temperature_index(schema.sample_temperature), schema.sample_temperature, schema.sample_draws,
+                   "one-temperature", tuple(schema.temperatures))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +181,17 @@ def teacher_targets(
         return targets
     m = batch["sample_ids"].shape[-1]
     flat = lambda t: t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.reshape(-1)  # noqa: E731
-    log_p, weights = sample_weights(
-        flat(batch["sample_logits"]), flat(batch["sample_counts"]), logsumexp=flat(logsumexp),
-        logsumexp_t0=flat(batch["logsumexp"][..., sampling.index]),
-        tail_logprob_t0=flat(batch["tail_logprob"][..., sampling.index]),
-        temperature=temperature, sample_temperature=sampling.temperature, draws=sampling.draws)
+    if sampling.scheme == "temperature-mixture":
+        log_p, weights = mixture_weights(
+            flat(batch["sample_logits"]), flat(batch["sample_counts"]), logsumexp=flat(batch["logsumexp"]),
+            tail_logprob=flat(batch["tail_logprob"]), temperatures=sampling.temperatures,
+            temperature_index=temperature_index, draws=sampling.draws)
+    else:
+        log_p, weights = sample_weights(
+            flat(batch["sample_logits"]), flat(batch["sample_counts"]), logsumexp=flat(logsumexp),
+            logsumexp_t0=flat(batch["logsumexp"][..., sampling.index]),
+            tail_logprob_t0=flat(batch["tail_logprob"][..., sampling.index]),
+            temperature=temperature, sample_temperature=sampling.temperature, draws=sampling.draws)
     return dataclasses.replace(targets, sample_ids=batch["sample_ids"].reshape(-1, m), sample_logprobs=log_p,
                                sample_weights=weights)
 

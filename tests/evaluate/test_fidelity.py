@@ -125,7 +125,7 @@ def test_sampled_and_mixed_caches(reports, lm_caches):
         held = mean_over_positions(lm_caches[name], held_mass)
         for t in TEMPERATURES:
             assert reports[name][t]["mass_covered"] == pytest.approx(held[t], abs=5e-3), (name, t)
-    t0 = TEMPERATURES[0]  # the draws' temperature: importance weights are 1 there
+    t0 = TEMPERATURES[0]  # the sharpest temperature: there the draws' noise matters least
     assert sampled[t0]["grad_cosine"] > 0.5 and mixed[t0]["grad_cosine"] > 0.5
     assert sampled[t0]["grad_cosine"] > sampled16[t0]["grad_cosine"]  # more draws, less noise
     assert mixed[t0]["grad_cosine"] > sampled16[t0]["grad_cosine"]  # an exact head beats draws alone
@@ -153,7 +153,7 @@ def test_cli_prints_a_table_per_temperature_and_json(lm_caches):
     out = result.stdout
     assert "encoding:        format 2: ids packed in 9 bits, values quantized" in out
     assert "fidelity against the dense teacher" in out and "on the first 4 rows" in out
-    assert "top-4, 16 draws at T=1" in out and "grad_cosine" in out and "unbiased estimator" in out
+    assert "top-4, 16 draws split over T=1, 2 (8/8)" in out and "grad_cosine" in out and "unbiased estimator" in out
     table = out[out.index("kl_bins"):].splitlines()[1:]
     assert [line.split()[0] for line in table] == ["1", "2"]
 
@@ -163,7 +163,8 @@ def test_cli_prints_a_table_per_temperature_and_json(lm_caches):
     report = summary["fidelity"]
     assert summary["format_version"] == 2 and summary["values"] == "quantized" and summary["sample_draws"] == 16
     assert report["encoding"] == {"format_version": 2, "id_bits": 9, "id_dtype": None, "values": "quantized",
-                                  "top_k": 0, "sample_draws": 16, "sample_temperature": 1.0}
+                                  "top_k": 0, "temperatures": [1.0, 2.0], "sample_draws": 16,
+                                  "sample_temperature": None, "sample_scheme": "temperature-mixture"}
     assert report["bytes_per_token"] == summary["bytes_per_token"] and report["rows"] == 4
     assert set(report["by_temperature"]) == {"1", "2"}
     assert all(row["kl_bins"] is None for row in report["by_temperature"].values())
