@@ -193,7 +193,7 @@ class TensorParallelTeacher(Teacher):
         hidden = self._last_hidden(inputs, attention_mask, mask, head)  # [n, H], the same on every rank
         weight, bias, first = self._head_slice()
         local = partial_of_hidden(hidden, weight, bias, top_k=top_k, temperatures=temperatures)
-        local.ids += first
+        local.ids = local.ids + first
         parts = gather_partials(local, self.tp_group, self.tp_size)
         return merged_view(parts, top_k=top_k, temperatures=temperatures, check_finite=check_finite)
 
