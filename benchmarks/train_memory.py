@@ -1,16 +1,19 @@
-"""``train-student`` with a 151,936-row student head: cached top-k KD next to hard labels only.
+"""``train-student`` with a 151,936-row student head: cached top-k, sampled and mixed KD next to hard labels.
 
-    python benchmarks/train_memory.py            # CPU: ~10 minutes on 2 cores
+    python benchmarks/train_memory.py            # CPU: ~10 minutes on 2 cores (5 steps, 2 repeats)
 
-Builds a synthetic teacher with a Qwen2-sized vocabulary (V = 151,936; hidden 64, one layer) and a
-top-64 cache of its outputs at T = 1 and 2 on the shipped text, then runs complete ``kdpipe
-train-student`` processes of a small student with the same 151,936-row head, 8 rows x 128 tokens a
-step, with the fused loss (the default) and without it (``--no-fused-loss``), each at
-``--alpha 0.5 --temperature 2`` (cached KD) and ``--alpha 0`` (hard labels only). Each run is a fresh
-process: its peak RSS comes from ``wait4``; its time per step from ``metrics.jsonl`` (steps after the
-first, so start-up is not counted). The runs alternate, ``--repeats`` times; medians and ratios to
-the hard-label run of the same implementation are reported and written to
-``benchmarks/results/train_memory_cpu.json``.
+Builds a synthetic teacher with a Qwen2-sized vocabulary (V = 151,936; hidden 64, one layer) and three
+caches of its outputs at T = 1 and 2 on the shipped text: top-64, sampled (64 draws per position) and
+mixed (exact top-32 + 32 draws). Then runs complete ``kdpipe train-student`` processes of a small
+student with the same 151,936-row head, 8 rows x 128 tokens a step: on the top-64 cache with the fused
+loss (the default) and without it (``--no-fused-loss``), each at ``--alpha 0.5 --temperature 2``
+(cached KD) and ``--alpha 0`` (hard labels only); on the sampled and mixed caches with the fused loss
+at ``--alpha 0.5 --temperature 2`` (the unbiased estimator on the draws, fused with the lm-head). Each
+run is a fresh process: its peak RSS comes from ``wait4``; its time per step from ``metrics.jsonl``
+(steps after the first, so start-up is not counted). The runs alternate, ``--repeats`` times; medians
+and ratios to the hard-label run of the same implementation (the fused one for sampled and mixed) are
+reported and written to ``benchmarks/results/train_memory_cpu.json`` with each variant's
+``loss_implementation`` from its ``run.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, 
            "num_key_value_heads": 4, "vocab_size": VOCAB, "max_position_embeddings": 256, "tie_word_embeddings": False}
 STUDENT = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TEACHER, "hidden_size": 96,
            "intermediate_size": 192}
+
+
+CACHES = {"topk": ["--top-k", "64"], "sampled": ["--sample", "64"], "mixed": ["--top-k", "32", "--sample", "32"]}
+KD = ["--alpha", "0.5", "--temperature", "2"]
+VARIANTS = {  # name: (cache, train-student flags)
+    "fused_kd": ("topk", KD),
+    "fused_ce": ("topk", ["--alpha", "0"]),
+    "fused_sampled": ("sampled", KD),
+    "fused_mixed": ("mixed", KD),
+    "unfused_kd": ("topk", [*KD, "--no-fused-loss"]),
+    "unfused_ce": ("topk", ["--alpha", "0", "--no-fused-loss"]),
+}
 
 
 def make_teacher(folder: Path) -> Path:
@@ -70,40 +85,38 @@ def seconds_per_step(run_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_memory_cpu.json"))
     args = parser.parse_args()
-    variants = {
-        "fused_kd": ["--alpha", "0.5", "--temperature", "2"],
-        "fused_ce": ["--alpha", "0"],
-        "unfused_kd": ["--alpha", "0.5", "--temperature", "2", "--no-fused-loss"],
-        "unfused_ce": ["--alpha", "0", "--no-fused-loss"],
-    }
-    results: dict[str, list] = {name: [] for name in variants}
+    results: dict[str, list] = {name: [] for name in VARIANTS}
+    implementations: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         teacher = make_teacher(work / "teacher")
-        cache = work / "cache"
         rows = 8 * (args.steps + 1)
-        subprocess.run([KDPIPE, "cache-teacher", "--teacher", str(teacher), "--data", str(ROOT / "data" / "shakespeare" / "train"),
-                        "--out", str(cache), "--top-k", "64", "--temperature", "1", "--temperature", "2",
-                        "--seq-len", "128", "--limit-rows", str(rows), "--device", "cpu"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for cache, flags in CACHES.items():
+            subprocess.run([KDPIPE, "cache-teacher", "--teacher", str(teacher), "--data", str(ROOT / "data" / "shakespeare" / "train"),
+                            "--out", str(work / cache), *flags, "--temperature", "1", "--temperature", "2",
+                            "--seq-len", "128", "--limit-rows", str(rows), "--device", "cpu"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (work / "student.json").write_text(json.dumps(STUDENT))
         (work / "log_every_step.toml").write_text("log_every = 1\n")
         for repeat in range(args.repeats):
-            for name, flags in variants.items():
+            for name, (cache, flags) in VARIANTS.items():
                 out = work / f"{name}-{repeat}"
-                wall, rss = run([KDPIPE, "train-student", "--config", str(work / "log_every_step.toml"), "--cache", str(cache), "--student", str(work / "student.json"),
+                wall, rss = run([KDPIPE, "train-student", "--config", str(work / "log_every_step.toml"), "--cache", str(work / cache), "--student", str(work / "student.json"),
                                  "--out", str(out), "--steps", str(args.steps), "--batch-size", "8", "--eval-every", "0",
                                  "--checkpoint-every", "0", "--eval-fraction", "0", "--device", "cpu", *flags])
                 results[name].append({"wall_s": wall, "peak_rss_mb": rss, "s_per_step": seconds_per_step(out)})
-                print(f"{name:>11} repeat {repeat}: {results[name][-1]}", flush=True)
+                implementations[name] = json.loads((out / "run.json").read_text())["loss_implementation"]
+                print(f"{name:>13} repeat {repeat}: {results[name][-1]}", flush=True)
     median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
-    ratios = {f"{impl}_kd_vs_{impl}_ce": {key: median[f"{impl}_kd"][key] / median[f"{impl}_ce"][key] for key in median[f"{impl}_kd"]}
-              for impl in ("fused", "unfused")}
-    ratios["fused_kd_vs_unfused_ce"] = {key: median["fused_kd"][key] / median["unfused_ce"][key] for key in median["fused_kd"]}
+    ratio = lambda a, b: {key: median[a][key] / median[b][key] for key in median[a]}  # noqa: E731
+    ratios = {"fused_kd_vs_fused_ce": ratio("fused_kd", "fused_ce"), "unfused_kd_vs_unfused_ce": ratio("unfused_kd", "unfused_ce"),
+              "fused_kd_vs_unfused_ce": ratio("fused_kd", "unfused_ce"),
+              "fused_sampled_vs_fused_ce": ratio("fused_sampled", "fused_ce"),
+              "fused_mixed_vs_fused_ce": ratio("fused_mixed", "fused_ce")}
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: E731
     import torch
 
@@ -114,13 +127,15 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))},
         "setup": {"vocab": VOCAB, "student": STUDENT, "rows_per_step": 8, "seq_len": 128, "top_k": 64,
-                  "steps": args.steps, "repeats": args.repeats, "variants": variants},
-        "runs": results, "median": median, "ratios": ratios,
+                  "steps": args.steps, "repeats": args.repeats, "caches": CACHES,
+                  "variants": {name: flags for name, (_, flags) in VARIANTS.items()},
+                  "variant_caches": {name: cache for name, (cache, _) in VARIANTS.items()}},
+        "loss_implementation": implementations, "runs": results, "median": median, "ratios": ratios,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':>11} {'s/step':>8} {'peak RSS MB':>12} {'wall s':>8}")
+    print(f"\n{'variant':>13} {'s/step':>8} {'peak RSS MB':>12} {'wall s':>8}")
     for name, m in median.items():
-        print(f"{name:>11} {m['s_per_step']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f}")
+        print(f"{name:>13} {m['s_per_step']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f}")
     for name, r in ratios.items():
         print(f"{name}: time/step {r['s_per_step']:.2f}x, peak RSS {r['peak_rss_mb']:.2f}x")
 

@@ -23,7 +23,7 @@ from kdpipe.stages.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 N, H, V, M = 29, 12, 60, 6
-TEMPS = (1.0, 2.0, 4.0)
+TEMPS = (1.0, 2.0, 3.0, 4.0)  # 2, 3, 4: the CE exponential is the KD one's power (fused_draws)
 
 
 def make_case(seed=0, *, n=N, h=H, v=V, k=5, m=M, temperature=2.0, teacher_vocab=None):
@@ -111,6 +111,17 @@ def test_chunk_sizes_no_masks_and_skew_lambda(chunk_rows):
     c = make_case(seed=3, k=2)
     kw = dict(alpha=0.7, temperature=1.0, kind="skew-kl", skew_lambda=0.3)
     assert_same(fused(c, chunk_rows=chunk_rows, **kw), unfused(c, **kw))
+
+
+@pytest.mark.parametrize("temperature", TEMPS)
+def test_extreme_logits_are_finite_and_equal_unfused(temperature):
+    """Logits spread over hundreds: exponentials that underflow (and their powers) change nothing."""
+    c = make_case(seed=11, k=3, temperature=temperature)
+    c = {**c, "hidden": c["hidden"] * 60.0}
+    kw = dict(alpha=0.5, temperature=temperature, kd_mask=c["kd_mask"], ce_mask=c["ce_mask"])
+    got = fused(c, chunk_rows=8, **kw)
+    assert torch.isfinite(got[0]["loss"]) and all(bool(torch.isfinite(g).all()) for g in got[1])
+    assert_same(got, unfused(c, **kw), rtol=1e-5, atol=1e-5)
 
 
 def test_masked_rows_get_exactly_zero_gradient_whatever_their_targets_hold():
