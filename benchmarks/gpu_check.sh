@@ -14,3 +14,10 @@ python3 benchmarks/capture.py --synthetic qwen-1.5b --device cuda --seq-len 1024
   --limit-rows 128 --top-k 64 --temperature 1 --temperature 2 --temperature 4 --repeats 2 2>/dev/null | tee "$OUT/capture_h100.json"
 python3 benchmarks/train.py --synthetic qwen-1.5b --device cuda --student-hidden 512 --student-layers 4 \
   --rows 64 --seq-len 1024 --batch-size 8 --steps 6 --repeats 2 --temperature 2 2>/dev/null | tee "$OUT/train_gpu.json"
+# FSDP student (issue 23): the sharded fused loss on CUDA (bf16 gathers); with 2+ GPUs also DDP vs FSDP side by side
+python3 -m pytest -q -m gpu tests/train/test_fsdp.py -x -p no:cacheprovider 2>&1 | tail -5
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -ge 2 ]; then
+  python3 benchmarks/train_scale.py --device cuda --nproc "$NGPU" --batch-size 4 --seq-len 256 --steps 6 \
+    --out "$OUT/train_scale_gpu.json" 2>/dev/null | tail -4
+fi

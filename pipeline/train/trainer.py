@@ -316,8 +316,9 @@ class Trainer:
         """Student logits ``[B, P, V]`` for a batch of cache rows (by ``model``, default the training forward)."""
         model = self.ddp if model is None else model
         with self._autocast():
-            if self.student.kind == "hf":  # a StudentForward (or DDP or FSDP around it): the logits
-                out = model(batch["input_ids"].to(self.device), self._attention(batch))
+            if self.student.kind == "hf":  # a StudentForward (DDP or FSDP around it) gives the logits
+                out = model(input_ids=batch["input_ids"].to(self.device), attention_mask=self._attention(batch))
+                out = getattr(out, "logits", out)  # the student itself gives a model output
             else:
                 out = model(batch["inputs"].to(self.device))
         return out if out.ndim == 3 else out[:, None, :]

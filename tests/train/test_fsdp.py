@@ -31,7 +31,7 @@ from kdpipe.stages.cli import main
 STUDENT = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 32,
     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
+    "max_position_embeddings": 64, "tie_word_embeddings": True,  # the lm-head is the embedding (Llama 3.2 1B/3B)
 }
 HELPER = str(Path(__file__).parents[1] / "ddp_train.py")
 STEPS = 6
@@ -168,9 +168,11 @@ def test_fsdp_model_loads_with_from_pretrained(runs):
 
     model = AutoModelForCausalLM.from_pretrained(runs / "fused" / "model")
     assert json.loads((runs / "fused" / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     saved = weights(runs / "fused")
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+    assert saved.keys() == model.state_dict().keys() - {"lm_head.weight"}  # a tied tensor is stored once
+    for name, tensor in saved.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 @pytest.mark.slow
@@ -270,3 +272,50 @@ def test_fsdp_needs_a_decoder_layer_list():
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert str(refused.value) == ("--sharding fsdp shards a Hugging Face student layer by layer, and Sequential has "
                                   "no decoder layer list (model.model.layers); train it with --sharding ddp")
+
+
+# ---------------------------------------------------------------- CUDA (benchmarks/gpu_check.sh)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp_on_cuda_fused_loss_equals_unfused_with_bf16_gathers(tmp_path):
+    """One process in a one-rank NCCL group, the student sharded as under torchrun (bf16 gathered
+    weights, fp32 reduction): the fused loss inside StudentForward gives the unfused loss and gradients."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdpipe.pipeline.train.fused_kd import fused_linear_distillation_loss
+    from kdpipe.pipeline.train.losses import distillation_loss
+    from kdpipe.pipeline.train.sharding import StudentForward, shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", 0)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 300, (2, 16), generator=generator).to(device)
+        topk_ids = torch.randint(0, 300, (32, 8), generator=generator).to(device)
+        topk_logprobs = torch.log_softmax(torch.randn(32, 9, generator=generator), -1).to(device)
+        targets = dict(labels=ids.reshape(-1), topk_ids=topk_ids, teacher_topk_logprobs=topk_logprobs[:, :8],
+                       teacher_tail_logprob=topk_logprobs[:, 8], alpha=0.5, temperature=2.0)
+
+        def run(fused: bool) -> tuple[float, dict]:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in STUDENT.items() if k != "architectures"})).to(device)
+            forward = shard(StudentForward(model), model=model, device=device, cpu_offload=False)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if fused:
+                    parts = forward(ids, None, lambda hidden, weight, bias: fused_linear_distillation_loss(
+                        hidden.reshape(-1, hidden.shape[-1]), weight, head_bias=bias, **targets))
+                else:
+                    logits = forward(ids, None)
+                    parts = distillation_loss(logits.reshape(-1, logits.shape[-1]).float(), **targets)
+            parts["loss"].backward()
+            return float(parts["loss"]), {n: p.grad.to_local().float().cpu() for n, p in model.named_parameters()}
+
+        (fused_loss, fused_grads), (plain_loss, plain_grads) = run(True), run(False)
+        assert fused_loss == pytest.approx(plain_loss, rel=2e-2)
+        for name in plain_grads:  # bf16 matmuls: compare at bf16's precision
+            torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=5e-2, atol=5e-3, msg=name)
+    finally:
+        dist.destroy_process_group()
