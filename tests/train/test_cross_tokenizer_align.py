@@ -130,3 +130,44 @@ def test_a_tokenizer_whose_bytes_cannot_be_told_is_refused(teacher):
     wordpiece = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     with pytest.raises(ConfigError, match="WordPiece decoder"):
         shared_token_map(teacher, wordpiece)
+
+
+def _chat_teacher_row(tokenizer, messages):
+    """A chat cache's row: the teacher's template tokens (no text) around each message's content tokens;
+    kd mask: the next token is an assistant content token or the end of an assistant turn."""
+    ids, spans, targets, segments, text, offset = [], [], [], [], b"", 0
+    for role, content in messages:
+        head = tokenizer.encode(f"<|im_start|>{role}\n", add_special_tokens=False)
+        content_ids, content_spans = spans_from_bytes(tokenizer, content)
+        ids += head + content_ids.tolist() + [tokenizer.eos_token_id]
+        spans += [(offset, offset)] * len(head) + (content_spans + offset).tolist() + [(offset + len(content.encode()),) * 2]
+        targets += [False] * len(head) + [role == "assistant"] * (len(content_ids) + 1)
+        segments.append((role, offset, offset + len(content.encode())))
+        text += content.encode()
+        offset += len(content.encode())
+    kd_mask = np.zeros(len(ids), bool)
+    kd_mask[:-1] = targets[1:]
+    return text, np.asarray(spans, np.int64), segments, kd_mask
+
+
+def test_a_chat_row_aligns_within_message_content_and_each_side_keeps_its_own_template(teacher, unigram):
+    messages = [("user", "Who art thou, good fellow?"), ("assistant", "I am Viola, sir; a poor gentleman."),
+                ("user", "What country, friends, is this?"), ("assistant", "This is Illyria, lady.")]
+    text, spans, segments, kd_mask = _chat_teacher_row(teacher, messages)
+    student = _student(unigram)
+    row = student_row(text, spans, segments, kd_mask, student, chat=True)
+    want = _brute_force_pairs(text, spans, kd_mask, row.input_ids, row.ends)
+    assert list(zip(row.student_positions.tolist(), row.teacher_positions.tolist())) == want and want
+    # the student's row is its own template around each message's content, tokenised alone
+    expected, counted = [], []
+    for role, content in messages:
+        head, tail = student.template(role)
+        body = unigram.encode(content, add_special_tokens=False)
+        expected += head + body + tail
+        counted += [False] * len(head) + [role == "assistant"] * (len(body) + 1) + [False] * (len(tail) - 1)
+    assert row.input_ids.tolist() == expected
+    labels = [nxt if c else IGNORE for nxt, c in zip(expected[1:], counted[1:])] + [IGNORE]
+    assert row.labels.tolist() == labels
+    # KD only where the teacher's next token is an assistant target, i.e. inside assistant turns
+    teacher_roles = [next(r for r, a, b in segments if a < spans[t, 1] <= b) for t in row.teacher_positions]
+    assert set(teacher_roles) == {"assistant"}  # (a reply's first token follows template tokens: no pair)

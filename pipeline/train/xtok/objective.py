@@ -28,7 +28,7 @@ from kdpipe.pipeline.train.xtok.batches import CrossTokenizerDataset
 from kdpipe.pipeline.train.xtok.losses import CROSS_TOKENIZER_LOSSES, cross_tokenizer_loss, exact_map_loss, uld_loss
 from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map
 
-DEFAULT_LOSS = "exact-map+uld"  # benchmarks/cross_tokenizer.py: see docs/cross-tokenizer.md
+PROBE = "Enter VIOLA, a Captain, and Sailors.  Œdipus' ﬁne café\n"  # case, spaces, a ligature, accents
 IMPLEMENTATION = ("cross-tokenizer: full student logits [B, L_s, V_s] at every student position (CE needs them), "
                   "KD at the positions aligned by byte ends only")
 
@@ -66,6 +66,7 @@ def for_student(cache, student, *, cache_name: str, loss: str, teacher_tokenizer
     max_len = getattr(config, "max_position_embeddings", None)
     try:
         student_tokenizer = StudentTokenizer.of(tokenizer, vocab_map.student_bytes)
+        student_tokenizer.segment(PROBE.encode(), 0)  # a normalising tokenizer is refused here, not mid-run
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     return CrossTokenizerRun(loss, torch.from_numpy(vocab_map.teacher_to_student), student_tokenizer, max_len,
