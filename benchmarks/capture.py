@@ -5,6 +5,8 @@
     python benchmarks/capture.py --synthetic v152k-cpu --data data/shakespeare/heldout --seq-len 128 \\
         --batch-size 4 --limit-rows 16 --top-k 64 --repeats 3          # V = 151,936 head on a tiny body
     python benchmarks/capture.py --synthetic qwen-1.5b --device cuda   # a 1.78 B, V=151,936 shape
+    python benchmarks/capture.py --tensor-parallel 2 --synthetic v152k-cpu --data data/shakespeare/heldout \
+        --seq-len 128 --batch-size 4 --limit-rows 16 --top-k 64 --repeats 2   # 1 process next to TP = 2
 
 Reports medians over --repeats runs (the variants interleaved batch by batch, so drift hits all
 alike; ``capture`` once per repeat), over the target positions of the rows the capture makes, of:
@@ -21,6 +23,13 @@ alike; ``capture`` once per repeat), over the target positions of the rows the c
 
 in tokens/s, with the ratios to the bare forward and the cache's bytes/token. ``--out FILE`` also
 writes the report (with the command, machine, versions, git commit and the raw timings) as JSON.
+
+``--tensor-parallel N`` instead runs the whole command twice per repeat, as a user does: ``kdpipe
+cache-teacher`` in one process (``--threads`` torch threads, default all cores) and ``torchrun
+--nproc-per-node N kdpipe cache-teacher --tensor-parallel N`` (the threads split over the ranks), and
+reports each one's wall time, capture-loop time (the manifest's started/finished, whole seconds), the
+peak RSS of its largest process and how far the TP cache is from the single-process one
+(:func:`tensor_parallel_comparison`).
 """
 
 from __future__ import annotations
@@ -125,10 +134,18 @@ def main():
     parser.add_argument("--skip", action="append", default=[], choices=VARIANTS, help="leave a variant out")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     parser.add_argument("--out", default=None, help="also write the report here as JSON")
+    parser.add_argument("--tensor-parallel", type=int, default=None,
+                        help="compare the command in 1 process with torchrun --tensor-parallel N (see the doc)")
     args = parser.parse_args()
+    temperatures = tuple(args.temperature or (1.0, 2.0))
+    if args.tensor_parallel:
+        report = tensor_parallel_comparison(args, temperatures)
+        print(json.dumps(report, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    temperatures = tuple(args.temperature or (1.0, 2.0))
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +253,93 @@ def main():
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- --tensor-parallel N
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def run_command(command: list[str], threads: int) -> dict:
+    """Wall seconds and the peak RSS (MiB) of the largest process of ``command``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mib": int(done.stderr.strip().splitlines()[-1]) / 1024}
+
+
+def cache_difference(cache: Path, reference: Path) -> dict:
+    """Largest differences of the stored values, and the top-k ids that differ, at target positions."""
+    from kdpipe.pipeline.cache.reader import TeacherCache
+
+    a, b = TeacherCache(str(cache)), TeacherCache(str(reference))
+    worst = {"topk_logits": 0.0, "logsumexp": 0.0, "tail_logprob": 0.0}
+    ids_differ = positions = 0
+    for i in range(len(b)):
+        got, want = a.read_raw(i), b.read_raw(i)
+        mask = want["mask"].astype(bool)
+        assert len(a) == len(b) and (got["mask"] == want["mask"]).all(), "the caches hold other rows"
+        for name in worst:
+            worst[name] = max(worst[name], float(np.abs(got[name][mask] - want[name][mask]).max(initial=0)))
+        ids_differ += int((got["topk_ids"][mask] != want["topk_ids"][mask]).sum())
+        positions += int(mask.sum())
+    return {"max_abs_difference": worst, "topk_ids_differing": ids_differ, "positions": positions}
+
+
+def tensor_parallel_comparison(args, temperatures) -> dict:
+    """The capture command in one process next to ``torchrun --tensor-parallel N`` (see the module doc)."""
+    import datetime
+
+    n = args.tensor_parallel
+    threads = args.threads or os.cpu_count() or 1
+    kdpipe = str(Path(sys.executable).parent / "kdpipe")
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = synthetic_teacher(args.synthetic, Path(tmp) / "teacher", "cpu") if args.synthetic else args.teacher
+        common = ["--teacher", teacher, "--data", args.data, "--seq-len", str(args.seq_len), "--batch-size",
+                  str(args.batch_size), "--top-k", str(args.top_k), "--limit-rows", str(args.limit_rows),
+                  "--device", args.device, "--dtype", args.dtype, "--format", args.format, "--values", "float32",
+                  "--num-workers", "0", *[a for t in temperatures for a in ("--temperature", str(t))]]
+        ways = {
+            "one_process": (lambda out: [kdpipe, "cache-teacher", *common, "--out", out], threads),
+            f"tensor_parallel_{n}": (lambda out: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(n), kdpipe, "cache-teacher", *common,
+                                                  "--tensor-parallel", str(n), "--out", out], max(1, threads // n)),
+        }
+        runs: dict = {name: [] for name in ways}
+        manifests = {}
+        for repeat in range(args.repeats):
+            for name, (command, name_threads) in ways.items():
+                out = str(Path(tmp) / f"{name}-{repeat}")
+                result = run_command(command(out), name_threads)
+                manifest = json.loads((Path(out) / "manifest.json").read_text())
+                seconds = (datetime.datetime.fromisoformat(manifest["finished_at"])
+                           - datetime.datetime.fromisoformat(manifest["started_at"])).total_seconds()
+                runs[name].append({**result, "capture_loop_s": seconds, "threads_per_process": name_threads})
+                manifests[name] = (out, manifest)
+        tp_name = f"tensor_parallel_{n}"
+        difference = cache_difference(Path(manifests[tp_name][0]), Path(manifests["one_process"][0]))
+        tokens = manifests["one_process"][1]["totals"]["tokens"]
+        summary = {name: {"wall_s": statistics.median(r["wall_s"] for r in rs),
+                          "capture_loop_s": statistics.median(r["capture_loop_s"] for r in rs),
+                          "tokens_per_s_wall": tokens / statistics.median(r["wall_s"] for r in rs),
+                          "peak_rss_mib_largest_process": max(r["peak_rss_mib"] for r in rs)}
+                   for name, rs in runs.items()}
+        return {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "teacher": args.synthetic or args.teacher, "synthetic_config": SYNTHETIC.get(args.synthetic),
+            "tensor_parallel": n, "tokens": tokens, "rows": manifests["one_process"][1]["totals"]["rows"],
+            "top_k": args.top_k, "temperatures": list(temperatures), "repeats": args.repeats,
+            "summary": summary, "runs": runs,
+            "sparse_view": {name: m["capture"]["sparse_view"] for name, (_, m) in manifests.items()},
+            "tp_cache_vs_one_process": difference,
+            "load_1min_after": os.getloadavg()[0], "machine": machine(), "versions": versions(), "git": git_state(),
+            "note": "whole commands (process start, teacher load, capture, manifest) as a user runs them; "
+                    "capture_loop_s from the manifest's whole-second timestamps; values stored as float32 so the "
+                    "difference is the split teacher's rounding",
+        }
 
 
 if __name__ == "__main__":

@@ -21,3 +21,10 @@ if [ "$NGPU" -ge 2 ]; then
   python3 benchmarks/train_scale.py --device cuda --nproc "$NGPU" --batch-size 4 --seq-len 256 --steps 6 \
     --out "$OUT/train_scale_gpu.json" 2>/dev/null | tail -4
 fi
+# Tensor-parallel capture (issue 23): needs 2+ GPUs (one rank per GPU, nccl); the 2-GPU test against the
+# CPU capture, then 1 GPU next to torchrun --tensor-parallel 2 on the 1.78 B shape
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  python3 -m pytest -q -m gpu tests/capture/test_capture_tp.py -x -p no:cacheprovider 2>&1 | tail -5
+  python3 benchmarks/capture.py --tensor-parallel 2 --synthetic qwen-1.5b --device cuda --data data/shakespeare/heldout \
+    --seq-len 1024 --batch-size 8 --limit-rows 64 --top-k 64 --repeats 1 --out "$OUT/capture_tp_gpu.json" 2>/dev/null | tail -4
+fi
