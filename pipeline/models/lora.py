@@ -10,7 +10,8 @@ starts from the pretrained model exactly and only ``A`` and ``B`` get gradients 
   there are; it records the settings, the layers adapted and the trainable parameter count (run.json
   ``lora``) with the sha256 of the base weights, which a resume checks (:func:`check_lora_base`):
   checkpoints hold the adapter alone (:func:`adapter_tensors`), the base is read from ``--student``.
-- At the end of a run ``adapter/`` holds peft's adapter (:func:`save_adapter`: ``adapter_config.json``
+- At the end of a run (under FSDP from :func:`unsharded_lora_copy` of the gathered weights)
+  ``adapter/`` holds peft's adapter (:func:`save_adapter`: ``adapter_config.json``
   + ``adapter_model.safetensors``, loads with ``PeftModel.from_pretrained``) and ``model/`` the merged
   model (:func:`merge_adapter`, peft's ``merge_and_unload``), a plain model for ``from_pretrained``.
 """
@@ -141,6 +142,22 @@ def load_adapter_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor
         raise IntegrityError(f"the checkpoint's adapter does not fit the student's LoRA layers "
                              f"(missing {missing[:3]}, unexpected {extra[:3]}); start a new run")
     model.load_state_dict(tensors, strict=False)
+
+
+def unsharded_lora_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain copy of the LoRA model ``model`` (whose layers FSDP sharded) holding ``state`` (its whole
+    ``state_dict``, gathered), for :func:`save_adapter` and :func:`merge_adapter`; built on the meta
+    device, so the only weights in memory are ``state``'s."""
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        copy = get_peft_model(type(base)(base.config), model.peft_config["default"])
+    copy.load_state_dict(state, assign=True)
+    copy.get_base_model().tie_weights()
+    if getattr(base, "generation_config", None) is not None:
+        copy.get_base_model().generation_config = base.generation_config
+    return copy
 
 
 def save_adapter(model: torch.nn.Module, folder: Path) -> None:

@@ -51,7 +51,7 @@ from kdpipe.pipeline.cache.reader import TeacherCache
 from kdpipe.pipeline.data import rows_from_arrays
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.models.devices import resolve_device
-from kdpipe.pipeline.models.lora import apply_lora, check_lora_base
+from kdpipe.pipeline.models.lora import apply_lora, check_lora_base, unsharded_lora_copy
 from kdpipe.pipeline.models.students import Student, load_student, save_student
 from kdpipe.pipeline.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from kdpipe.pipeline.train import checkpoint as ckpt
@@ -413,7 +413,8 @@ class Trainer:
             return self.student
         weights = sharding.full_model_state(self.ddp)
         return self.student if weights is None else \
-            dataclasses.replace(self.student, model=sharding.unsharded_copy(self.model, weights))
+            dataclasses.replace(self.student, model=(unsharded_lora_copy if self.student.lora else
+                                                     sharding.unsharded_copy)(self.model, weights))
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

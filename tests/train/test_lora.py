@@ -202,26 +202,28 @@ def test_resume_refuses_a_changed_base_and_other_lora_settings(lm_cache, pretrai
 
 # ----------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
-def test_two_ddp_ranks_train_the_adapters_like_one_process_with_the_global_batch(lm_cache, pretrained, tmp_path):
-    def flags(out: Path, batch_size: int) -> list[str]:
+def test_ddp_and_fsdp_ranks_train_the_adapters_like_one_process_with_the_global_batch(lm_cache, pretrained, tmp_path):
+    def flags(out: Path, batch_size: int, *more) -> list[str]:
         return [str(a) for a in ("train-student", "--cache", lm_cache, "--student", pretrained, "--out", out,
                                  "--steps", 3, "--batch-size", batch_size, "--lr", 1e-2, "--seed", 1, "--device", "cpu",
-                                 "--eval-fraction", 0, "--temperature", 2, "--lora-r", 4, "--checkpoint-every", 0)]
+                                 "--eval-fraction", 0, "--temperature", 2, "--lora-r", 4, "--checkpoint-every", 0, *more)]
 
     one = run_cli(*flags(tmp_path / "one", 8))
     assert one.exit_code == 0, one.output
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "kdpipe", *flags(tmp_path / "two", 4)], capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "on 2 ranks" in two.stdout and two.stdout.count("wrote ") == 1  # rank 0 alone writes
-    run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["distributed"]["world_size"] == 2 and run["lora"] == json.loads((tmp_path / "one" / "run.json")
-                                                                               .read_text())["lora"]
-    for folder, name in (("adapter", "adapter_model.safetensors"), ("model", "model.safetensors")):
-        a, b = (load_file(tmp_path / run_dir / folder / name) for run_dir in ("one", "two"))
-        assert a.keys() == b.keys()
-        for key in a:  # the ranks' averaged adapter gradients = the global batch's
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    for sharding in ("ddp", "fsdp"):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              "-m", "kdpipe", *flags(tmp_path / sharding, 4, "--sharding", sharding)],
+                             capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+        assert "on 2 ranks" in two.stdout and two.stdout.count("wrote ") == 1  # rank 0 alone writes
+        run = json.loads((tmp_path / sharding / "run.json").read_text())
+        assert run["distributed"]["sharding"] == sharding and run["distributed"]["world_size"] == 2
+        assert run["lora"] == json.loads((tmp_path / "one" / "run.json").read_text())["lora"]
+        for folder, name in (("adapter", "adapter_model.safetensors"), ("model", "model.safetensors")):
+            a, b = (load_file(tmp_path / run_dir / folder / name) for run_dir in ("one", sharding))
+            assert a.keys() == b.keys()
+            for key in a:  # the ranks' averaged adapter gradients = the global batch's
+                torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{sharding} {key}")
 
 
 # ----------------------------------------------------------------------------- refusals
