@@ -87,6 +87,14 @@ def test_equals_unfused_value_and_grad(kind, temperature, alpha, k):
     assert_same(fused(c, chunk_rows=8, **kw), unfused(c, **kw))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_three_takes_the_cube_of_the_tempered_exponential(kind):
+    """KD + CE at T = 3: the CE's exp(x - m) is the KD's exp((x - m) / 3) cubed (fused_draws.untempered_exp)."""
+    c = make_case(seed=14, k=6, temperature=3.0)
+    kw = dict(alpha=0.5, temperature=3.0, kind=kind, kd_mask=c["kd_mask"], ce_mask=c["ce_mask"])
+    assert_same(fused(c, chunk_rows=9, **kw), unfused(c, **kw))
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 5, 8, 36, 37, 1000, None])
 def test_chunk_sizes_including_ones_that_do_not_divide_n(chunk_rows):
     c = make_case(seed=1, k=9, temperature=2.0)

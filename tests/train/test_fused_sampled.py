@@ -310,3 +310,17 @@ def initial_weights(student_json) -> dict:
 
     model = load_student(str(student_json), task="causal-lm", seed=0, tokenizer_path=None).model
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("k", [0, 5])
+def test_cuda_fused_estimator_equals_unfused_in_fp32_and_bf16_autocast(k):
+    c = {key: value.cuda() for key, value in make_case(seed=12, n=96, h=32, v=500, k=k, m=10).items()}
+    kw = dict(alpha=0.5, temperature=2.0, kd_mask=c["kd_mask"], ce_mask=c["ce_mask"])
+    assert_same(fused(c, chunk_rows=32, **kw), unfused(c, **kw), rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, ref = fused(c, chunk_rows=32, **kw), unfused(c, **kw)
+    torch.testing.assert_close(got[0]["loss"], ref[0]["loss"], rtol=1e-4, atol=1e-4)
+    for g, u in zip(got[1], ref[1]):
+        assert ((g - u).norm() / u.norm()).item() < 2e-2
