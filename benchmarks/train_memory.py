@@ -9,11 +9,12 @@ student with the same 151,936-row head, 8 rows x 128 tokens a step: on the top-6
 loss (the default) and without it (``--no-fused-loss``), each at ``--alpha 0.5 --temperature 2``
 (cached KD) and ``--alpha 0`` (hard labels only); on the sampled and mixed caches with the fused loss
 at ``--alpha 0.5 --temperature 2`` (the unbiased estimator on the draws, fused with the lm-head). Each
-run is a fresh process: its peak RSS comes from ``wait4``; its time per step from ``metrics.jsonl``
-(steps after the first, so start-up is not counted). The runs alternate, ``--repeats`` times; medians
-and ratios to the hard-label run of the same implementation (the fused one for sampled and mixed) are
-reported and written to ``benchmarks/results/train_memory_cpu.json`` with each variant's
-``loss_implementation`` from its ``run.json``.
+run is a fresh process: its peak RSS and CPU seconds (user + system, the whole process) come from
+``wait4``; its time per step from ``metrics.jsonl`` (steps after the first, so start-up is not
+counted). The runs alternate, ``--repeats`` times; medians and ratios to the hard-label run of the same
+implementation (the fused one for sampled and mixed) are reported and written to
+``benchmarks/results/train_memory_cpu.json`` with each variant's ``loss_implementation`` from its
+``run.json``.
 """
 
 from __future__ import annotations
@@ -61,15 +62,16 @@ def make_teacher(folder: Path) -> Path:
     return folder
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one process."""
+def run(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system) of one process."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{proc.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, cpu  # ru_maxrss is in KiB on Linux
 
 
 def seconds_per_step(run_dir: Path) -> float:
@@ -105,10 +107,10 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, (cache, flags) in VARIANTS.items():
                 out = work / f"{name}-{repeat}"
-                wall, rss = run([KDPIPE, "train-student", "--config", str(work / "log_every_step.toml"), "--cache", str(work / cache), "--student", str(work / "student.json"),
+                wall, rss, cpu = run([KDPIPE, "train-student", "--config", str(work / "log_every_step.toml"), "--cache", str(work / cache), "--student", str(work / "student.json"),
                                  "--out", str(out), "--steps", str(args.steps), "--batch-size", "8", "--eval-every", "0",
                                  "--checkpoint-every", "0", "--eval-fraction", "0", "--device", "cpu", *flags])
-                results[name].append({"wall_s": wall, "peak_rss_mb": rss, "s_per_step": seconds_per_step(out)})
+                results[name].append({"wall_s": wall, "peak_rss_mb": rss, "s_per_step": seconds_per_step(out), "cpu_s": cpu})
                 implementations[name] = json.loads((out / "run.json").read_text())["loss_implementation"]
                 print(f"{name:>13} repeat {repeat}: {results[name][-1]}", flush=True)
     median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
@@ -133,9 +135,9 @@ def main() -> None:
         "loss_implementation": implementations, "runs": results, "median": median, "ratios": ratios,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':>13} {'s/step':>8} {'peak RSS MB':>12} {'wall s':>8}")
+    print(f"\n{'variant':>13} {'s/step':>8} {'peak RSS MB':>12} {'wall s':>8} {'CPU s':>8}")
     for name, m in median.items():
-        print(f"{name:>13} {m['s_per_step']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f}")
+        print(f"{name:>13} {m['s_per_step']:>8.2f} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f} {m['cpu_s']:>8.1f}")
     for name, r in ratios.items():
         print(f"{name}: time/step {r['s_per_step']:.2f}x, peak RSS {r['peak_rss_mb']:.2f}x")
 
