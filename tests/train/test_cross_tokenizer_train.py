@@ -77,3 +77,13 @@ def test_an_unknown_cross_tokenizer_loss_is_one_line(text_cache, student, tmp_pa
     assert result.exit_code == 2
     assert result.stderr == ("error: unknown --cross-tokenizer-loss 'gold'; use one of exact-map, uld, "
                              "exact-map+uld\n")
+
+
+def test_a_cache_that_records_no_text_is_refused_in_one_line(student, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the format-1 fixture names its teacher as data/teacher
+    result = train(REPO / "tests" / "fixtures" / "cache_v1", student, tmp_path / "run", "--steps", 1, "--eval-every", 0)
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    assert result.stderr == (
+        f"error: the student's tokenizer differs from the one cache {REPO / 'tests' / 'fixtures' / 'cache_v1'} was made "
+        "with, and the cache records no text; re-capture it with this kdpipe (cache-teacher) to train a student with "
+        "another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)\n")
