@@ -394,8 +394,9 @@ class Trainer:
         self._closing.close()
 
     def finish(self, metrics: dict) -> dict | None:
-        """Rank 0 writes the model and the run manifest (returned); other ranks return None. A run
-        that had finished already (:attr:`finished_already`) is left as it is: its run.json is returned."""
+        """Rank 0 writes the model and the run manifest (returned); other ranks return None (under FSDP
+        every rank must call it: they send rank 0 their shards). A run that had finished already
+        (:attr:`finished_already`) is left as it is: its run.json is returned."""
         if self.finished_already:
             return ckpt.read_run(self.out) if self.is_main else None
         student = self._final_student()  # under FSDP every rank sends its shards to rank 0
