@@ -53,6 +53,9 @@ def for_student(cache, student, *, cache_name: str, loss: str, teacher_tokenizer
         raise ConfigError(f"the student's tokenizer differs from the one cache {cache_name} was made with, and the "
                           "cache records no text; re-capture it with this kdpipe (cache-teacher) to train a student "
                           "with another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)")
+    if not cache.schema.top_k:
+        raise ConfigError(f"cache {cache_name} holds only draws (no top-k), which cross-tokenizer training cannot map "
+                          "onto the student's tokens; capture it with --top-k")
     teacher = load_tokenizer(teacher_tokenizer_path, required=False)
     if teacher is None or tokenizer_fingerprint(teacher)["sha256"] != recorded["sha256"]:
         raise ConfigError(f"cross-tokenizer training needs the teacher's tokenizer, and the one cache {cache_name} "
