@@ -172,3 +172,23 @@ def test_evaluate_estimates_the_full_kl_from_a_sampled_cache(tiny_lm_dir, docs, 
     dense = float(torch.cat(kls).mean())
     assert reported["positions"] == sum(len(k) for k in kls)
     assert abs(reported["kl_full_estimate"] - dense) < 0.05 * dense, (reported["kl_full_estimate"], dense)
+
+
+def test_a_sample_scheme_this_kdpipe_does_not_know_is_refused_in_one_line(mixed, tmp_path):
+    """A manifest (checksum intact) whose draws were made by a scheme this kdpipe cannot weigh: reading
+    it with the wrong weights would bias training silently, so every command refuses it."""
+    import shutil
+
+    from kdpipe.pipeline.cache.manifest import manifest_checksum
+
+    copy = tmp_path / "newer"
+    shutil.copytree(mixed, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema"]["sample_scheme"] = "per-temperature"
+    manifest["checksum"] = manifest_checksum(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("inspect", copy)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown sample scheme 'per-temperature'"), lines
+    assert "a newer kdpipe wrote this cache?" in lines[0]

@@ -25,7 +25,8 @@ CACHES = {  # name -> cache-teacher options (the tiny LM has V = 300 outputs)
     "quantized": ("--top-k", 8, "--shard-size-mb", 0.004),  # rows spread over several shards
     "sampled64": ("--top-k", 0, "--sample", 64),
     "sampled16": ("--top-k", 0, "--sample", 16),
-    "mixed": ("--top-k", 4, "--sample", 16),
+    "mixed": ("--top-k", 4, "--sample", 16),  # the default scheme: 8 draws at each T
+    "mixed-t1": ("--top-k", 4, "--sample", 16, "--sample-temperature", 1),  # the scheme before: all 16 at T = 1
 }
 
 
@@ -130,6 +131,18 @@ def test_sampled_and_mixed_caches(reports, lm_caches):
     assert sampled[t0]["grad_cosine"] > sampled16[t0]["grad_cosine"]  # more draws, less noise
     assert mixed[t0]["grad_cosine"] > sampled16[t0]["grad_cosine"]  # an exact head beats draws alone
     assert mixed[t0]["mass_covered"] > sampled16[t0]["mass_covered"]
+
+
+def test_draws_split_over_the_temperatures_serve_the_higher_one_better(reports, lm_caches):
+    """Issue 25: the default draws (split over T = 1, 2, mixture weights) against the same 16 draws all
+    made at T = 1 and reweighted to T = 2 (the default before, kept as --sample-temperature 1)."""
+    split, at_one = reports["mixed"], reports["mixed-t1"]
+    assert split[2.0]["grad_cosine"] > at_one[2.0]["grad_cosine"] + 0.05, (split, at_one)
+    assert split[1.0]["grad_cosine"] > at_one[1.0]["grad_cosine"] - 0.02  # little given up at T = 1
+    schemes = {name: open_cache(lm_caches[name]).manifest for name in ("mixed", "mixed-t1")}
+    assert schemes["mixed"]["schema"]["sample_scheme"] == "temperature-mixture"
+    assert schemes["mixed"]["capture"]["sampling"]["draws_by_temperature"] == {"1": 8, "2": 8}
+    assert "sample_scheme" not in schemes["mixed-t1"]["schema"]  # laid out as older caches
 
 
 def test_module_teacher_cache_finds_its_inputs_in_the_data(module_teacher, tmp_path):
