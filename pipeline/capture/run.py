@@ -46,10 +46,11 @@ from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache.manifest import FORMAT_NAME, FORMAT_VERSION, shard_name, software_versions
 from kdpipe.pipeline.cache.sampling import Samples, draw_mixture, draw_samples, split_draws
 from kdpipe.pipeline.cache.schema import encode_rows
+from kdpipe.pipeline.cache.text_spans import text_columns
 from kdpipe.pipeline.cache.storage.base import get_format
 from kdpipe.pipeline.cache.storage.location import CacheLocation
 from kdpipe.pipeline.capture import progress as progresslib
-from kdpipe.pipeline.capture import tensor_parallel
+from kdpipe.pipeline.capture import followers
 from kdpipe.pipeline.capture.lock import out_lock
 from kdpipe.pipeline.capture.plan import CHUNK_ROWS, CapturePlan
 from kdpipe.pipeline.capture.topk import SparseView, sparse_view_of_logits
@@ -147,6 +148,9 @@ def _rows(plan: CapturePlan, block: Block, index, mask, view: SparseView, sample
         columns["sample_logits"] = _scatter(samples.logits, mask, np.float32)
     if schema.has_label:
         columns["label"] = rows.labels[index]
+    if schema.text_token_bytes is not None:  # the rows' text, for students with another tokenizer
+        text = rows.text
+        columns.update(text_columns(schema, text.lengths[index], text.segments[index], text.texts[index]))
     return columns
 
 
@@ -183,15 +187,15 @@ def _run_locked(plan: CapturePlan, out: CacheLocation, group: Group | None, *, o
     writes = group is None or group.writes
     log = progresslib.RankProgress(out, rank=settings.rank, world_size=settings.world_size,
                                    writes_manifest=(group.is_main if group is not None else None)) \
-        if writes else tensor_parallel.FollowerProgress()
+        if writes else followers.FollowerProgress()
     log.start(plan)
     if group is not None and group.tensor_parallel > 1:  # the group's ranks run the same batches
-        tensor_parallel.share_progress(log, group)
+        followers.share_progress(log, group)
     if on_start:
         on_start(log)
     stream = plan.stream(skip=log.block_done)
     fmt = get_format(settings.format)
-    writer = _ShardWriter(fmt, plan, log) if writes else tensor_parallel.DiscardWriter(fmt.suffix)
+    writer = _ShardWriter(fmt, plan, log) if writes else followers.DiscardWriter(fmt.suffix)
     try:
         for block in stream:
             _capture_block(plan, block, log, writer, on_rows)

@@ -19,15 +19,12 @@ on its hidden dimension, a logit scale in the forward, a sampled capture) the mo
 and every rank makes the view from the gathered logits; the manifest says which path ran.
 
 One rank of each group (``tp_rank`` 0) writes the group's shards and progress record; the others run
-the same batches (:class:`FollowerProgress` learns from the writer which shards a resumed capture
-skips) and write nothing.
+the same batches and write nothing (:mod:`.followers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from types import SimpleNamespace
 
 import torch
@@ -275,66 +272,3 @@ def _local_rows(tensor: torch.Tensor, first: int, rows: int) -> torch.Tensor:
     if all(isinstance(p, Replicate) for p in tensor.placements):
         return tensor.to_local()[first : first + rows]
     raise ValueError(f"the lm-head is split as {tensor.placements}, not by vocabulary rows")
-
-
-# ----------------------------------------------------------------------------- ranks that write nothing
-class FollowerProgress:
-    """The progress of a rank that writes nothing (``tp_rank > 0``): the writer's finished shards and
-    blocks when the capture started (:func:`share_progress`), so that it runs the same batches."""
-
-    def __init__(self):
-        self.record: dict = {"shards": {}, "blocks": {}}
-        self.redo: list[str] = []
-        self.stale_tmp: list = []
-
-    def start(self, plan) -> None:
-        pass
-
-    def is_done(self, shard_name: str) -> bool:
-        return shard_name in self.record["shards"]
-
-    def block_done(self, block: int) -> bool:
-        return str(block) in self.record["blocks"]
-
-    def finish(self, **_) -> None:
-        pass
-
-
-def share_progress(log, group) -> None:
-    """The writer of ``group``'s tensor-parallel ranks sends the shards and blocks its record kept to
-    the others (their :class:`FollowerProgress`); every rank of the group calls this after ``log.start``."""
-    import torch.distributed as dist
-
-    source = group.rank - group.tp_rank
-    if group.writes:
-        kept = {"shards": sorted(log.record["shards"]), "blocks": sorted(log.record["blocks"])}
-        payload = torch.tensor(list(json.dumps(kept).encode()), dtype=torch.uint8, device=group.device)
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
-    else:
-        size = torch.zeros(1, dtype=torch.int64, device=group.device)
-    dist.broadcast(size, src=source, group=group.tp_group)
-    if not group.writes:
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
-    dist.broadcast(payload, src=source, group=group.tp_group)
-    if not group.writes:
-        kept = json.loads(bytes(payload.cpu().tolist()).decode())
-        log.record = {"shards": dict.fromkeys(kept["shards"]), "blocks": dict.fromkeys(kept["blocks"])}
-
-
-class DiscardWriter:
-    """The shard writer of a rank that writes nothing: same calls as run.py's, no effect."""
-
-    def __init__(self, suffix: str):
-        self.suffix = suffix
-
-    def check(self) -> None:
-        pass
-
-    def put_shard(self, *args, **kwargs) -> None:
-        pass
-
-    def put_block(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
