@@ -19,6 +19,7 @@ field               shape          dtype       meaning
 ``sample_counts``   ``[P, m]``     int64       how often each was drawn (0: an empty slot, id 0)
 ``sample_logits``   ``[P, m]``     float32     their raw logits minus the position's max logit
 ``label``           ``[]``         int64       gold label (classification only)
+``text_*``          ``[L]``, ...   uint8       the row's text and each token's bytes in it (:mod:`.text_spans`)
 ==================  =============  ==========  ================================================
 
 Exactly, for a cached id ``i``: ``log p_T(i) = topk_logits[i] / T - logsumexp[T]`` (and the same for a
@@ -47,7 +48,7 @@ import numbers
 
 import numpy as np
 
-from kdpipe.pipeline.cache import encoding
+from kdpipe.pipeline.cache import encoding, text_spans
 from kdpipe.pipeline.errors import CacheFormatError
 
 TASKS = ("causal-lm", "classification")
@@ -87,6 +88,7 @@ class CacheSchema:
     sample_draws: int = 0  # draws per position of a sampled (or mixed) cache; 0: none
     sample_temperature: float | None = None  # the temperature the draws were made at (one-temperature draws)
     sample_scheme: str | None = None  # "temperature-mixture": draws split over every T (cache.sampling); None: at sample_temperature
+    text_token_bytes: int | None = None  # the row's text is recorded (cache/text_spans.py): most bytes a token covers
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -130,6 +132,7 @@ class CacheSchema:
             out.update(sample_ids=((P, m), i64), sample_counts=((P, m), i64), sample_logits=((P, m), f32))
         if self.has_label:
             out["label"] = ((), i64)
+        out.update(text_spans.text_fields(self))
         return out
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -158,6 +161,7 @@ class CacheSchema:
             out.update(self._value_field("sample", m))
         if self.has_label:
             out["label"] = ((), np.dtype("int64"))
+        out.update(text_spans.text_fields(self))
         return out
 
     def _value_field(self, prefix: str, n: int) -> dict:
@@ -185,7 +189,8 @@ class CacheSchema:
         d["temperatures"] = list(self.temperatures)
         if self.mask_meaning == "real-token":
             del d["mask_meaning"]
-        for key in ("id_bits", "input_id_bits", "sample_temperature", "sample_scheme"):  # format 1 had none of these
+        for key in ("id_bits", "input_id_bits", "sample_temperature", "sample_scheme",
+                    "text_token_bytes"):  # format 1 had none of these
             if d[key] is None:
                 del d[key]
         if not d["sample_draws"]:
@@ -242,6 +247,8 @@ def encode_rows(schema: CacheSchema, rows: dict[str, np.ndarray]) -> dict[str, n
         stored.update(_encode_values(schema, "sample", rows["sample_logits"]))
     if schema.has_label:
         stored["label"] = rows["label"]
+    for name in text_spans.text_fields(schema):  # stored as they are
+        stored[name] = rows[name]
     return {name: np.ascontiguousarray(stored[name]) for name in fields}
 
 
@@ -273,6 +280,9 @@ def decode_rows(schema: CacheSchema, stored: dict[str, np.ndarray]) -> dict[str,
         rows["sample_logits"] = _decode_values(schema, "sample", stored)
     if "label" in stored:
         rows["label"] = stored["label"]
+    for name in text_spans.TEXT_FIELDS:
+        if name in stored:
+            rows[name] = stored[name]
     return rows
 
 

@@ -33,7 +33,7 @@ from kdpipe.pipeline.models.modules import is_module_spec
 # rounded from benchmarks/cache_size.py on the demo teacher (fp16 values 11.8 bits of 16, quantized
 # values 2.5 of 16, packed ids incompressible); a probe (--probe-rows) measures the real teacher.
 NOMINAL_COMPRESSION = {"logit_steps": 0.2, "float16": 0.75, "bfloat16": 0.45, "float32": 0.9, "ids": 1.0,
-                       "mask": 0.05, "counts": 0.3, "other": 0.9}
+                       "mask": 0.05, "counts": 0.3, "other": 0.9, "text": 0.1}
 CHUNK_ROWS = 16  # rows per zarr chunk / parquet row group
 TARGETS = ("assistant", "all")
 MAX_DRAWS = 255  # draws per position: counts are stored in one byte
@@ -165,6 +165,8 @@ def nominal_row_bytes(schema: CacheSchema) -> float:
             kind = "logit_steps"
         elif name.endswith("_logits"):
             kind = schema.value_dtype
+        elif name == "text_bytes":  # zero-padded to the most bytes a row's tokens could cover
+            kind = "text"
         elif name.endswith("_ids") or name.endswith("_ids_packed"):
             kind = "ids"
         else:
@@ -357,6 +359,7 @@ def plan_capture(settings: CaptureSettings, *, load_weights: bool = True) -> Cap
         sample_draws=settings.sample,
         sample_temperature=settings.sampling_temperature,
         sample_scheme="temperature-mixture" if settings.sample_scheme == "temperature-mixture" else None,
+        text_token_bytes=spec.text_token_bytes if spec is not None else None,  # the rows' text (issue 24)
     )
     rows_per_shard = max(1, int(settings.shard_size_mb * 2**20 // schema.row_nbytes()))
     data = {**source.identity(), "packing": spec.describe() if spec else ARRAY_PACKING,

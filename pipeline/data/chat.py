@@ -32,6 +32,8 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from kdpipe.pipeline.cache.text_spans import segment_code
+from kdpipe.pipeline.data.byte_spans import TokenBytes, char_byte_offsets, spans_of
 from kdpipe.pipeline.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -88,6 +90,63 @@ def render_conversation(
             "distillation target; fix the record or the template, or pass --targets all"
         )
     return input_ids, is_target
+
+
+def conversation_text(
+    tokenizer, table: TokenBytes, messages: list[dict], input_ids: np.ndarray, *, where: str
+) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """What the tokens ``input_ids`` of a rendered conversation spell of its messages' contents, for
+    a cache that records text (:mod:`kdpipe.pipeline.cache.text_spans`): ``(lengths [n] int64,
+    segment codes [n] uint8, text bytes)``. A token that ends inside a message's content covers its
+    bytes there (a token that starts in the template before the content is cut to the content);
+    template tokens and a token that runs from the content into the template after it cover nothing
+    (its part of the content is left out: the teacher's prediction after it follows template text).
+    A conversation whose contents cannot be located (a template that rewrites them) records no text."""
+    n = len(input_ids)
+    nothing = (np.zeros(n, np.int64), np.zeros(n, np.uint8), b"")
+    text = _render(tokenizer, messages, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != input_ids.tolist():
+        return nothing
+    spans = spans_of(table, text, input_ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2))
+    contents = _content_ranges(tokenizer, messages, text, where)
+    if spans is None or contents is None:
+        return nothing
+    data, (lengths, codes, _) = text.encode("utf-8"), nothing
+    parts = []
+    for role, start, end in contents:
+        inside = np.nonzero((spans[:, 1] > start) & (spans[:, 1] <= end) & (spans[:, 1] > spans[:, 0]))[0]
+        if not len(inside):
+            continue
+        lengths[inside] = spans[inside, 1] - np.maximum(spans[inside, 0], start)
+        codes[inside] = segment_code(role, start=False)
+        codes[inside[0]] = segment_code(role, start=True)
+        parts.append(data[start : spans[inside[-1], 1]])
+    return lengths, codes, b"".join(parts)
+
+
+def _content_ranges(tokenizer, messages: list[dict], text: str, where: str) -> list[tuple[str, int, int]] | None:
+    """``(role, byte start, byte end)`` in ``text`` of each message content the template writes, found
+    by rendering the conversation with a marker for each content; None when the rendering with the
+    contents (as given, or stripped) put back for the markers is not ``text``."""
+    marked = [{**message, "content": f"\ue000{i}\ue001"} for i, message in enumerate(messages)]
+    pieces = _MARKER.split(_render(tokenizer, marked, where))  # template, index, template, index, ...
+    to_bytes = char_byte_offsets(text)
+    for strip in (False, True):
+        rebuilt, ranges = [pieces[0]], []
+        at = len(pieces[0])
+        for index, after in zip(pieces[1::2], pieces[2::2]):
+            message = messages[int(index)]
+            content = message["content"].strip() if strip else message["content"]
+            ranges.append((message["role"], at, at + len(content)))
+            rebuilt += [content, after]
+            at += len(content) + len(after)
+        if "".join(rebuilt) == text:
+            return [(role, int(to_bytes[a]), int(to_bytes[b])) for role, a, b in ranges]
+    return None
+
+
+_MARKER = re.compile("\ue000([0-9]+)\ue001")  # private-use characters around a message's index
 
 
 def _check_messages(messages: Any, where: str) -> None:

@@ -22,10 +22,21 @@ from typing import Iterator
 
 import numpy as np
 
-from kdpipe.pipeline.errors import DataError
+from kdpipe.pipeline.cache.text_spans import segment_code
+from kdpipe.pipeline.data.byte_spans import spans_of, token_bytes
+from kdpipe.pipeline.errors import ConfigError, DataError
 
 _TOKENIZE_BATCH = 32  # documents per tokenizer call
 _TOKENIZE_CHARS = 1 << 18  # characters per tokenizer call (but for one longer document)
+
+
+@dataclasses.dataclass
+class RowsText:
+    """The text of rows (causal LM, a tokenizer with exact byte spans; see :mod:`kdpipe.pipeline.cache.text_spans`)."""
+
+    lengths: np.ndarray  # [N, L] int64: bytes of the row's text each token covers (0: none)
+    segments: np.ndarray  # [N, L] uint8: segment code of each token (cache.text_spans.segment_code)
+    texts: np.ndarray  # [N] object: the row's text, bytes (its tokens' spans joined)
 
 
 @dataclasses.dataclass
@@ -34,18 +45,23 @@ class Rows:
     mask: np.ndarray  # [N, P] bool: positions whose prediction is a target (see module doc)
     labels: np.ndarray | None  # [N] int64 (classification)
     attention_mask: np.ndarray | None  # [N, L] int64: 1 at real tokens (text), None for arrays
+    text: RowsText | None = None  # what the tokens spell, when recorded
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def take(self, n: int) -> "Rows":
         cut = lambda a: None if a is None else a[:n]  # noqa: E731
-        return Rows(cut(self.inputs), cut(self.mask), cut(self.labels), cut(self.attention_mask))
+        text = None if self.text is None else RowsText(*(cut(a) for a in dataclasses.astuple(self.text)))
+        return Rows(cut(self.inputs), cut(self.mask), cut(self.labels), cut(self.attention_mask), text)
 
     @classmethod
     def concat(cls, parts: list["Rows"]) -> "Rows":
         join = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-        return cls(join("inputs"), join("mask"), join("labels"), join("attention_mask"))
+        text = None
+        if parts[0].text is not None:
+            text = RowsText(*(np.concatenate(a) for a in zip(*(dataclasses.astuple(p.text) for p in parts))))
+        return cls(join("inputs"), join("mask"), join("labels"), join("attention_mask"), text)
 
 
 @dataclasses.dataclass
@@ -73,6 +89,14 @@ class PackingSpec:
         return pad if pad is not None else 0
 
     @property
+    def text_token_bytes(self) -> int | None:
+        """The most bytes one token covers when the rows record their text (causal LM, a tokenizer with
+        exact byte spans: :mod:`.byte_spans`), else None."""
+        if self.task != "causal-lm" or _text_problem(self.tokenizer):
+            return None
+        return token_bytes(self.tokenizer).max_bytes
+
+    @property
     def scheme(self) -> str:
         if self.task == "classification":
             return "one-document-per-row"
@@ -87,7 +111,19 @@ class PackingSpec:
             out |= {"targets": self.targets, "chat_template_sha256": _template_hash(self.tokenizer)}
         if self.task == "classification":
             out["truncation"] = True
+        else:
+            problem = _text_problem(self.tokenizer)
+            out["text"] = f"not recorded: {problem}" if problem else "recorded (cache/text_spans.py)"
         return out
+
+
+def _text_problem(tokenizer) -> str | None:
+    """Why ``tokenizer``'s tokens have no exact byte spans (the rows cannot record their text), or None."""
+    try:
+        token_bytes(tokenizer)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _template_hash(tokenizer) -> str | None:
@@ -112,12 +148,18 @@ def pack(spec: PackingSpec, docs: list, *, max_rows: int | None = None, max_toke
 def _concat_eos(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
     eos, L = spec.tokenizer.eos_token_id, spec.seq_len
     budget = min(x for x in (max_tokens, None if max_rows is None else max_rows * L, float("inf")) if x is not None)
-    pieces, total = [], 0
+    table = token_bytes(spec.tokenizer) if spec.text_token_bytes else None
+    pieces, texts, total, starts = [], [], 0, True
     for batch in _tokenize_batches(docs):
-        for doc, ids in zip(batch, spec.tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]):
+        enc = spec.tokenizer([d.text for d in batch], add_special_tokens=False,
+                             return_offsets_mapping=table is not None)
+        for i, doc in enumerate(batch):
             separator = [eos] if eos is not None and not doc.continues else []  # none inside a long text
-            pieces.append(np.asarray(ids + separator, dtype=np.int64))
+            pieces.append(np.asarray(enc["input_ids"][i] + separator, dtype=np.int64))
             total += len(pieces[-1])
+            if table is not None:
+                texts.append(_document_text(table, doc.text, pieces[-1], enc["offset_mapping"][i], starts=starts))
+                starts = not doc.continues or not texts[-1][2]  # a long text's next piece continues its segment
         if total >= budget:
             break
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
@@ -128,7 +170,41 @@ def _concat_eos(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBl
     real = np.zeros(n_rows * L, dtype=bool)
     real[: len(stream)] = True
     real = real.reshape(n_rows, L)
-    return PackedBlock(Rows(ids.reshape(n_rows, L), real, None, real.astype(np.int64)), len(stream))
+    rows = Rows(ids.reshape(n_rows, L), real, None, real.astype(np.int64))
+    if table is not None:
+        rows.text = _rows_text(texts, n_rows, L, len(stream))
+    return PackedBlock(rows, len(stream))
+
+
+def _document_text(table, text: str, ids: np.ndarray, offsets, *, starts: bool) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """``(lengths [n], segment codes [n], bytes)`` of one document's tokens ``ids`` (its own, then any
+    separator); a document whose tokens do not spell it (a tokenizer that changes some character)
+    records no text: its tokens cover nothing."""
+    lengths, codes = np.zeros(len(ids), np.int64), np.zeros(len(ids), np.uint8)
+    own = len(offsets)
+    spans = spans_of(table, text, ids[:own], np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+    if spans is None:
+        return lengths, codes, b""
+    lengths[:own] = spans[:, 1] - spans[:, 0]
+    covers = lengths > 0
+    codes[covers] = segment_code("text", start=False)
+    if starts and covers.any():
+        codes[np.argmax(covers)] = segment_code("text", start=True)
+    return lengths, codes, text.encode("utf-8")
+
+
+def _rows_text(texts: list[tuple[np.ndarray, np.ndarray, bytes]], n_rows: int, L: int, n_tokens: int) -> RowsText:
+    """The :class:`RowsText` of rows cut from the token stream whose documents' texts are ``texts``."""
+    lengths, codes = np.zeros(n_rows * L, np.int64), np.zeros(n_rows * L, np.uint8)
+    if texts:
+        lengths[:n_tokens] = np.concatenate([t[0] for t in texts])[:n_tokens]
+        codes[:n_tokens] = np.concatenate([t[1] for t in texts])[:n_tokens]
+    blob = b"".join(t[2] for t in texts)
+    bounds = np.concatenate([[0], np.cumsum(lengths)[L - 1 :: L]])  # byte offset of each row's start
+    row_texts = np.empty(n_rows, dtype=object)
+    for r in range(n_rows):
+        row_texts[r] = blob[bounds[r] : bounds[r + 1]]
+    return RowsText(lengths.reshape(n_rows, L), codes.reshape(n_rows, L), row_texts)
 
 
 def _tokenize_batches(docs: list) -> Iterator[list]:
@@ -146,17 +222,22 @@ def _tokenize_batches(docs: list) -> Iterator[list]:
 
 
 def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
-    from kdpipe.pipeline.data.chat import render_conversation
+    from kdpipe.pipeline.data.chat import conversation_text, render_conversation
 
     L = spec.seq_len
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []  # each row: its conversations' (ids, mask)
+    table = token_bytes(spec.tokenizer) if spec.text_token_bytes else None
+    rows: list[list[tuple]] = []  # each row: its conversations' (ids, mask, text or None)
     used, truncated, tokens = L, 0, 0
     for doc in docs:
         if max_tokens is not None and tokens >= max_tokens:
             break
         ids, is_target = render_conversation(doc.messages, spec.tokenizer, targets=spec.targets, where=doc.where)
+        text = None if table is None else conversation_text(spec.tokenizer, table, doc.messages, ids, where=doc.where)
         cut = len(ids) > L
         ids, is_target = ids[:L], is_target[:L]
+        if text is not None:  # its first L tokens' text
+            lengths, codes, data = text
+            text = (lengths[:L], codes[:L], data[: int(lengths[:L].sum())])
         mask = np.zeros(len(ids), dtype=bool)
         mask[:-1] = is_target[1:]  # position t predicts token t + 1
         if not spec.packing or used + len(ids) > L:
@@ -164,7 +245,7 @@ def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
                 break
             rows.append([])
             used = 0
-        rows[-1].append((ids, mask))
+        rows[-1].append((ids, mask, text))
         used += len(ids)
         tokens += len(ids)
         truncated += cut  # counted once kept: the conversation a row limit stops at is not in the block
@@ -172,11 +253,27 @@ def _chat(spec: PackingSpec, docs: list, max_rows, max_tokens) -> PackedBlock:
     mask_out = np.zeros((len(rows), L), dtype=bool)
     attention = np.zeros((len(rows), L), dtype=np.int64)
     for r, convs in enumerate(rows):
-        n = sum(len(ids) for ids, _ in convs)
-        ids_out[r, :n] = np.concatenate([ids for ids, _ in convs])
-        mask_out[r, :n] = np.concatenate([m for _, m in convs])
+        n = sum(len(ids) for ids, _, _ in convs)
+        ids_out[r, :n] = np.concatenate([ids for ids, _, _ in convs])
+        mask_out[r, :n] = np.concatenate([m for _, m, _ in convs])
         attention[r, :n] = 1
-    return PackedBlock(Rows(ids_out, mask_out, None, attention), tokens, truncated)
+    out = Rows(ids_out, mask_out, None, attention)
+    if table is not None:
+        texts = [[text for _, _, text in convs] for convs in rows]
+        out.text = _chat_rows_text(texts, L)
+    return PackedBlock(out, tokens, truncated)
+
+
+def _chat_rows_text(rows: list[list[tuple[np.ndarray, np.ndarray, bytes]]], L: int) -> RowsText:
+    """The :class:`RowsText` of chat rows, each the texts of its conversations."""
+    lengths, codes = np.zeros((len(rows), L), np.int64), np.zeros((len(rows), L), np.uint8)
+    row_texts = np.empty(len(rows), dtype=object)
+    for r, convs in enumerate(rows):
+        n = sum(len(t[0]) for t in convs)
+        lengths[r, :n] = np.concatenate([t[0] for t in convs])
+        codes[r, :n] = np.concatenate([t[1] for t in convs])
+        row_texts[r] = b"".join(t[2] for t in convs)
+    return RowsText(lengths, codes, row_texts)
 
 
 def _classification(spec: PackingSpec, docs: list) -> PackedBlock:
