@@ -168,6 +168,20 @@ def test_an_adapted_lm_head_trains_through_the_unfused_loss_and_run_json_says_wh
     assert not torch.equal(merged["lm_head.weight"], original["lm_head.weight"])
 
 
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(lm_cache, pretrained, tmp_path):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = Trainer(make_config(lm_cache, pretrained, tmp_path / str(checkpointing),
+                                      gradient_checkpointing=checkpointing))
+        trainer.setup()
+        trainer.loss(next(trainer.batches()), temperature=2.0, alpha=0.5)["loss"].backward()
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None})
+        trainer.close()
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ----------------------------------------------------------------------------- resume
 def test_a_resumed_lora_run_ends_bit_identical_to_the_uninterrupted_one(lm_cache, pretrained, tmp_path):
     train(make_config(lm_cache, pretrained, tmp_path / "full", steps=6))
@@ -224,6 +238,21 @@ def test_ddp_and_fsdp_ranks_train_the_adapters_like_one_process_with_the_global_
             assert a.keys() == b.keys()
             for key in a:  # the ranks' averaged adapter gradients = the global batch's
                 torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{sharding} {key}")
+
+
+def test_a_run_from_before_lora_existed_still_resumes(lm_cache, tmp_path):
+    """Its run.json records no lora_* settings; a run without --lora-r leaves them out of its identity."""
+    from kdpipe.pipeline.train.checkpoint import read_run, write_run_json
+
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **STUDENT}))
+    out = tmp_path / "old"
+    train(make_config(lm_cache, config, out, lora_r=None, lora_targets=[], steps=2))
+    run = read_run(out)
+    for table in ("settings", "resolved_settings"):
+        run[table] = {k: v for k, v in run[table].items() if not k.startswith("lora_")}
+    write_run_json(out, run)
+    assert train(make_config(lm_cache, config, out, lora_r=None, lora_targets=[], steps=4), resume=True).step == 4
 
 
 # ----------------------------------------------------------------------------- refusals
