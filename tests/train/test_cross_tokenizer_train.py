@@ -87,3 +87,17 @@ def test_a_cache_that_records_no_text_is_refused_in_one_line(student, tmp_path, 
         f"error: the student's tokenizer differs from the one cache {REPO / 'tests' / 'fixtures' / 'cache_v1'} was made "
         "with, and the cache records no text; re-capture it with this kdpipe (cache-teacher) to train a student with "
         "another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)\n")
+
+
+def test_a_student_tokenizer_that_normalises_the_text_is_refused_in_one_line(text_cache, student, tmp_path):
+    lowercase = tmp_path / "tokenizer-lowercase"
+    lowercase.mkdir()
+    definition = json.loads((UNIGRAM / "tokenizer.json").read_text())
+    definition["normalizer"] = {"type": "Lowercase"}
+    (lowercase / "tokenizer.json").write_text(json.dumps(definition))
+    (lowercase / "tokenizer_config.json").write_text((UNIGRAM / "tokenizer_config.json").read_text())
+    result = run_cli("train-student", "--cache", text_cache, "--student", student, "--tokenizer", lowercase,
+                     "--out", tmp_path / "run", "--steps", 1, "--device", "cpu")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.startswith("error: tokenizer ") and result.stderr.count("\n") == 1
+    assert "normalises the text it tokenises (Lowercase)" in result.stderr
