@@ -214,6 +214,26 @@ def test_resume_refuses_a_changed_base_and_other_lora_settings(lm_cache, pretrai
                           f"adapter of {out} was trained on")
 
 
+@pytest.mark.slow
+def test_a_failed_final_write_leaves_no_half_model_and_the_resume_writes_it(lm_cache, pretrained, tmp_path):
+    """Files over 60 kB fail to write (as on a full disk): the adapter-only checkpoints and adapter/ fit, the
+    merged model (~160 kB) does not. model/ lands whole or not at all; --resume then writes it."""
+    out = tmp_path / "run"
+    flags = ["train-student", "--cache", lm_cache, "--student", pretrained, "--out", out, "--steps", 2,
+             "--batch-size", 4, "--device", "cpu", "--temperature", 2, "--lora-r", 4, "--eval-every", 0]
+    limited = subprocess.run([sys.executable, str(Path(__file__).parent / "file_size_limit.py"), "60000", "all",
+                              *map(str, flags)], capture_output=True, text=True, timeout=300)
+    assert limited.returncode != 0 and "File too large" in limited.stderr, limited.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "adapter"))) == ["adapter"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    resumed = run_cli("train-student", "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    merged, original = load_file(out / "model" / "model.safetensors"), load_file(pretrained / "model.safetensors")
+    pairs = adapter_pairs(load_file(out / "adapter" / "adapter_model.safetensors"))
+    for name, (a, b) in pairs.items():
+        torch.testing.assert_close(merged[name], original[name] + 2.0 * (b @ a), rtol=0, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
 def test_ddp_and_fsdp_ranks_train_the_adapters_like_one_process_with_the_global_batch(lm_cache, pretrained, tmp_path):
