@@ -7,7 +7,7 @@ applies FSDP2 (``torch.distributed.fsdp.fully_shard``) to each decoder layer and
 each rank keeps 1/W of every parameter, gradient and optimizer moment, and a layer's full weights
 exist only while it runs (gathered before its forward and backward, freed after). On CUDA the
 gathered weights are bf16 and gradients are reduced in fp32 (``MixedPrecisionPolicy``); on CPU both
-stay fp32. ``--cpu-offload`` keeps the shards (and the optimizer step) in CPU memory.
+stay fp32. ``--cpu-offload`` keeps the shards (and the optimizer step) in CPU memory (CUDA runs only).
 
 One process (no torchrun) trains the plain student whatever ``--sharding`` says: there is nothing to
 shard over, and run.json records ``"sharding": "none (one process)"``.
@@ -97,6 +97,9 @@ def wrap(forward: torch.nn.Module, *, model: torch.nn.Module, sharding: str, wor
             raise ConfigError("--cpu-offload offloads FSDP's shards, and one process shards nothing; start it with "
                               "torchrun --nproc-per-node N (N >= 2), or drop --cpu-offload")
         return forward
+    if cpu_offload and device.type != "cuda":  # FSDP's offload moves shards between a GPU and CPU memory
+        raise ConfigError("--cpu-offload moves FSDP's shards off the GPUs, and with --device cpu they are in CPU "
+                          "memory already; drop --cpu-offload")
     if sharding == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(forward, device_ids=ids)

@@ -25,7 +25,7 @@ from kdpipe.pipeline.errors import ConfigError, IntegrityError
 from kdpipe.pipeline.train.checkpoint_files import DamagedCheckpoint, verify_checkpoint
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.sharded_checkpoint import _MetadataUnpickler
-from kdpipe.pipeline.train.sharding import decoder_layers, enable_gradient_checkpointing
+from kdpipe.pipeline.train.sharding import decoder_layers, enable_gradient_checkpointing, wrap
 from kdpipe.stages.cli import main
 
 STUDENT = {
@@ -82,11 +82,12 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(cache, student, tmp_path_factory):
-    """The FSDP runs (2 ranks x batch 4), each 6 steps: fused; unfused with gradient checkpointing;
-    killed after its step-4 checkpoint and resumed; and one process with batch 8 (no torchrun)."""
+    """The FSDP runs (2 ranks x batch 4), each 6 steps: fused; unfused with gradient checkpointing and
+    evaluation; killed after its step-4 checkpoint and resumed; and one process with batch 8 (no torchrun)."""
     root = tmp_path_factory.mktemp("fsdp_runs")
     torchrun_helper(settings(cache, student, root / "fused"))
-    torchrun_helper(settings(cache, student, root / "unfused", fused_loss=False, gradient_checkpointing=True))
+    torchrun_helper(settings(cache, student, root / "unfused", fused_loss=False, gradient_checkpointing=True,
+                             eval_cache=str(cache), eval_rows=8, eval_every=3))  # evaluates: the same training rows
     cut = settings(cache, student, root / "cut")
     torchrun_helper(cut, "--stop-after", "4")  # a crash right after the checkpoint of step 4
     shutil.copytree(root / "cut", root / "cut_at_4")
@@ -120,6 +121,9 @@ def test_fsdp_with_the_fused_loss_equals_fsdp_unfused_with_gradient_checkpointin
     for name in fused:  # the tolerance of the one-process fused-vs-unfused test (test_train.py)
         torch.testing.assert_close(unfused[name], fused[name], rtol=1e-4, atol=2e-5, msg=name)
         assert not torch.equal(fused[name], start[name]), name  # every weight moved, the lm-head's included
+    records = [json.loads(line) for line in (runs / "unfused" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if r["split"] == "eval"]  # every rank evaluated, rank 0 logged once
+    assert [r["step"] for r in evaluations] == [3, 6] and all(r["rows"] == 8 and r["ce"] > 0 for r in evaluations)
     first = [json.loads((runs / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("fused", "unfused")]
     for key in ("loss", "kd", "ce", "grad_norm"):  # step 1: the same weights, the same loss and gradient
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-5), key
@@ -250,6 +254,15 @@ def test_cpu_offload_in_one_process_is_refused(cache, student, tmp_path):
     line = _refusal(["train-student", "--cache", str(cache), "--student", str(student), "--out", str(tmp_path / "r"),
                      "--steps", "1", "--sharding", "fsdp", "--cpu-offload", "--device", "cpu"])
     assert "one process shards nothing; start it with torchrun --nproc-per-node N" in line
+
+
+def test_cpu_offload_on_the_cpu_is_refused():
+    """Under torchrun on CPU (checked here without a launch: the refusal comes before any collective)."""
+    with pytest.raises(ConfigError) as refused:
+        wrap(torch.nn.Linear(2, 2), model=torch.nn.Linear(2, 2), sharding="fsdp", world_size=2,
+             device=torch.device("cpu"), cpu_offload=True)
+    assert str(refused.value) == ("--cpu-offload moves FSDP's shards off the GPUs, and with --device cpu they are "
+                                  "in CPU memory already; drop --cpu-offload")
 
 
 def test_gradient_checkpointing_of_a_module_student_is_refused(module_teacher, module_cache, tmp_path):
