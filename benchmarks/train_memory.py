@@ -125,7 +125,8 @@ def main() -> None:
     report = {
         "benchmark": "train_memory", "command": " ".join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_1min_end": os.getloadavg()[0]},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_1min_end": os.getloadavg()[0],
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))},
         "setup": {"vocab": VOCAB, "student": STUDENT, "rows_per_step": 8, "seq_len": 128, "top_k": 64,
