@@ -51,6 +51,7 @@ def apply_lora(student: Student, *, r: int, alpha: float, targets: list[str], ta
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     head = student.model.get_output_embeddings()
+    tied = _tied_names(student.model)
     try:
         model = get_peft_model(student.model, config)
     except ValueError as exc:  # e.g. a target that is a norm or a container, not a layer LoRA adapts
@@ -58,6 +59,10 @@ def apply_lora(student: Student, *, r: int, alpha: float, targets: list[str], ta
                           f"{_available(student.model)}") from None
     adapted = sorted(name for name, module in model.get_base_model().named_modules() if hasattr(module, "lora_A")
                      and module.lora_A)
+    if tied & set(adapted):  # merging W + (alpha/r) B A into one of them would change the other too
+        raise ConfigError(f"--lora-targets {','.join(targets)}: this student's {' and '.join(sorted(tied))} share "
+                          f"one weight (tie_word_embeddings), so an adapter of one cannot merge; leave "
+                          f"{' and '.join(n.rsplit('.', 1)[-1] for n in sorted(tied))} out of --lora-targets")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     student.model = model
     student.lora = {
@@ -91,6 +96,14 @@ def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):
             raise ConfigError(f"--lora-targets {target} matches no module of the student; {_available(model)}")
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """The module names of the input embeddings and the lm-head when they share their weight, else none."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is None or head is None or embeddings.weight is not head.weight:
+        return set()
+    return {name for name, module in model.named_modules() if module is embeddings or module is head}
 
 
 def _available(model: torch.nn.Module) -> str:

@@ -279,6 +279,10 @@ def test_a_run_from_before_lora_existed_still_resumes(lm_cache, tmp_path):
 def test_lora_refusals_are_one_line(lm_cache, pretrained, module_cache, module_teacher, tmp_path):
     config = tmp_path / "student.json"
     config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **STUDENT}))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = tmp_path / "tied"  # a student whose lm-head is its input embeddings (tie_word_embeddings)
+    LlamaForCausalLM(LlamaConfig(**STUDENT, tie_word_embeddings=True)).save_pretrained(tied)
     base = ["train-student", "--cache", lm_cache, "--steps", 1, "--device", "cpu", "--temperature", 2]
     cases = {
         "random init": ([*base, "--student", config, "--lora-r", 4], "--lora-r needs a pretrained student, but "
@@ -290,6 +294,9 @@ def test_lora_refusals_are_one_line(lm_cache, pretrained, module_cache, module_t
         "not a layer": ([*base, "--student", pretrained, "--lora-r", 4, "--lora-targets", "input_layernorm"],
                         "--lora-targets input_layernorm: Target module LlamaRMSNorm((32,), eps=1e-06) is not "
                         "supported; its layers LoRA can adapt: embed_tokens, q_proj"),
+        "tied head": ([*base, "--student", tied, "--lora-r", 4, "--lora-targets", "q_proj,lm_head"],
+                      "--lora-targets q_proj,lm_head: this student's lm_head and model.embed_tokens share one weight "
+                      "(tie_word_embeddings), so an adapter of one cannot merge; leave lm_head and embed_tokens out"),
         "alpha alone": ([*base, "--student", pretrained, "--lora-alpha", 8], "--lora-alpha and --lora-targets need "
                         "--lora-r"),
         "rank 0": ([*base, "--student", pretrained, "--lora-r", 0], "--lora-r 0 must be >= 1"),
