@@ -101,3 +101,37 @@ def test_a_student_tokenizer_that_normalises_the_text_is_refused_in_one_line(tex
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     assert result.stderr.startswith("error: tokenizer ") and result.stderr.count("\n") == 1
     assert "normalises the text it tokenises (Lowercase)" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_chat_cache_re_tokenised_by_the_student_aligns_only_inside_assistant_turns(tmp_path):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from kdpipe.pipeline.cache.reader import TeacherCache
+    from kdpipe.pipeline.cache.text_spans import row_text
+    from kdpipe.pipeline.train.xtok.align import StudentTokenizer, student_row
+    from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map
+
+    result = run_cli("cache-teacher", "--teacher", REPO / "data" / "teacher", "--data", REPO / "data" / "chat" / "train.jsonl",
+                     "--out", tmp_path / "chat", "--top-k", 8, "--seq-len", 128, "--temperature", 1, "--limit-rows", 6,
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    cache = TeacherCache(tmp_path / "chat")
+    unigram = AutoTokenizer.from_pretrained(UNIGRAM)
+    student = StudentTokenizer.of(unigram, shared_token_map(AutoTokenizer.from_pretrained(REPO / "data" / "teacher"),
+                                                            unigram).student_bytes)
+    decoded, pairs = cache.read_rows(0, 0, 6), 0
+    for i in range(6):
+        text = row_text(cache.schema, {k: v[i] for k, v in decoded.items()})
+        kd_mask = decoded["mask"][i].astype(bool)
+        row = student_row(text.text, text.token_spans, text.segments, kd_mask, student, chat=True)
+        for s, t in zip(row.student_positions, row.teacher_positions):  # same byte end, inside an assistant turn
+            assert row.ends[s] == text.token_spans[t, 1] and kd_mask[t]
+            assert any(kind == "assistant" and a < row.ends[s] <= b for kind, a, b in text.segments)
+        teacher_ends = {int(e) for (a, e), m in zip(text.token_spans, kd_mask) if e > a and m}
+        assert {int(row.ends[s]) for s in row.student_positions} == teacher_ends & {int(e) for e in row.ends if e >= 0}
+        head, _ = student.template(text.segments[0][0])
+        assert row.input_ids[: len(head)].tolist() == head  # the student's own template opens the row
+        pairs += len(row.student_positions)
+    assert pairs > 20
