@@ -182,6 +182,20 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(lm_cache, 
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_lora_run_with_bf16_autocast_merges_its_fp32_adapter(lm_cache, pretrained, tmp_path):
+    trainer = train(make_config(lm_cache, pretrained, tmp_path / "cuda", device="cuda", checkpoint_every=0))
+    assert trainer.head is not None and trainer.device.type == "cuda"  # the fused loss under autocast
+    merged = load_file(tmp_path / "cuda" / "model" / "model.safetensors")
+    original = load_file(pretrained / "model.safetensors")
+    pairs = adapter_pairs(load_file(tmp_path / "cuda" / "adapter" / "adapter_model.safetensors"))
+    assert all(a.dtype == torch.float32 and b.abs().max() > 0 for a, b in pairs.values())
+    for name, weight in merged.items():
+        expected = original[name] + 2.0 * (pairs[name][1] @ pairs[name][0]) if name in pairs else original[name]
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- resume
 def test_a_resumed_lora_run_ends_bit_identical_to_the_uninterrupted_one(lm_cache, pretrained, tmp_path):
     train(make_config(lm_cache, pretrained, tmp_path / "full", steps=6))
@@ -240,7 +254,8 @@ def test_ddp_and_fsdp_ranks_train_the_adapters_like_one_process_with_the_global_
     def flags(out: Path, batch_size: int, *more) -> list[str]:
         return [str(a) for a in ("train-student", "--cache", lm_cache, "--student", pretrained, "--out", out,
                                  "--steps", 3, "--batch-size", batch_size, "--lr", 1e-2, "--seed", 1, "--device", "cpu",
-                                 "--eval-fraction", 0, "--temperature", 2, "--lora-r", 4, "--checkpoint-every", 0, *more)]
+                                 "--eval-fraction", 0, "--temperature", 2, "--lora-r", 4, "--checkpoint-every", 0,
+                                 *more)]
 
     one = run_cli(*flags(tmp_path / "one", 8))
     assert one.exit_code == 0, one.output
