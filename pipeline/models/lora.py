@@ -6,8 +6,8 @@ computes ``W x + (alpha / r) B A x`` with ``A [r, in]`` (random) and ``B [out, r
 starts from the pretrained model exactly and only ``A`` and ``B`` get gradients and optimizer state.
 
 - :func:`apply_lora` refuses what LoRA cannot serve (module students, random-init students built from
-  a config, classification) and target names that match no layer of the student, naming the layers
-  there are; it records the settings, the layers adapted and the trainable parameter count (run.json
+  a config, classification), target names that match no layer of the student (naming the layers
+  there are) and an adapter of a tied lm-head/input embedding (it could not merge); it records the settings, the layers adapted and the trainable parameter count (run.json
   ``lora``) with the sha256 of the base weights, which a resume checks (:func:`check_lora_base`):
   checkpoints hold the adapter alone (:func:`adapter_tensors`), the base is read from ``--student``.
 - At the end of a run (under FSDP from :func:`unsharded_lora_copy` of the gathered weights)
