@@ -12,9 +12,9 @@ call it: it runs the decoder (whose last hidden state is the same on every rank)
 vocabulary slice of the head (rows ``[r * ceil(V/TP), ...)`` of the weight, a ``Shard(0)`` DTensor)
 in vocabulary blocks with the head-fused kernel (:func:`~kdpipe.pipeline.capture.topk.partial_of_hidden`),
 gathers every rank's top-k candidates and per-temperature tail sums (``TP * k`` values per position)
-and combines them exactly (:func:`merge_partials`, docs/THEORY.md / KD notes section 6): the global
-top-k is the top-k of the candidates, the global tail at ``T`` the log-sum-exp of every rank's tail
-plus the candidates that did not make the global top-k. Where that path cannot be used (a head split
+and combines them exactly (:func:`merge_partials`; docs/capture.md, "Teachers larger than one
+device"): the global top-k is the top-k of the candidates, the global tail at ``T`` the log-sum-exp of
+every rank's tail plus the candidates that did not make the global top-k. Where that path cannot be used (a head split
 on its hidden dimension, a logit scale in the forward, a sampled capture) the model's own forward runs
 and every rank makes the view from the gathered logits; the manifest says which path ran.
 
@@ -37,6 +37,7 @@ from kdpipe.pipeline.capture.topk import (
     sparse_view_of_logits,
     view_of_partial,
 )
+from kdpipe.pipeline.distributed import is_collective_failure
 from kdpipe.pipeline.errors import ConfigError, TeacherError
 
 _NEG_INF = float("-inf")
@@ -101,6 +102,8 @@ def load_tensor_parallel_model(path: str, *, group, dtype: torch.dtype, trust_re
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                        distributed_config=DistributedConfig(tp_size=tp, tp_plan="auto"))
     except (OSError, ValueError, RuntimeError) as exc:
+        if is_collective_failure(exc):  # another rank failed: the caller says so (peer_failures)
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise TeacherError(f"cannot split teacher {path!r} over {tp} ranks with its tensor-parallel plan: {first}; "
                            "use --device-map auto instead") from None
