@@ -72,6 +72,9 @@ def plot(runs, out, keys):
 EXPLAINED = {
     "tokens": "next-token predictions scored against the true next token",
     "positions": "predictions scored against the teacher",
+    "bits_per_byte": "the whole token stream's NLL / (ln 2 x its text's UTF-8 bytes): compares tokenizers",
+    "bytes": "UTF-8 bytes of the text scored: all of --data's, for any tokenizer (unless --max-rows cuts it)",
+    "bpb_tokens": "tokens scored for bits_per_byte: every token of the text stream, EOS included",
     metrics.KL_FULL: metrics.KL_MEANINGS[metrics.KL_FULL] + ", T = 1",
     metrics.KL_TOPK_BINS: metrics.KL_MEANINGS[metrics.KL_TOPK_BINS] + ", T = 1; --teacher gives the full KL",
     metrics.KL_FULL_ESTIMATE: metrics.KL_MEANINGS[metrics.KL_FULL_ESTIMATE] + ", T = 1",

@@ -63,15 +63,19 @@ def _stack(items: list[dict]) -> dict:
 
 
 def data_batches(data: DataRows, n: int, batch_size: int) -> Iterator[dict]:
-    """Batches of ``inputs``, ``attention``, ``mask`` [B, P] and ``labels`` from in-memory rows."""
+    """Batches of ``inputs``, ``attention``, ``mask`` [B, P] and ``labels`` from in-memory rows, and
+    ``text_lengths`` [B, L] (bytes of each token) for text rows that record their text."""
     rows = data.rows
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        yield {
+        batch = {
             "inputs": rows.inputs[sl], "mask": rows.mask[sl],
             "attention": None if rows.attention_mask is None else rows.attention_mask[sl],
             "labels": None if rows.labels is None else rows.labels[sl],
         }
+        if rows.text is not None:
+            batch["text_lengths"] = rows.text.lengths[sl]
+        yield batch
 
 
 def cache_batches(cache: TeacherCache, data: DataRows | None, n: int, batch_size: int) -> Iterator[dict]:

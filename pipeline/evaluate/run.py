@@ -3,7 +3,9 @@
 :func:`evaluate_model` streams over rows in batches and reports:
 
 * on hard labels -- causal LM: ``ce`` (nats per predicted token), ``perplexity = exp(ce)``, next-token
-  ``accuracy``, ``ece`` and ``tokens``; classification: ``accuracy``, ``macro_f1``, ``ece``;
+  ``accuracy``, ``ece`` and ``tokens``; on text ``--data``, also ``bits_per_byte`` (with ``bytes`` and
+  ``bpb_tokens``), comparable across tokenizers (:mod:`.bits_per_byte`); classification: ``accuracy``,
+  ``macro_f1``, ``ece``;
 * against the teacher, KL(teacher || student) at T = 1 under a name that says what it is
   (:data:`~kdpipe.pipeline.train.metrics.KL_MEANINGS`), ``top1_agreement`` (student argmax == the teacher's
   best id) and ``positions`` (how many were scored), over the valid positions:
@@ -41,6 +43,7 @@ import torch
 from kdpipe.pipeline.cache.reader import TeacherCache, open_cache
 from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError
+from kdpipe.pipeline.evaluate.bits_per_byte import ByteScores, start_logprobs
 from kdpipe.pipeline.evaluate.model import EvalModel, data_seq_len, load_model, training_teacher_vocab
 from kdpipe.pipeline.evaluate.rows import DataRows, cache_batches, check_cache_fits, data_batches, data_rows
 from kdpipe.pipeline.evaluate.scores import Scores, score_batch
@@ -81,6 +84,8 @@ def evaluate_model(model_dir, *, data=None, cache=None, teacher=None, weights=No
             model.vocab_in_use = run_teacher.vocab_size
         view = None if teacher is None else f"full vocabulary: teacher {teacher} run on the rows"
         n = min(len(rows.keys), max_rows or len(rows.keys))
+        if model.task == "causal-lm" and rows.rows.text is not None and rows.mask_meaning == "real-token":
+            scores.byte_scores = ByteScores(start_logprobs(model, model.tokenizer.eos_token_id))  # text: bits per byte
         for batch in data_batches(rows, n, batch_size):
             score_batch(model, batch, scores, rows.mask_meaning, run_teacher)
             report(len(batch["inputs"]), n)

@@ -11,6 +11,7 @@ import torch
 
 from kdpipe.pipeline.capture.teachers import Teacher
 from kdpipe.pipeline.errors import ConfigError, DataError
+from kdpipe.pipeline.evaluate.bits_per_byte import ByteScores
 from kdpipe.pipeline.evaluate.model import EvalModel
 from kdpipe.pipeline.train import metrics
 
@@ -27,6 +28,7 @@ class Scores:
         self.confusion: metrics.ConfusionMatrix | None = None
         self.rows = 0
         self.timings: list[tuple[float, int, int]] = []  # per batch: forward seconds, rows, fed tokens
+        self.byte_scores: ByteScores | None = None  # bits per byte of text --data (evaluate/bits_per_byte.py)
 
     def result(self, *, text: bool) -> dict:
         out: dict = {"rows": self.rows}
@@ -34,6 +36,8 @@ class Scores:
             ce = self.nll.value
             out.update(tokens=self.nll.count, ce=ce, perplexity=_perplexity(ce),
                        accuracy=self.calibration_accuracy(), ece=self.calibration.value)
+            if self.byte_scores is not None:
+                out.update(self.byte_scores.result())
         else:
             out.update(accuracy=self.confusion.accuracy, macro_f1=self.confusion.macro_f1, ece=self.calibration.value)
         out.update(self.teacher_metrics())
@@ -102,6 +106,8 @@ def score_batch(model: EvalModel, batch: dict, scores: Scores, mask_meaning: str
     v = logits.shape[-1]
     targets, valid = (t.to(logits.device) for t in _hard_targets(model, batch, v, mask_meaning))  # [N], [N]
     scores.nll.add(*metrics.token_cross_entropy(logits, targets, valid))
+    if scores.byte_scores is not None:
+        scores.byte_scores.add(logits, batch["inputs"], batch["mask"], batch["text_lengths"])
     probs_max, pred = torch.softmax(logits, dim=-1).max(dim=-1)  # [N], [N]
     scores.calibration.add(probs_max[valid], (pred == targets)[valid])
     if model.task == "classification":
