@@ -22,6 +22,7 @@ from kdpipe.pipeline.capture import (
     with_teacher_weights,
 )
 from kdpipe.pipeline.capture.lock import LOCK_SUFFIX, out_lock
+from kdpipe.pipeline.capture.plan import DEFAULT_SAMPLE, DEFAULT_TOP_K
 from kdpipe.pipeline.capture.probe import probe_capture
 from kdpipe.pipeline.capture.progress import PROGRESS_DIR, recorded_counts
 from kdpipe.pipeline.distributed import DEFAULT_TIMEOUT_MIN, data_parallel_rank, peer_failures
@@ -38,8 +39,9 @@ from kdpipe.stages.options import storage_options_flag, threads_flag, user_error
 @click.option("--messages-field", default="messages", show_default=True, help="Record field holding a chat conversation (a list of {role, content}); rendered with the teacher's chat template.")
 @click.option("--targets", type=click.Choice(["assistant", "all"]), default="assistant", show_default=True, help="Chat data: distil on the assistant's tokens only, or on every token.")
 @click.option("--packing", is_flag=True, help="Chat data: pack several whole conversations into a row (default: one per row).")
+@click.option("--text/--no-text", "record_text", default=True, show_default=True, help="Causal LM: record each row's text and its tokens' byte spans (docs/FORMAT.md), which a student with another tokenizer needs; ~1-2 bytes/token.")
 @click.option("--out", required=True, help="Cache directory to create (or resume), or an s3:// (gs://, az://) URL.")
-@click.option("--top-k", default=64, show_default=True, type=int, help="Ids kept exactly per position, best first [default: 64, or 0 with --sample].")
+@click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=int, help="Ids kept exactly per position, best first (0 with --sample alone). The default, top-k plus --sample's default draws, is the smallest capture that matched online KD in docs/choosing-k.md.")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per packed row.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
@@ -49,7 +51,7 @@ from kdpipe.stages.options import storage_options_flag, threads_flag, user_error
 @click.option("--tensor-parallel", default=1, show_default=True, type=int, help="Under torchrun: processes each teacher is split over with its model's tensor-parallel plan (transformers, DTensor); groups of this many consecutive ranks, which split the data blocks as single ranks do (WORLD_SIZE must be a multiple).")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
 @click.option("--values", "--value-dtype", "value_dtype", type=click.Choice(VALUE_ENCODINGS), default="quantized", show_default=True, help="How the cached logits are stored: quantized (a 1/16-nat grid, error <= 1/(32 T) nats in log p_T, ~2.5 bits each) or a float dtype (format 1's fp16 costs ~12 bits).")
-@click.option("--sample", default=0, show_default=True, type=int, help="Draws per position from the teacher's distribution, stored as unique ids with counts (with --top-k: drawn outside the top-k, mixed targets; alone: sampled targets only). Trains with an unbiased estimator of the KD loss.")
+@click.option("--sample", default=DEFAULT_SAMPLE, show_default=True, type=int, help="Draws per position from the teacher's distribution, stored as unique ids with counts (with --top-k: drawn outside the top-k, mixed targets; alone: sampled targets only; 0 with --top-k alone: none). Trains with an unbiased estimator of the KD loss.")
 @click.option("--sample-temperature", default=None, type=float, help="Make all the draws at this captured temperature (the others reuse them with exact importance weights) [default: the draws split evenly over every --temperature, each drawn stratified, all of them used at every temperature].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit-rows", default=None, type=int, help="Capture only the first N rows (stops reading there).")
@@ -79,8 +81,11 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
     """
     launch = launch_from_env(rank=rank, world_size=world_size)
     data_rank, data_world = data_parallel_rank(launch, tensor_parallel) if launch.torchrun else (launch.rank, launch.world_size)
-    if options["sample"] and click.get_current_context().get_parameter_source("top_k").name == "DEFAULT":
+    given = {name: click.get_current_context().get_parameter_source(name).name != "DEFAULT" for name in ("top_k", "sample")}
+    if given["sample"] and options["sample"] and not given["top_k"]:
         options["top_k"] = 0  # --sample alone: sampled targets only
+    if given["top_k"] and not given["sample"]:
+        options["sample"] = 0  # --top-k alone: exact top-k only
     settings = CaptureSettings(
         format=storage, temperatures=tuple(temperatures), rank=data_rank, world_size=data_world,
         local_rank=launch.local_rank, local_world_size=launch.local_world_size, tensor_parallel=tensor_parallel,
@@ -95,6 +100,9 @@ def cache_teacher(storage, temperatures, overwrite, dry_run, probe_rows, rank, w
         raise ConfigError("--probe-rows measures a capture's size in a dry run; add --dry-run (or drop --probe-rows)")
     if probe_rows < 0:
         raise ConfigError(f"--probe-rows {probe_rows} must be 0 (no probe) or more")
+    if probe_rows and settings.tensor_parallel > 1:
+        raise ConfigError("--probe-rows runs the teacher in one process; drop --tensor-parallel for the probe "
+                          "(the cache's size does not depend on it), or drop --probe-rows")
     if dry_run:
         if main:
             _print_plan(plan, probe_rows)

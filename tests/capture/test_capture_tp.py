@@ -311,6 +311,20 @@ def test_tensor_parallel_below_one_is_refused(llama4, tmp_path):
     assert_refused(result, "--tensor-parallel 0 must be 1 (no tensor parallelism) or more", tmp_path / "c")
 
 
+def test_a_probe_under_tensor_parallel_is_refused(llama4, tmp_path):
+    result = run_cli("--teacher", llama4, *SETTINGS, "--tensor-parallel", 2, "--dry-run", "--probe-rows", 4,
+                     "--out", tmp_path / "c", env=torchrun_env(2))
+    assert_refused(result, "--probe-rows runs the teacher in one process; drop --tensor-parallel for the probe "
+                           "(the cache's size does not depend on it), or drop --probe-rows", tmp_path / "c")
+
+
+def test_a_dry_run_under_tensor_parallel_loads_no_weights(llama4, tmp_path):
+    result = run_cli("--teacher", llama4, *SETTINGS, "--tensor-parallel", 2, "--dry-run", "--out", tmp_path / "c",
+                     env=torchrun_env(2))
+    assert result.exit_code == 0, result.output
+    assert "rows:" in result.output and not (tmp_path / "c").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tensor_parallel_capture_on_two_gpus(llama4, single, tmp_path):
