@@ -71,6 +71,7 @@ class CaptureSettings:
     messages_field: str = "messages"
     targets: str = "assistant"  # chat data: which tokens are distillation targets
     packing: bool = False  # chat data: several conversations per row
+    record_text: bool = True  # causal LM: rows record their text (--no-text: not; cache/text_spans.py)
     num_workers: int | None = None  # tokenizer processes; None = automatic
     block_mb: float = BLOCK_CHARS / 2**20  # data block size, in millions of characters (2**20)
     storage_options: dict | None = None  # fsspec options for an s3:// (gs://, az://) --out; never recorded
@@ -390,7 +391,7 @@ def packing_spec(settings: CaptureSettings, source: datalib.Source, teacher: Tea
             raise DataError(f"{first.where} is a conversation, but the teacher is a {teacher.task} model; chat data needs a causal-lm teacher")
         check_chat_template(teacher.tokenizer, teacher=settings.teacher)
     return datalib.PackingSpec(teacher.task, settings.seq_len, teacher.tokenizer, chat=first.is_chat,
-                               targets=settings.targets, packing=settings.packing)
+                               targets=settings.targets, packing=settings.packing, record_text=settings.record_text)
 
 
 def finished_capture(plan: CapturePlan) -> dict | None:

@@ -81,6 +81,7 @@ class PackingSpec:
     chat: bool = False
     targets: str = "assistant"  # chat only: "assistant" or "all"
     packing: bool = False  # chat only: several conversations per row
+    record_text: bool = True  # causal LM: the rows record their text when the tokenizer allows (cache/text_spans.py)
 
     @property
     def pad_id(self) -> int:
@@ -92,7 +93,7 @@ class PackingSpec:
     def text_token_bytes(self) -> int | None:
         """The most bytes one token covers when the rows record their text (causal LM, a tokenizer with
         exact byte spans: :mod:`.byte_spans`), else None."""
-        if self.task != "causal-lm" or _text_problem(self.tokenizer):
+        if self.task != "causal-lm" or not self.record_text or _text_problem(self.tokenizer):
             return None
         return token_bytes(self.tokenizer).max_bytes
 
@@ -112,7 +113,7 @@ class PackingSpec:
         if self.task == "classification":
             out["truncation"] = True
         else:
-            problem = _text_problem(self.tokenizer)
+            problem = _text_problem(self.tokenizer) if self.record_text else "--no-text"
             out["text"] = f"not recorded: {problem}" if problem else "recorded (cache/text_spans.py)"
         return out
 

@@ -166,3 +166,10 @@ def test_text_costs_a_few_bytes_per_token(docs, tmp_path):
     per_token = text_bytes / tokens
     print(f"text fields: {per_token:.2f} B/token of {total / tokens:.1f} B/token stored")
     assert 0.5 < per_token < 3.0  # the text itself (~3 B/token raw) compresses; the padding costs ~nothing
+
+
+def test_no_text_captures_without_it(docs, tmp_path):
+    out = capture(TEACHER, docs, tmp_path / "cache", "--no-text", "--limit-rows", 2)
+    cache = open_cache(out)
+    assert not has_text(cache.schema) and "text_lengths" not in cache.read_rows(0, 0, 1)
+    assert cache.manifest["data"]["packing"]["text"] == "not recorded: --no-text"
