@@ -40,7 +40,6 @@ from kdpipe.stages.options import storage_options_flag, threads_flag, user_error
 @click.option("--targets", type=click.Choice(["assistant", "all"]), default="assistant", show_default=True, help="Chat data: distil on the assistant's tokens only, or on every token.")
 @click.option("--packing", is_flag=True, help="Chat data: pack several whole conversations into a row (default: one per row).")
 @click.option("--text/--no-text", "record_text", default=True, show_default=True, help="Causal LM: record each row's text and its tokens' byte spans (docs/FORMAT.md), which a student with another tokenizer needs; ~1-2 bytes/token.")
-@click.option("--text/--no-text", "record_text", default=True, show_default=True, help="Causal LM: record each row's text and its tokens' byte spans (docs/FORMAT.md), which a student with another tokenizer needs; ~1-2 bytes/token.")
 @click.option("--out", required=True, help="Cache directory to create (or resume), or an s3:// (gs://, az://) URL.")
 @click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=int, help="Ids kept exactly per position, best first (0 with --sample alone). The default, top-k plus --sample's default draws, is the smallest capture that matched online KD in docs/choosing-k.md.")
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(1.0, 2.0), show_default=True, help="Temperature to capture exactly; repeat for several.")
