@@ -60,6 +60,7 @@ import kd_targets  # noqa: E402  (the shared capture, training and report helper
 import kdpipe  # noqa: E402
 from kdpipe.pipeline.evaluate.model import load_model  # noqa: E402
 from kdpipe.pipeline.evaluate.run import evaluate_model  # noqa: E402
+from kdpipe.pipeline.fileio import atomic_write_json  # noqa: E402
 from kdpipe.pipeline.train.losses import hard_label_ce  # noqa: E402
 from kdpipe.pipeline.train.trainer import Trainer  # noqa: E402
 
@@ -139,7 +140,10 @@ def parse_args():
     p.add_argument("--values", default="quantized", help="--values of every cache")
     p.add_argument("--heldout-rows", type=int, default=None, help="score only the first N held-out rows [default: all]")
     p.add_argument("--work", required=True, help="folder for caches and runs, kept (finished captures are reused)")
-    p.add_argument("--reuse-runs", action="store_true", help="take finished runs in --work instead of training again")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="take finished runs in --work (and their held-out scores) instead of training again")
+    p.add_argument("--score-only", action="store_true",
+                   help="with --reuse-runs: train nothing, score the finished runs (a row may then have fewer seeds)")
     p.add_argument("--skip-eval", action="store_true", help="capture and train only (score later with --reuse-runs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
@@ -175,20 +179,25 @@ def stats(values: list[float]) -> dict:
             "median": statistics.median(values), "values": values}
 
 
-def aggregate(per_seed: list[dict], online: list[dict] | None, hard: list[dict] | None) -> dict:
-    """Mean, sd and median over seeds of each metric, the paired (same-seed) gaps to online KD, and whether
-    the mean full KL is within the seed spread of online KD's (``reaches_online``)."""
-    out = {key: stats([r[key] for r in per_seed]) for key in METRICS if all(key in r for r in per_seed)}
-    if online is not None:
-        out["ce_gap_to_online"] = stats([r["ce"] - o["ce"] for r, o in zip(per_seed, online)])
-        out["ce_gap_to_online_pct"] = stats([100 * (r["ce"] / o["ce"] - 1) for r, o in zip(per_seed, online)])
-        out["kl_full_gap_to_online"] = stats([r["kl_full"] - o["kl_full"] for r, o in zip(per_seed, online)])
-        reference = stats([o["kl_full"] for o in online])
+def aggregate(per_seed: dict[int, dict], online: dict[int, dict] | None, hard: dict[int, dict] | None) -> dict:
+    """Mean, sd and median over the seeds a row has of each metric; the gaps to online KD paired by seed (over
+    the seeds both have); ``reaches_online``: the row's mean full KL exceeds online KD's mean (over all its
+    seeds) by at most the larger of the two sds."""
+    rows = list(per_seed.values())
+    out = {key: stats([r[key] for r in rows]) for key in METRICS if all(key in r for r in rows)}
+    out["seeds"] = sorted(per_seed)
+    if online:
+        paired = [s for s in per_seed if s in online]
+        out["ce_gap_to_online"] = stats([per_seed[s]["ce"] - online[s]["ce"] for s in paired])
+        out["ce_gap_to_online_pct"] = stats([100 * (per_seed[s]["ce"] / online[s]["ce"] - 1) for s in paired])
+        out["kl_full_gap_to_online"] = stats([per_seed[s]["kl_full"] - online[s]["kl_full"] for s in paired])
+        reference = stats([o["kl_full"] for o in online.values()])
         spread = max(reference["sd"], out["kl_full"]["sd"])
         out["reaches_online"] = out["kl_full"]["mean"] - reference["mean"] <= spread
-        if hard is not None:
-            gain = [h["ce"] - o["ce"] for h, o in zip(hard, online)]  # online KD's CE gain over hard labels
-            out["share_of_kd_gain_lost"] = stats([(r["ce"] - o["ce"]) / g for r, o, g in zip(per_seed, online, gain)])
+        if hard:
+            both = [s for s in paired if s in hard]
+            gain = {s: hard[s]["ce"] - online[s]["ce"] for s in both}  # online KD's CE gain over hard labels
+            out["share_of_kd_gain_lost"] = stats([(per_seed[s]["ce"] - online[s]["ce"]) / gain[s] for s in both])
     return out
 
 
@@ -205,46 +214,53 @@ def markdown(report: dict) -> str:
         f"({', '.join(map(str, s['seeds']))}); the gaps are paired by seed. `kl_full`: KL(teacher ‖ student) over the "
         "full vocabulary (`kdpipe evaluate --teacher`); reaches online: mean full KL at most online KD's + the larger sd.",
         "",
-        "| student | bytes/token | held-out CE | CE gap to online KD | full-vocabulary KL | full-KL gap to online KD | reaches online | top-1 agreement |",
-        "|---|---:|---:|---:|---:|---:|:---:|---:|",
+        "| student | bytes/token | seeds | held-out CE | CE gap to online KD | full-vocabulary KL | full-KL gap to online KD | reaches online | top-1 agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for v in report["variants"].values():
         a = v["aggregate"]
         bpt = f"{v['cache']['bytes_per_token']:.1f}" if v.get("bytes_from_cache") else v["bytes_note"]
         reach = {True: "yes", False: "no"}.get(a.get("reaches_online"), "—")
-        lines.append(f"| {v['label']} | {bpt} | {fmt(a['ce'])} | {fmt(a.get('ce_gap_to_online_pct'), 1, True, '%')} | "
+        lines.append(f"| {v['label']} | {bpt} | {len(a['ce']['values'])} | {fmt(a['ce'])} | {fmt(a.get('ce_gap_to_online_pct'), 1, True, '%')} | "
                      f"{fmt(a['kl_full'])} | {fmt(a.get('kl_full_gap_to_online'), 3, True)} | {reach} | "
                      f"{fmt(a['top1_agreement'])} |")
     t = report["teacher"]
-    lines += [f"| teacher | — | {t['ce']:.3f} | — | 0 | — | — | 1 |", "", "```", report["command"], "```", ""]
+    lines += [f"| teacher | — | — | {t['ce']:.3f} | — | 0 | — | — | 1 |", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 
 
-def previous_rows(args) -> dict:
-    """The ``--previous-rows`` of the ``--previous`` report: their own runs and aggregates (gaps paired with
-    that report's online-KD runs), labelled with the report's commit and marked ``previous``."""
+def previous_report(args) -> dict | None:
+    """The ``--previous`` report (a file, or COMMIT:PATH as an earlier commit holds it), checked comparable."""
     if not args.previous:
-        return {}
+        return None
     if Path(args.previous).is_file():
         old = json.loads(Path(args.previous).read_text())
-    else:  # COMMIT:PATH, a report as an earlier commit holds it
+    else:
         old = json.loads(subprocess.run(["git", "show", args.previous], cwd=kd_targets.ROOT, capture_output=True,
                                         text=True, check=True).stdout)
-    mismatched = [k for k in ("steps", "batch_size", "lr", "warmup", "alpha", "temperature", "seeds", "values")
+    mismatched = [k for k in ("steps", "batch_size", "lr", "warmup", "alpha", "temperature", "values")
                   if old["settings"].get(k) != getattr(args, k)]
     if mismatched:
         raise SystemExit(f"--previous {args.previous} has other settings ({', '.join(mismatched)}): not comparable")
+    return old
+
+
+def previous_scores(old: dict, name: str) -> dict[int, dict]:
+    return {int(s): run["heldout"] for s, run in old["variants"][name]["runs"].items()}
+
+
+def previous_rows(args, old: dict, online: dict, hard: dict) -> dict:
+    """The ``--previous-rows`` of the earlier report, labelled as such, their gaps paired with ``online``."""
     commit = old["git"]["commit"][:7] + (" + uncommitted changes" if old["git"].get("dirty") else "")
     out = {}
     for name in args.previous_rows:
         row = dict(old["variants"][name])
-        online = [old["variants"]["online"]["runs"][str(s)]["heldout"] for s in args.seeds]
-        hard = [old["variants"]["hard-labels"]["runs"][str(s)]["heldout"] for s in args.seeds]
-        row.update(label=f"{row['label']} (previous sweep)", budget=None, bytes_from_cache=True,
-                   aggregate=aggregate([row["runs"][str(s)]["heldout"] for s in args.seeds], online, hard),
+        reference = name in ("online", "hard-labels")
+        row.update(label=f"{row['label']} (previous sweep)", budget=None, bytes_from_cache=not reference,
+                   bytes_note={"online": "— (teacher in memory)", "hard-labels": "0"}.get(name),
+                   aggregate=aggregate(previous_scores(old, name), online, hard),
                    previous={"report": args.previous, "commit": commit, "variant": name,
-                             "note": "trained and scored by an earlier run of this script with the same settings; "
-                                     "its gaps are paired with that run's own online-KD students"})
+                             "note": "trained and scored by an earlier run of this script with the same settings"})
         out[f"previous-{name}"] = row
     return out
 
@@ -286,6 +302,31 @@ def train_all(args, work: Path, variants: list[Variant], caches: dict) -> dict:
     return runs
 
 
+def scored(model: Path, record: Path, score: dict, reuse: bool) -> dict:
+    """``evaluate_model`` of ``model`` (``score``: its keyword arguments), kept in ``record`` and taken from there
+    with ``--reuse-runs`` when it was scored the same way (training a run again removes its run folder)."""
+    key = {"model": str(model), **{k: str(v) for k, v in score.items()}}
+    if reuse and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("scored_with") == key:
+            return saved["result"]
+    result = evaluate_model(model, **score)
+    atomic_write_json(record, {"scored_with": key, "result": result})
+    return result
+
+
+def finished_runs(args, work: Path, variants: list[Variant], caches: dict) -> dict:
+    """``--score-only``: the finished runs in ``work`` (trained with these settings), none trained."""
+    runs = {}
+    for v in variants:
+        for seed in args.seeds:
+            record = kd_targets.reused_run(args, cache=Path(caches[v.cache]["path"]), run_dir=work / f"run-{v.name}-s{seed}",
+                                           seed=seed, alpha=0.0 if v.name == "hard-labels" else args.alpha)
+            if record is not None:
+                runs[v.name, seed] = record
+    return runs
+
+
 def budgets_record(variants: list[Variant], caches: dict) -> dict:
     out = {}
     for top in dict.fromkeys(v.budget for v in variants if v.budget):
@@ -310,19 +351,23 @@ def main():
     caches = capture_all(args, work, variants)
     heldout = work / f"cache-heldout-top{HELDOUT_K}"
     kd_targets.capture(args, data=args.heldout_data, out=heldout, top_k=HELDOUT_K, values="float16")
-    runs = train_all(args, work, variants, caches)
+    runs = finished_runs(args, work, variants, caches) if args.score_only else train_all(args, work, variants, caches)
     if args.skip_eval:
         return
     print("evaluating on the held-out play ...", flush=True)
     score = dict(cache=str(heldout), teacher=args.teacher, device=args.device, max_rows=args.heldout_rows)
-    teacher_row = evaluate_model(args.teacher, **score)
+    teacher_row = scored(Path(args.teacher), work / "teacher-heldout.json", score, args.reuse_runs)
     for (name, seed), record in runs.items():
-        record["heldout"] = evaluate_model(work / f"run-{name}-s{seed}" / "model", **score)
+        run_dir = work / f"run-{name}-s{seed}"
+        record["heldout"] = scored(run_dir / "model", run_dir / "heldout.json", score, args.reuse_runs)
         h = record["heldout"]
         print(f"  {name} s{seed}: ce {h['ce']:.4f}, kl_full {h['kl_full']:.4f}, kl_topk_bins {h['kl_topk_bins']:.4f}",
               flush=True)
-    results = {v.name: [runs[v.name, s]["heldout"] for s in args.seeds] for v in variants}
-    online, hard = results.get("online"), results.get("hard-labels")
+    variants = [v for v in variants if any(n == v.name for n, _ in runs)]  # --score-only: rows with a finished run
+    results = {v.name: {s: runs[v.name, s]["heldout"] for s in args.seeds if (v.name, s) in runs} for v in variants}
+    old = previous_report(args)
+    online = results.get("online") or (previous_scores(old, "online") if old else None)
+    hard = results.get("hard-labels") or (previous_scores(old, "hard-labels") if old else None)
     notes = {"online": "— (teacher in memory)", "hard-labels": "0"}
     report = {
         "command": shlex.join(["python", *sys.argv]), "machine": kd_targets.machine(),
@@ -332,20 +377,23 @@ def main():
                                                       "steps", "batch_size", "lr", "warmup", "alpha", "temperature",
                                                       "seeds", "budget", "k", "values")},
                      "capture_temperatures": [1.0], "capture_seed": 0, "loss": "forward-kl"},
-        "budgets": budgets_record(variants, caches),
+        "references": {"online": "this run" if results.get("online") else args.previous,
+                       "hard-labels": "this run" if results.get("hard-labels") else args.previous},
+        "budgets": budgets_record([v for v in variants if v.budget in caches], caches),
         "heldout_rows": teacher_row["rows"], "heldout_positions": teacher_row["positions"], "teacher": teacher_row,
         "caches": caches,
         "variants": {v.name: {"label": v.label, "budget": v.budget, "trained_from_cache": v.cache,
                               "settings": v.kind.settings_text() if v.kind else None,
                               "cache": caches.get(v.cache), "bytes_from_cache": v.name not in notes,
                               "bytes_note": notes.get(v.name),
-                              "runs": {str(s): runs[v.name, s] for s in args.seeds},
+                              "runs": {str(s): runs[v.name, s] for s in args.seeds if (v.name, s) in runs},
                               "aggregate": aggregate(results[v.name], online, hard)}
                      for v in variants},
         "wall_s": round(time.perf_counter() - started, 1),
         "timings_note": "train_s per run are wall-clock on a 2-core machine shared with other jobs: noisy",
     }
-    report["variants"].update(previous_rows(args))
+    if old:
+        report["variants"].update(previous_rows(args, old, online, hard))
     print(markdown(report))
     if args.out:
         out = Path(args.out)
