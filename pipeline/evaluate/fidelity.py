@@ -33,6 +33,7 @@ import torch
 
 from kdpipe.pipeline import data as datalib
 from kdpipe.pipeline.cache.reader import TeacherCache
+from kdpipe.pipeline.cache.sampling import describe_draws
 from kdpipe.pipeline.capture.teachers import Teacher, load_hf_teacher, load_module_teacher
 from kdpipe.pipeline.errors import CacheFormatError, ConfigError, DataError
 from kdpipe.pipeline.models.devices import resolve_device, resolve_dtype
@@ -319,5 +320,7 @@ def _select(targets: TeacherTargets, index) -> TeacherTargets:
 def _loss_name(schema) -> str:
     if schema.sample_draws:
         head = f"exact top-{schema.top_k} + " if schema.top_k else ""
-        return f"forward-kl, unbiased estimator: {head}{schema.sample_draws} draws (sampled_kd_loss)"
+        draws = describe_draws(schema.sample_draws, sample_temperature=schema.sample_temperature,
+                               temperatures=schema.temperatures)
+        return f"forward-kl, unbiased estimator: {head}{draws} (sampled_kd_loss)"
     return f"forward-kl on the top-{schema.top_k} + tail bins (sparse_kd_loss)"

@@ -31,8 +31,9 @@ def per_id(ids, weights, v):
     return torch.zeros(ids.shape[0], v, dtype=torch.float64).scatter_add_(1, ids, weights.double())
 
 
-@pytest.mark.parametrize("k,draws", [(0, 7), (3, 7), (3, 2)])
-def test_mixture_weights_estimate_p_t_without_bias_at_every_captured_temperature(k, draws):
+@pytest.mark.parametrize("k,draws,block", [(0, 7, 1024), (3, 7, 5), (3, 2, 1024)])
+def test_mixture_weights_estimate_p_t_without_bias_at_every_captured_temperature(k, draws, block, monkeypatch):
+    monkeypatch.setattr(sampling, "STRATA_BLOCK", block)  # 5: the two-step search over blocks of 5, 5 and 2 ids
     copies = 40_000  # independent draws of one small-V row
     z = logits(20, 1, v=SMALL_V, scale=2.0)
     rows = z.repeat(copies, 1)
@@ -70,9 +71,11 @@ def test_weights_are_bounded_by_the_draws_made_at_that_temperature():
         assert bool((w.double() <= bound * (1 + 1e-5)).all())
 
 
-def test_stratified_draws_count_each_id_within_two_of_its_expectation():
+@pytest.mark.parametrize("block", [1024, 16])
+def test_stratified_draws_count_each_id_within_two_of_its_expectation(block, monkeypatch):
     # One draw per 1/M slice of the proposal's cumulative distribution: an id of probability pi is
     # drawn M * pi times give or take less than 2 (i.i.d. draws would stray by ~sqrt(M * pi)).
+    monkeypatch.setattr(sampling, "STRATA_BLOCK", block)  # 16: blocks of 16, 16 and 8 of the 40 ids
     z = logits(22, 300, v=40, scale=1.5)
     smp = draw_mixture(z, torch.zeros(300, 0, dtype=torch.int64), temperatures=(1.0,), draws=200, generator=gen(2))
     expected = 200 * torch.softmax(z.double(), dim=1)  # [rows, V]
