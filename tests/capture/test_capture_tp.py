@@ -311,6 +311,16 @@ def test_tensor_parallel_below_one_is_refused(llama4, tmp_path):
     assert_refused(result, "--tensor-parallel 0 must be 1 (no tensor parallelism) or more", tmp_path / "c")
 
 
+@pytest.mark.slow  # (the single-process capture it reuses is the slow tests')
+def test_another_tensor_parallel_in_a_capture_s_out_is_refused(llama4, single):
+    before = {p: p.stat().st_mtime_ns for p in single.rglob("*")}
+    result = run_cli("--teacher", llama4, *SETTINGS, "--tensor-parallel", 2, "--out", single, env=torchrun_env(2))
+    assert result.exit_code == 2 and result.output == (
+        f"error: {single} already holds a capture with different settings: capture.tensor_parallel (was 1, now 2); "
+        "use a new --out, or pass --overwrite to replace it\n")
+    assert {p: p.stat().st_mtime_ns for p in single.rglob("*")} == before
+
+
 def test_a_probe_under_tensor_parallel_is_refused(llama4, tmp_path):
     result = run_cli("--teacher", llama4, *SETTINGS, "--tensor-parallel", 2, "--dry-run", "--probe-rows", 4,
                      "--out", tmp_path / "c", env=torchrun_env(2))
