@@ -168,9 +168,9 @@ def main() -> None:
         "--top-k", 32, "--seq-len", 128, "--temperature", 1, "--limit-rows", args.rows, "--device", "cpu")
     manifest = json.loads((cache / "manifest.json").read_text())
     from kdpipe.pipeline.cache.reader import TeacherCache
-    from kdpipe.pipeline.train.xtok.objective import _has_text
+    from kdpipe.pipeline.cache.text_spans import has_text
 
-    recorded = _has_text(TeacherCache(cache).schema)
+    recorded = has_text(TeacherCache(cache).schema)
     text_source = "the cache's recorded text" if recorded else None
     if not recorded:
         if not args.stand_in_text:

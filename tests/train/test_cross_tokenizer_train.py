@@ -84,9 +84,9 @@ def test_a_cache_that_records_no_text_is_refused_in_one_line(student, tmp_path, 
     result = train(REPO / "tests" / "fixtures" / "cache_v1", student, tmp_path / "run", "--steps", 1, "--eval-every", 0)
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     assert result.stderr == (
-        f"error: the student's tokenizer differs from the one cache {REPO / 'tests' / 'fixtures' / 'cache_v1'} was made "
-        "with, and the cache records no text; re-capture it with this kdpipe (cache-teacher) to train a student with "
-        "another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)\n")
+        f"error: the student's tokenizer differs from the one cache {REPO / 'tests' / 'fixtures' / 'cache_v1'} "
+        "was made with, and the cache records no text; re-capture it with this kdpipe (cache-teacher) to train a "
+        "student with another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)\n")
 
 
 def test_a_student_tokenizer_that_normalises_the_text_is_refused_in_one_line(text_cache, student, tmp_path):
@@ -113,9 +113,9 @@ def test_a_chat_cache_re_tokenised_by_the_student_aligns_only_inside_assistant_t
     from kdpipe.pipeline.train.xtok.align import StudentTokenizer, student_row
     from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map
 
-    result = run_cli("cache-teacher", "--teacher", REPO / "data" / "teacher", "--data", REPO / "data" / "chat" / "train.jsonl",
-                     "--out", tmp_path / "chat", "--top-k", 8, "--seq-len", 128, "--temperature", 1, "--limit-rows", 6,
-                     "--device", "cpu")
+    result = run_cli("cache-teacher", "--teacher", REPO / "data" / "teacher", "--data",
+                     REPO / "data" / "chat" / "train.jsonl", "--out", tmp_path / "chat", "--top-k", 8, "--seq-len", 128,
+                     "--temperature", 1, "--limit-rows", 6, "--device", "cpu")
     assert result.exit_code == 0, result.output
     cache = TeacherCache(tmp_path / "chat")
     unigram = AutoTokenizer.from_pretrained(UNIGRAM)

@@ -21,7 +21,8 @@ def spans_from_bytes(tokenizer, text: str):
         lengths[0] -= 1  # the prepended metaspace
     ends = np.cumsum(lengths)
     assert (ends[-1] if len(ends) else 0) == len(text.encode()), (text, tokenizer.convert_ids_to_tokens(ids))
-    return np.asarray(ids, np.int64), np.stack([ends - lengths, ends], axis=1) if len(ids) else np.zeros((0, 2), np.int64)
+    spans = np.stack([ends - lengths, ends], axis=1) if len(ids) else np.zeros((0, 2), np.int64)
+    return np.asarray(ids, np.int64), spans
 
 
 def packed_teacher_row(tokenizer, documents: list[str], *, length: int, skip: int = 0):

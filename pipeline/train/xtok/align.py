@@ -30,6 +30,7 @@ import dataclasses
 
 import numpy as np
 
+from kdpipe.pipeline.data.byte_spans import token_byte_spans
 from kdpipe.pipeline.errors import DataError
 
 IGNORE = -100
@@ -59,8 +60,7 @@ class StudentTokenizer:
     @classmethod
     def of(cls, tokenizer, student_bytes: list, spans=None) -> "StudentTokenizer":
         """``student_bytes``: :func:`~.vocab_map.token_bytes` of ``tokenizer``."""
-        if spans is None:
-            from kdpipe.pipeline.data.byte_spans import token_byte_spans as spans
+        spans = token_byte_spans if spans is None else spans
         byte_ids: dict[bytes, int] = {}
         for i, value in enumerate(student_bytes):
             if value is not None and len(value) == 1:
@@ -105,7 +105,7 @@ class StudentTokenizer:
                                np.arange(len(data) - cut + 1, len(data) + 1)]).astype(np.int64) + offset
         empty = np.concatenate([np.zeros(lead, bool), spans[:, 1] == spans[:, 0], np.zeros(cut, bool)])
         lengths = np.diff(np.concatenate([[offset], ends]))
-        return all_ids, np.where(empty, -1, ends), lengths  # a token covering no text (a prepended metaspace) ends nowhere
+        return all_ids, np.where(empty, -1, ends), lengths  # a token covering no text (a prepended ▁) ends nowhere
 
     def _byte_id(self, byte: bytes) -> int:
         if byte not in self.byte_ids:
@@ -151,7 +151,8 @@ def student_row(text: bytes, token_spans: np.ndarray, segments: list, teacher_kd
             head, tail = (head if before[g] else []), (tail if after[g] else [])
             target = kind == "assistant"
             ids += head + list(seg_ids) + tail
-            counted += [False] * len(head) + [target] * len(seg_ids) + ([target] + [False] * (len(tail) - 1) if tail else [])
+            end_of_turn = [target] + [False] * (len(tail) - 1) if tail else []  # the first token after a turn
+            counted += [False] * len(head) + [target] * len(seg_ids) + end_of_turn
         else:
             head = [student.eos_id] if before[g] else []
             tail = [student.eos_id] if after[g] and g == len(segments) - 1 else []  # between two: the next one's head

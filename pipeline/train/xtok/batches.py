@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdpipe.pipeline.cache.text_spans import row_text
 from kdpipe.pipeline.train.dataset import CacheDataset
 from kdpipe.pipeline.train.xtok.align import IGNORE, StudentTokenizer, student_row
 
@@ -36,8 +37,6 @@ class CrossTokenizerDataset(CacheDataset):
         return out
 
     def to_tensors(self, raw: dict, row: int) -> dict[str, torch.Tensor]:
-        from kdpipe.pipeline.cache.text_spans import row_text
-
         out = super().to_tensors(raw, row)
         text = row_text(self.cache.schema, raw)
         teacher_mask = np.asarray(raw["mask"], bool)
@@ -56,7 +55,8 @@ class CrossTokenizerDataset(CacheDataset):
         longest = max(len(item["input_ids"]) for item in items)
         positions = items[0]["teacher_mask"].shape[0]
         student_keys = {"input_ids": self.pad_id, "labels": IGNORE, "label_bytes": 0}
-        batch = {key: torch.stack([_pad(item[key], longest, fill) for item in items]) for key, fill in student_keys.items()}
+        batch = {key: torch.stack([_pad(item[key], longest, fill) for item in items])
+                 for key, fill in student_keys.items()}
         batch["mask"] = torch.stack([_pad(torch.ones(len(item["input_ids"]), dtype=torch.bool), longest, False)
                                      for item in items])
         batch["kd_student_index"] = torch.cat([item["kd_student"] + b * longest for b, item in enumerate(items)])

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from kdpipe.pipeline.cache.text_spans import has_text
 from kdpipe.pipeline.errors import ConfigError, DataError
 from kdpipe.pipeline.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from kdpipe.pipeline.train import metrics
@@ -33,15 +34,8 @@ IMPLEMENTATION = ("cross-tokenizer: full student logits [B, L_s, V_s] at every s
                   "KD at the positions aligned by byte ends only")
 
 
-def _has_text(schema) -> bool:
-    try:
-        from kdpipe.pipeline.cache.text_spans import has_text
-    except ImportError:
-        return False
-    return has_text(schema)
-
-
-def for_student(cache, student, *, cache_name: str, loss: str, teacher_tokenizer_path: str | None) -> "CrossTokenizerRun | None":
+def for_student(cache, student, *, cache_name: str, loss: str,
+                teacher_tokenizer_path: str | None) -> "CrossTokenizerRun | None":
     """The cross-tokenizer run for ``student`` on ``cache``, or None when it has the cache's tokenizer."""
     if loss not in CROSS_TOKENIZER_LOSSES:
         raise ConfigError(f"unknown --cross-tokenizer-loss {loss!r}; use one of {', '.join(CROSS_TOKENIZER_LOSSES)}")
@@ -49,7 +43,7 @@ def for_student(cache, student, *, cache_name: str, loss: str, teacher_tokenizer
     tokenizer = student.tokenizer
     if not recorded or tokenizer is None or tokenizer_fingerprint(tokenizer)["sha256"] == recorded["sha256"]:
         return None
-    if cache.schema.task != "causal-lm" or not _has_text(cache.schema):
+    if cache.schema.task != "causal-lm" or not has_text(cache.schema):
         raise ConfigError(f"the student's tokenizer differs from the one cache {cache_name} was made with, and the "
                           "cache records no text; re-capture it with this kdpipe (cache-teacher) to train a student "
                           "with another tokenizer, or train with the teacher's tokenizer (--tokenizer DIR)")
@@ -64,7 +58,8 @@ def for_student(cache, student, *, cache_name: str, loss: str, teacher_tokenizer
     if student.vocab_size < len(tokenizer):
         raise ConfigError(f"the student's vocabulary ({student.vocab_size}) does not cover the {len(tokenizer)} tokens "
                           "of its tokenizer; give the student a vocab_size of at least that")
-    vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=int(cache.manifest["capture"]["teacher_vocab_size"]))
+    teacher_vocab = int(cache.manifest["capture"]["teacher_vocab_size"])
+    vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab)
     config = getattr(student.model, "config", None)
     max_len = getattr(config, "max_position_embeddings", None)
     try:

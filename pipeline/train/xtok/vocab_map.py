@@ -16,67 +16,22 @@ ends here"), when both tokenizers have one.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import re
 
 import numpy as np
 
-from kdpipe.pipeline.errors import ConfigError
+from kdpipe.pipeline.data import byte_spans
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """The printable stand-in of each byte in byte-level BPE (GPT-2's table), inverted: char -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def _decoder_steps(tokenizer) -> list[dict]:
-    """The steps of the tokenizer's decoder (a ``Sequence`` flattened), from its backend definition."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ConfigError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; "
-                          "cross-tokenizer training needs tokenizer.json (a fast tokenizer)")
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    return decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-
-
 def token_bytes(tokenizer) -> list[bytes | None]:
-    """The bytes each id ``0 .. len(tokenizer) - 1`` stands for in running text; None for special tokens.
-
-    Byte-level BPE: the token string through GPT-2's byte table. SentencePiece style (a ``Metaspace``
-    or ``Replace ▁`` decoder): ``▁`` is a space, ``<0xNN>`` (byte fallback) is byte ``NN``, anything
-    else its UTF-8. Raises ConfigError for a decoder of another kind (WordPiece ``##``, ...).
-    """
-    steps = _decoder_steps(tokenizer)
-    kinds = {step.get("type") for step in steps}
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    if "ByteLevel" in kinds:
-        alphabet = _byte_level_alphabet()
-        convert = lambda piece: bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()  # noqa: E731
-    elif kinds & {"Metaspace", "Replace"}:
-        space = next((s.get("replacement") for s in steps if s.get("type") == "Metaspace"), None) or "▁"
-        fallback = "ByteFallback" in kinds
-
-        def convert(piece: str) -> bytes:
-            match = _BYTE_FALLBACK.match(piece) if fallback else None
-            return bytes([int(match.group(1), 16)]) if match else piece.replace(space, " ").encode()
-    else:
-        raise ConfigError(f"cannot tell which bytes the tokens of a tokenizer with a {'/'.join(sorted(map(str, kinds)))} "
-                          "decoder stand for; cross-tokenizer training supports byte-level BPE and "
-                          "SentencePiece-style (Metaspace, byte fallback) tokenizers")
-    return [None if i in special or piece is None else convert(piece) for i, piece in enumerate(pieces)]
+    """The bytes each id ``0 .. len(tokenizer) - 1`` stands for in running text; None for added (special)
+    tokens. Byte-level BPE: the token string through GPT-2's byte table; SentencePiece style: ``▁`` is a
+    space, ``<0xNN>`` (byte fallback) byte ``NN`` (:func:`kdpipe.pipeline.data.byte_spans.token_bytes`,
+    which refuses other families and normalising tokenizers in one line)."""
+    table = byte_spans.token_bytes(tokenizer)
+    return [None if added else value for value, added in zip(table.table, table.added)]
 
 
 def _is_byte_fallback(tokenizer, token_id: int) -> bool:
