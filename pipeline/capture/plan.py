@@ -37,6 +37,9 @@ NOMINAL_COMPRESSION = {"logit_steps": 0.2, "float16": 0.75, "bfloat16": 0.45, "f
 CHUNK_ROWS = 16  # rows per zarr chunk / parquet row group
 TARGETS = ("assistant", "all")
 MAX_DRAWS = 255  # draws per position: counts are stored in one byte
+# What `kdpipe cache-teacher` and `kdpipe demo` capture by default (exact top-k + tail draws): the smallest
+# capture that reached online dense KD in benchmarks/k_sweep.py (docs/choosing-k.md).
+DEFAULT_TOP_K, DEFAULT_SAMPLE = 12, 16
 
 
 @dataclasses.dataclass
