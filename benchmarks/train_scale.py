@@ -149,7 +149,9 @@ def main() -> None:
                       ("param_grad_optimizer_mb", "peak_rss_mb", "rss_after_steps_mb", "median_step_s_after_first")}
                for name, reports in ranks.items()}
     ratio = {key: summary["fsdp"][key] / summary["ddp"][key] for key in summary["ddp"]}
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: E731
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
     import torch
 
     report = {
@@ -165,7 +167,8 @@ def main() -> None:
         "per_rank": ranks, "max_over_ranks": summary, "fsdp_over_ddp": ratio,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'':>6} {'param+grad+opt MB':>18} {'peak RSS MB':>12} {'RSS after MB':>13} {'s/step':>7}  (max over ranks)")
+    print(f"\n{'':>6} {'param+grad+opt MB':>18} {'peak RSS MB':>12} {'RSS after MB':>13} {'s/step':>7}"
+          "  (max over ranks)")
     for name, row in summary.items():
         print(f"{name:>6} {row['param_grad_optimizer_mb']:>18.0f} {row['peak_rss_mb']:>12.0f} "
               f"{row['rss_after_steps_mb']:>13.0f} {row['median_step_s_after_first']:>7.2f}")

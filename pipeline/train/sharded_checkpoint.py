@@ -91,7 +91,8 @@ class _SafeReader(FileSystemReader):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_CLASSES or is_dtype:
             return super().find_class(module, name)
         raise IntegrityError(f"--resume refused: the checkpoint's DCP .metadata names {module}.{name}, which DCP's "
                              "metadata never holds (edited or not a kdpipe checkpoint); start a new run")

@@ -106,7 +106,8 @@ def wrap(forward: torch.nn.Module, *, model: torch.nn.Module, sharding: str, wor
     return shard(forward, model=model, device=device, cpu_offload=cpu_offload)
 
 
-def shard(forward: torch.nn.Module, *, model: torch.nn.Module, device: torch.device, cpu_offload: bool) -> torch.nn.Module:
+def shard(forward: torch.nn.Module, *, model: torch.nn.Module, device: torch.device,
+          cpu_offload: bool) -> torch.nn.Module:
     """``forward`` sharded in place over the default process group: ``fully_shard`` on each decoder
     layer of ``model``, then on ``forward`` (the root: embeddings, final norm, lm-head)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard

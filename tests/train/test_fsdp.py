@@ -314,7 +314,8 @@ def test_fsdp_on_cuda_fused_loss_equals_unfused_with_bf16_gathers(tmp_path):
 
         def run(fused: bool) -> tuple[float, dict]:
             torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in STUDENT.items() if k != "architectures"})).to(device)
+            config = LlamaConfig(**{k: v for k, v in STUDENT.items() if k != "architectures"})
+            model = LlamaForCausalLM(config).to(device)
             forward = shard(StudentForward(model), model=model, device=device, cpu_offload=False)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 if fused:
