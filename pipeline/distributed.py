@@ -129,7 +129,7 @@ class Group:
         if self.tensor_parallel > 1:  # every rank makes every group, in the same order
             for first in range(0, self.world_size, self.tensor_parallel):
                 ranks = list(range(first, first + self.tensor_parallel))
-                group = dist.new_group(ranks)
+                group = dist.new_group(ranks, timeout=datetime.timedelta(minutes=self.timeout_min))
                 if self.rank in ranks:
                     self.tp_group = group
 
