@@ -69,11 +69,13 @@ def check_new_run_dir(out: Path) -> None:
 def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_steps: int, task: str,
                   seq_len: int | None = None, distributed: dict | None = None,
                   loss_implementation: str | None = None, device: str | None = None,
-                  teacher_vocab_size: int | None = None, lora: dict | None = None) -> None:
+                  teacher_vocab_size: int | None = None, lora: dict | None = None,
+                  cross_tokenizer: dict | None = None) -> None:
     """Create the run dir and its ``run.json`` (status running, every resolved setting; ``seq_len``: the
     training rows' length, which ``evaluate`` uses for this model's data rows; ``teacher_vocab_size``:
     the teacher's V_t, to which ``evaluate`` cuts a larger (padded) student's logits as training did;
     ``lora``: a LoRA run's settings, adapted layers, trainable parameters and base weights' sha256;
+    ``cross_tokenizer``: a student with another tokenizer: its loss, tokenizers, shared ids, aligned share;
     ``command``: the kdpipe command line, which ``kdpipe reproduce`` re-runs)."""
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ def start_run_dir(out: Path, identity: dict, *, resolved_settings: dict, total_s
                          "resolved_settings": resolved_settings, "total_steps": total_steps,
                          "distributed": distributed or {"world_size": 1}, "device": device,
                          "loss_implementation": loss_implementation, "software": software_versions(),
-                         **({"lora": lora} if lora else {})})
+                         **({"lora": lora} if lora else {}),
+                         **({"cross_tokenizer": cross_tokenizer} if cross_tokenizer else {})})
 
 
 def describe_device(device: torch.device) -> str:

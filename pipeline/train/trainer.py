@@ -145,7 +145,8 @@ class Trainer:
                                    distributed=self.distributed_record(), loss_implementation=self.loss_implementation,
                                    device=ckpt.describe_device(self.device),
                                    teacher_vocab_size=int(self.cache.manifest["capture"]["teacher_vocab_size"]),
-                                   lora=self.student.lora)
+                                   lora=self.student.lora,
+                                   cross_tokenizer=self.xtok.record(self.train_set) if self.xtok else None)
         if self.is_main and not self.finished_already:  # rank 0 logs
             self.reporters = self._closing.enter_context(reporting.open_reporters(
                 reporting.parse_report_to(c.report_to), out=self.out, run_id=ckpt.read_run(self.out)["run_id"],

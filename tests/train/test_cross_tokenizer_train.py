@@ -61,6 +61,11 @@ def test_train_student_with_the_unigram_tokenizer_records_the_loss_and_the_align
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["resolved_settings"]["cross_tokenizer_loss"] == loss
     assert run["loss_implementation"].startswith("cross-tokenizer: full student logits")
+    recorded = run["cross_tokenizer"]
+    cache_tokenizer = json.loads((text_cache / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert recorded["loss"] == loss and recorded["student_tokenizer_sha256"] != cache_tokenizer
+    assert 0.3 < recorded["aligned_share"] <= 1.0 and recorded["aligned_share_rows"] >= 32
+    assert recorded["shared_teacher_ids"] > 500
     held_out = run["final_eval_metrics"]
     assert 0.3 < held_out["aligned_share"] <= 1.0
     assert math.isfinite(held_out["bits_per_byte"]) and held_out["bits_per_byte"] > 0

@@ -68,7 +68,7 @@ def for_student(cache, student, *, cache_name: str, loss: str,
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     return CrossTokenizerRun(loss, torch.from_numpy(vocab_map.teacher_to_student), student_tokenizer, max_len,
-                             shared=vocab_map.shared)
+                             shared=vocab_map.shared, teacher_tokenizer=teacher_tokenizer_path)
 
 
 @dataclasses.dataclass
@@ -78,6 +78,7 @@ class CrossTokenizerRun:
     student: StudentTokenizer
     max_len: int | None
     shared: int  # teacher ids with a student twin
+    teacher_tokenizer: str | None = None  # where the teacher's tokenizer was loaded from
     implementation: str = IMPLEMENTATION
 
     def dataset(self, dataset) -> CrossTokenizerDataset:
@@ -85,6 +86,25 @@ class CrossTokenizerRun:
         tokenizer = self.student.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.student.eos_id
         return CrossTokenizerDataset.around(dataset, self.student, max_len=self.max_len, pad_id=pad)
+
+    def record(self, dataset, *, rows: int = 64) -> dict:
+        """What run.json records of the run (``cross_tokenizer``): the loss, both tokenizers, the shared ids,
+        and the share of student positions aligned over the first ``rows`` training rows of its first epoch."""
+        aligned = counted = seen = 0
+        for batch in dataset:
+            kd_positions = torch.zeros(batch["labels"].numel(), dtype=torch.bool)
+            kd_positions[batch["kd_student_index"]] = True
+            aligned += int(kd_positions.sum())
+            counted += int(((batch["labels"].reshape(-1) != IGNORE) | kd_positions).sum())
+            seen += len(batch["labels"])
+            if seen >= rows:
+                break
+        tokenizer = self.student.tokenizer
+        return {"loss": self.loss_name, "teacher_tokenizer": self.teacher_tokenizer,
+                "student_tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+                "student_tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
+                "shared_teacher_ids": self.shared, "aligned_share": aligned / max(counted, 1),
+                "aligned_share_rows": seen}
 
     def aligned_targets(self, schema, batch: dict, *, temperature: float) -> TeacherTargets:
         """The teacher's targets at the batch's aligned teacher positions (``[M]`` rows)."""
