@@ -99,6 +99,16 @@ def test_vocab_slices_are_the_rows_a_shard0_dtensor_holds():
         assert [vocab_slice(vocab, parts, r) for r in range(parts)] == expected
 
 
+def test_ranks_are_cut_into_groups_of_consecutive_ranks():
+    from kdpipe.pipeline.distributed import Group, Launch, data_parallel_rank
+
+    groups = [data_parallel_rank(Launch(rank, 8, rank, 8), 4) for rank in range(8)]
+    assert groups == [(0, 2)] * 4 + [(1, 2)] * 4
+    writers = [r for r in range(8) if Group(Launch(r, 8, r, 8), torch.device("cpu"), 1.0, 4).writes]
+    assert writers == [0, 4]  # the first rank of each group writes its shards
+    assert data_parallel_rank(Launch(3, 4, 3, 4), 1) == (3, 4)  # without tensor parallelism: the ranks
+
+
 # ----------------------------------------------------------------------------- the CLI, under torchrun
 def env() -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
