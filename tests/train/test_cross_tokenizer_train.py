@@ -140,3 +140,12 @@ def test_a_chat_cache_re_tokenised_by_the_student_aligns_only_inside_assistant_t
         assert row.input_ids[: len(head)].tolist() == head  # the student's own template opens the row
         pairs += len(row.student_positions)
     assert pairs > 20
+
+
+def test_a_student_vocabulary_smaller_than_its_tokenizer_is_refused_in_one_line(text_cache, tmp_path):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**STUDENT, "vocab_size": 1000}))
+    result = train(text_cache, small, tmp_path / "run", "--steps", 1)
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    assert result.stderr == ("error: the student's vocabulary (1000) does not cover the 1500 tokens of its tokenizer; "
+                             "give the student a vocab_size of at least that\n")

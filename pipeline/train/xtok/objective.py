@@ -65,6 +65,8 @@ def for_student(cache, student, *, cache_name: str, loss: str,
     try:
         student_tokenizer = StudentTokenizer.of(tokenizer, vocab_map.student_bytes)
         student_tokenizer.segment(PROBE.encode(), 0)  # a normalising tokenizer is refused here, not mid-run
+        if cache.schema.mask_meaning == "next-token-target":  # a chat cache: the student's own template
+            student_tokenizer.template("user")
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     return CrossTokenizerRun(loss, torch.from_numpy(vocab_map.teacher_to_student), student_tokenizer, max_len,
