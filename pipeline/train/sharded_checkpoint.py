@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from kdpipe.pipeline.distributed import PeerStopped
 from kdpipe.pipeline.errors import IntegrityError
 
 # (module, name) pairs a DCP .metadata pickle may name (torch 2.x); dtypes are checked apart.
@@ -43,7 +44,7 @@ def save_shards(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Opti
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     except CheckpointException as failed:  # a BaseException holding each failed rank's exception
-        raise _first_failure(failed) from None
+        raise _failure(failed, "while writing its checkpoint shards") from None
     return dist.get_world_size()
 
 
@@ -54,7 +55,7 @@ def load_shards(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Opti
     try:
         dcp.load(state, storage_reader=_SafeReader(folder))
     except CheckpointException as failed:
-        raise _first_failure(failed) from None
+        raise _failure(failed, "while reading its checkpoint shards") from None
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -70,11 +71,16 @@ def gather_to_rank_0(value: dict) -> list[dict] | None:
     return gathered
 
 
-def _first_failure(failed: CheckpointException) -> BaseException:
-    """The exception of the lowest failed rank (an ``OSError`` of a full disk, say), for the caller's
-    one-line error."""
-    exc, _trace = failed.failures[min(failed.failures)]
-    return exc
+def _failure(failed: CheckpointException, what: str) -> BaseException:
+    """What this rank raises when DCP failed: its own exception (an ``OSError`` of a full disk, say,
+    which the caller turns into a one-line error), or, where another rank failed alone,
+    :class:`PeerStopped` (that rank prints the error)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if rank in failed.failures:
+        return failed.failures[rank][0]
+    ranks = ", ".join(str(r) for r in sorted(failed.failures))
+    return PeerStopped(f"rank {rank} of {world_size} stopped {what}: rank {ranks} failed; "
+                       "the failed rank's own message says why")
 
 
 class _SafeReader(FileSystemReader):

@@ -187,6 +187,29 @@ def test_resuming_an_fsdp_run_with_another_number_of_ranks_is_refused(runs):
     assert "world_size (was 2, now 1); resume it with 2 processes under torchrun" in result.output
 
 
+@pytest.mark.slow
+def test_when_rank_0_cannot_write_its_shards_only_its_error_line_is_printed(cache, student, tmp_path):
+    """Rank 0 alone may write no file over 60 kB (as on a full disk): its shard of the step-2 checkpoint
+    fails inside DCP, which tells every rank. Rank 0 prints the one error: line; rank 1 says it stopped,
+    with no traceback; nothing half-written is left."""
+    limit = str(Path(__file__).with_name("file_size_limit.py"))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", limit, "60000", "0",
+               "train-student", "--cache", str(cache), "--student", str(student), "--out", str(out), "--steps", "4",
+               "--batch-size", "4", "--eval-fraction", "0", "--device", "cpu", "--sharding", "fsdp",
+               "--checkpoint-every", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: cannot write the checkpoint of step 2 to --out {out}: [Errno 27] File too large; "
+                      "fix that and run the same command again (the run had no checkpoint yet)"], result.stderr[-3000:]
+    assert "rank 1 of 2 stopped while writing its checkpoint shards: rank 0 failed" in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("[rank")] == []  # no worker traceback
+    assert "pipeline/train" not in result.stderr and "CheckpointException" not in result.stderr  # torchrun's report only
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
+
+
 def _initial_student_weights(runs: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
