@@ -170,8 +170,11 @@ class CacheSchema:
         return {f"{prefix}_logits": ((self.positions, n), encoding.float_storage_dtype(self.value_dtype))}
 
     def row_nbytes(self) -> int:
-        """Uncompressed bytes of one row."""
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.fields().values())
+        """Uncompressed bytes of one row (what ``--shard-size-mb`` caps), the text fields left out: they are
+        mostly zero padding (``text_bytes`` has room for the longest tokens), ~2% of a shard once stored,
+        and a cache's shard layout does not depend on whether it records text."""
+        text = text_spans.text_fields(self)
+        return sum(math.prod(shape) * dtype.itemsize for name, (shape, dtype) in self.fields().items() if name not in text)
 
     def temperature_index(self, temperature: float) -> int:
         """Index of a captured temperature; raises naming the captured ones otherwise."""

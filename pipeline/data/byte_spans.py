@@ -31,7 +31,6 @@ import numpy as np
 from kdpipe.pipeline.errors import ConfigError, DataError
 
 METASPACE = "▁"
-_ALLOWED_NORMALIZERS = ("Prepend", "Replace", "NFC", "Sequence")  # checked further in _check_normalizer
 _FIX = ("cross-tokenizer caches and students need a non-normalising tokenizer that keeps the text as it is "
         "(byte-level BPE, or SentencePiece-style with metaspace and byte fallback)")
 

@@ -28,9 +28,9 @@ SEQ_LEN = 64
 
 
 def capture(teacher, data, out, *extra) -> Path:
-    result = CliRunner().invoke(main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
-                                       "--seq-len", str(SEQ_LEN), "--top-k", "8", "--num-workers", "0", *map(str, extra)],
-                                catch_exceptions=False)
+    args = ["cache-teacher", "--teacher", teacher, "--data", data, "--out", out, "--seq-len", SEQ_LEN, "--top-k", 8,
+            "--num-workers", 0, *extra]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
 
@@ -87,7 +87,8 @@ def check_rows(rows, tokenizer) -> None:
             expected = token_bytes(tokenizer, token_id)
             assert expected == text.text[s:e] or (t in firsts and expected.endswith(text.text[s:e])), (t, expected)
         bounds = [(s, e) for _, s, e in text.segments]
-        assert [b for b, _ in bounds] == [0] + [e for _, e in bounds[:-1]] and (not bounds or bounds[-1][1] == len(text.text))
+        assert [b for b, _ in bounds] == [0] + [e for _, e in bounds[:-1]]
+        assert not bounds or bounds[-1][1] == len(text.text)
 
 
 @pytest.fixture(scope="module")
