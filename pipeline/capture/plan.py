@@ -169,7 +169,7 @@ def nominal_row_bytes(schema: CacheSchema) -> float:
             kind = "logit_steps"
         elif name.endswith("_logits"):
             kind = schema.value_dtype
-        elif name == "text_bytes":  # zero-padded to the most bytes a row's tokens could cover
+        elif name.startswith("text_"):  # the row's text (zero-padded), token byte lengths, segments: measured
             kind = "text"
         elif name.endswith("_ids") or name.endswith("_ids_packed"):
             kind = "ids"
