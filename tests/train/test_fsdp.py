@@ -1,8 +1,9 @@
 """train-student --sharding fsdp (FSDP2 under torchrun, gloo on CPU), its sharded checkpoints, and
 --gradient-checkpointing.
 
-Four torchrun launches in all (module fixtures): an FSDP run with the fused loss, one with the
-unfused loss and gradient checkpointing, and one killed after its step-4 checkpoint, then resumed."""
+Five torchrun launches in all: four for the module's runs (an FSDP run with the fused loss, one with
+the unfused loss, gradient checkpointing and evaluation, one killed after its step-4 checkpoint, then
+resumed) and one whose rank 0 cannot write its checkpoint shards."""
 
 from __future__ import annotations
 
