@@ -1,8 +1,10 @@
 """The demo: the whole job on the shipped data, teacher cached once, students compared.
 
 Causal LM (default): the shipped Llama teacher (``data/teacher``) is cached over the Shakespeare
-training split and the held-out play (top-128: the smallest k whose student ``benchmarks/k_sweep.py``
-measured within noise of online dense KD, see docs/choosing-k.md); a student is trained from the cache with KD, the same
+training split and the held-out play with ``cache-teacher``'s default targets (exact top-k plus tail
+draws, :data:`~kdpipe.pipeline.capture.plan.DEFAULT_TOP_K` and ``DEFAULT_SAMPLE``: the smallest capture
+whose student ``benchmarks/k_sweep.py`` measured within the seed spread of online dense KD, see
+docs/choosing-k.md); a student is trained from the cache with KD, the same
 student on hard labels only, and the same student with **online dense KD** (the teacher in memory,
 the KL over the whole vocabulary: :class:`~kdpipe.pipeline.train.online_kd.OnlineKDTrainer`), all with the
 same initialisation, rows, order and schedule. Teacher and students are evaluated on the held-out
@@ -39,6 +41,7 @@ from kdpipe.pipeline.capture import (
     run_capture,
     with_teacher_weights,
 )
+from kdpipe.pipeline.capture.plan import DEFAULT_SAMPLE, DEFAULT_TOP_K
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.evaluate.model import load_model
 from kdpipe.pipeline.evaluate.plots import plot_training_curves
@@ -65,6 +68,7 @@ class DemoTask:
     train: dict  # TrainConfig overrides shared by all students
     kd: dict  # overrides of the KD students (cached and online)
     online: bool = False  # also train the online dense-KD reference (causal LM teachers)
+    sample: int = 0  # draws per position outside the top-k (mixed targets); 0: exact top-k only
     seeds: int | None = None  # train every student for seeds 0..N-1 and report mean and sd; None: seed 0 only
     train_rows: int | None = None  # cache (and train on) only the first rows of train_data
     threads: int | None = None  # torch intra-op threads for the whole demo; None: leave torch's setting
@@ -74,7 +78,8 @@ TASKS = {
     "causal-lm": DemoTask(
         teacher=str(DATA / "teacher"), weights=None,
         train_data=str(DATA / "shakespeare" / "train"), heldout_data=str(DATA / "shakespeare" / "heldout"),
-        student=str(DATA / "students" / "lm-student.json"), top_k=128, temperatures=(1.0, 2.0), seq_len=128,
+        student=str(DATA / "students" / "lm-student.json"), top_k=DEFAULT_TOP_K, sample=DEFAULT_SAMPLE,
+        temperatures=(1.0, 2.0), seq_len=128,
         train=dict(steps=800, batch_size=16, lr=3e-3, warmup=20, eval_every=100, eval_rows=48),
         kd=dict(alpha=0.9, temperature=1.0), online=True,
     ),
@@ -153,7 +158,7 @@ def run_demo(out: str | Path | None = None, *, task: str = "causal-lm", device: 
     plot = plot_training_curves(curves, out / "curves.png", references=teacher["teacher"])
     results = {"task": task, "out": str(out), "table": {**teacher, **_over_seeds(per_seed)},
                "timings_s": timed.seconds, "wall_s": round(time.perf_counter() - started, 1), "plot": str(plot),
-               "top_k": spec.top_k, "vocab_size": caches["train"]["capture"]["teacher_vocab_size"],
+               "top_k": spec.top_k, "sample": spec.sample, "vocab_size": caches["train"]["capture"]["teacher_vocab_size"],
                "cache_bytes_per_token": caches["train"]["totals"]["bytes_per_token"],
                "steps": runs[0, "kd"]["total_steps"]}
     if spec.seeds:
@@ -229,7 +234,7 @@ class _Timer:
 def _cache(spec: DemoTask, out: Path, split: str, *, device, overwrite, report: DemoReport, timed: _Timer) -> dict:
     """The teacher cache of ``split`` in ``out/cache-SPLIT``: captured, or reused when finished with these settings."""
     settings = CaptureSettings(teacher=spec.teacher, weights=spec.weights, out=str(out / f"cache-{split}"),
-                               data=spec.train_data if split == "train" else spec.heldout_data, top_k=spec.top_k,
+                               data=spec.train_data if split == "train" else spec.heldout_data, top_k=spec.top_k, sample=spec.sample,
                                temperatures=spec.temperatures, seq_len=spec.seq_len, batch_size=32, device=device,
                                limit_rows=spec.train_rows if split == "train" else None)
     if overwrite:

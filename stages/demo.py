@@ -103,8 +103,9 @@ def _print_table(results: dict) -> None:
         click.echo(f"{label:<20}" + "".join(_cell(metrics.get(key), percent=key.endswith("_pct")) for key, _ in columns))
     click.echo("")
     k, vocab = results["top_k"], results["vocab_size"]
+    targets = f"top-{k}" + (f" + {results['sample']} draws" if results.get("sample") else "")
     if task == "causal-lm":
-        click.echo(f"kd student: trained from the top-{k} cache ({results['cache_bytes_per_token']:.0f} bytes/token); "
+        click.echo(f"kd student: trained from the {targets} cache ({results['cache_bytes_per_token']:.0f} bytes/token); "
                    "online KD student: the teacher in memory, dense KL over all "
                    f"{vocab:,} tokens (same student, rows, order and schedule).")
         click.echo(f"KL (k+1)-bin: on the top-{k} held-out cache's (k+1)-bin view, a lower bound of the full KL; "
@@ -119,7 +120,7 @@ def _print_table(results: dict) -> None:
                f"({kd[key]:.4f} vs {hard[key]:.4f}).")
     online = table.get("online KD student")
     if online is not None:
-        click.echo(f"Full-vocabulary KL to the teacher: cached top-{k} student {kd['kl_full']:.4f}, online KD student "
+        click.echo(f"Full-vocabulary KL to the teacher: cached {targets} student {kd['kl_full']:.4f}, online KD student "
                    f"{online['kl_full']:.4f} ({100 * (kd['kl_full'] / online['kl_full'] - 1):+.1f}%); on the (k+1)-bin "
                    f"view {kd['kl_topk_bins']:.4f} vs {online['kl_topk_bins']:.4f}.")
     click.echo(f"curves: {results['plot']}   table: {results['out']}/results.json   wall time: {results['wall_s']:.0f} s")
