@@ -2,9 +2,9 @@
 
     python benchmarks/draw_schemes.py --work /tmp/draw-schemes --out benchmarks/results/draw_schemes_cpu.json
 
-On the shipped demo teacher (``data/teacher``, V = 2,048) and the held-out play (seq-len 128, 32 rows
-captured at T = 1, 2, 4), for each draw budget (``BUDGETS``: the same top-k head and number of draws
-``M``), the gradient cosine of ``kdpipe inspect --fidelity --rows 16 --json`` at T = 1, 2, 4 of:
+On the shipped demo teacher (``data/teacher``, V = 2,048) and the held-out play (seq-len 128, the 16
+rows inspect reads, captured at T = 1, 2, 4), for each draw budget (``BUDGETS``: the same top-k head and
+number of draws ``M``), the gradient cosine of ``kdpipe inspect --fidelity --rows 16 --json`` at T = 1, 2, 4 of:
 
 - ``one-temperature T=1``: all ``M`` draws at T = 1 (``--sample-temperature 1``: the default before),
   reweighted to T = 2, 4;
@@ -17,6 +17,10 @@ captured at T = 1, 2, 4), for each draw budget (``BUDGETS``: the same top-k head
   mixture cache);
 - ``top-k``: top-k captures whose bytes/token bracket the sampled cache's (``equal_bytes_topk``: the
   nearest), the reference the issue sets.
+
+Per budget the report names the schemes that reach top-k's cosine at every T (``reaches_topk_at_every_t``,
+the issue's goal), the one with the smallest ``regret`` (its largest shortfall, over T = 1, 2, 4, from
+the best draw scheme at that T: the choice), the best mean cosine, and the best worst case against top-k.
 
 Every capture and inspect command is the ``kdpipe`` of the running interpreter's venv and is recorded.
 """
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 KDPIPE = str(Path(sys.executable).parent / "kdpipe")
 TEMPERATURES = (1.0, 2.0, 4.0)
 CAPTURE = ("cache-teacher --teacher {repo}/data/teacher --data {repo}/data/shakespeare/heldout --out {out} "
-           "--seq-len 128 --limit-rows 32 " + " ".join(f"--temperature {t:g}" for t in TEMPERATURES))
+           "--seq-len 128 --limit-rows 16 " + " ".join(f"--temperature {t:g}" for t in TEMPERATURES))
 INSPECT = "inspect {out} --fidelity --rows 16 --json"
 BUDGETS = {  # name -> (top-k head, draws M), and the top-k captures that bracket its bytes
     "sampled, 24 draws": ((0, 24), (22, 24)),
@@ -56,10 +60,18 @@ def kdpipe(args: str) -> dict | None:
 
 
 def measured(options: str, out: Path) -> dict:
-    """Capture with ``options``, then ``inspect --fidelity``: bytes/token and the cosine per T."""
+    """Capture with ``options``, then ``inspect --fidelity``: bytes/token and the cosine per T. A rerun
+    with the same ``--work`` keeps a finished capture (cache-teacher's own no-op) and its inspect
+    output while the manifest's checksum is unchanged (the report is deterministic: seeded student)."""
     capture = CAPTURE.format(repo=REPO, out=out) + " " + options
     kdpipe(capture)
-    report = kdpipe(INSPECT.format(out=out))["fidelity"]
+    checksum = json.loads((out / "manifest.json").read_text())["checksum"]
+    saved = out.parent / f"{out.name}.fidelity.json"
+    kept = json.loads(saved.read_text()) if saved.exists() else {}
+    if kept.get("checksum") != checksum:
+        kept = {"checksum": checksum, "report": kdpipe(INSPECT.format(out=out))["fidelity"]}
+        saved.write_text(json.dumps(kept))
+    report = kept["report"]
     return {"options": options, "bytes_per_token": report["bytes_per_token"],
             "grad_cosine": {t: row["grad_cosine"] for t, row in report["by_temperature"].items()},
             "mass_covered": {t: row["mass_covered"] for t, row in report["by_temperature"].items()}}
@@ -119,9 +131,16 @@ def main() -> None:
         for row in rows.values():  # how far each scheme stays from top-k of about its bytes, at its worst T
             row["cosine_minus_topk"] = {t: row["grad_cosine"][t] - reference[t] for t in reference}
             row["worst_cosine_minus_topk"] = min(row["cosine_minus_topk"].values())
+            row["mean_cosine"] = sum(row["grad_cosine"].values()) / len(row["grad_cosine"])
+        best = {t: max(row["grad_cosine"][t] for row in rows.values()) for t in reference}
+        for row in rows.values():  # the largest shortfall from the best draw scheme at any T
+            row["regret"] = max(best[t] - row["grad_cosine"][t] for t in best)
         budgets[name] = {"schemes": rows, "topk": {f"top-{kk}": v for kk, v in topk.items()},
                          "equal_bytes_topk": f"top-{nearest}",
-                         "best_worst_case": max(rows, key=lambda s: rows[s]["worst_cosine_minus_topk"])}
+                         "reaches_topk_at_every_t": [s for s in rows if rows[s]["worst_cosine_minus_topk"] >= 0],
+                         "smallest_regret": min(rows, key=lambda s: rows[s]["regret"]),
+                         "best_mean_cosine": max(rows, key=lambda s: rows[s]["mean_cosine"]),
+                         "best_worst_case_vs_topk": max(rows, key=lambda s: rows[s]["worst_cosine_minus_topk"])}
     report = {"benchmark": "draw_schemes", "command": " ".join(shlex.quote(a) for a in sys.argv),
               "capture": CAPTURE.format(repo="REPO", out="OUT"), "inspect": INSPECT.format(out="OUT"),
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -129,7 +148,8 @@ def main() -> None:
               "wall_s": round(time.time() - started, 1), "budgets": budgets}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for name, budget in budgets.items():
-        print(name, "| equal-bytes reference:", budget["equal_bytes_topk"])
+        print(name, "| equal-bytes reference:", budget["equal_bytes_topk"], "| smallest regret:",
+              budget["smallest_regret"], "| reaches top-k at every T:", budget["reaches_topk_at_every_t"])
         for scheme, row in {**budget["schemes"], **budget["topk"]}.items():
             cos = " ".join(f"T={t}: {c:.4f}" for t, c in row["grad_cosine"].items())
             print(f"  {scheme:22} {row.get('bytes_per_token', float('nan')):6.1f} B/token  {cos}")
