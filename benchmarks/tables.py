@@ -456,12 +456,40 @@ def remote_read_small_shards() -> str:
     return _remote("remote_read_small_shards_cpu")
 
 
+# --- cross-tokenizer distillation (issue 24) ----------------------------------------------------------
+
+
+def cross_tokenizer() -> str:
+    """The Unigram student by hard labels and by each cross-tokenizer loss, the same architecture with the
+    teacher's BPE tokenizer, and the teacher: held-out bits per byte (mean and max - min over the seeds)."""
+    r = result("cross_tokenizer_cpu")["results"]
+    unigram, bpe = "Unigram 1,500 (another family)", "teacher's BPE 2,048"
+    rows_of = [("hard-labels", unigram, "hard labels", "hard-labels"),
+               ("exact-map", unigram, "KD: exact-map", "hard-labels"),
+               ("uld", unigram, "KD: uld", "hard-labels"),
+               ("exact-map+uld", unigram, "KD: exact-map+uld", "hard-labels"),
+               ("bpe-hard-labels", bpe, "hard labels", "bpe-hard-labels"),
+               ("bpe-cached-kd", bpe, "KD: cached, same tokenizer", "bpe-hard-labels")]
+    rows = []
+    for key, tokenizer, training, baseline in rows_of:
+        if key not in r:
+            continue
+        v = r[key]
+        gain = v["bits_per_byte_mean"] - r[baseline]["bits_per_byte_mean"]
+        share = "" if v.get("aligned_share_mean") is None else f"{100 * v['aligned_share_mean']:.1f} %"
+        rows.append([tokenizer, training, num(v["bits_per_byte_mean"], 3), num(v["bits_per_byte_spread"], 3),
+                     "" if key == baseline else signed(gain, 3), share])
+    rows.append(["teacher (BPE 2,048)", "", num(r["teacher"]["bits_per_byte"], 3), "", "", ""])
+    return markdown(["student tokenizer", "training", "held-out bits/byte", "seed spread", "vs hard labels",
+                     "aligned"], rows, right={2, 3, 4, 5})
+
+
 TABLES = {render.__name__.replace("_", "-"): render for render in (
     demo, chat_example_caches, chat_example, k_sweep, tail_mass, kd_targets, cache_size,
     cache_size_large_vocab, demo_capture_sizes, fidelity, capture_throughput, capture_fused, train_step,
     loader_decode, loader_decode_llm, train_memory, fused_kd, ingest_data_path, ingest_rss, remote_read,
     remote_read_small_shards, classification_demo, classification_demo_seeds, classification_demo_threads,
-    classification_demo_sweep, kill_soak_train, kill_soak_train_damaged, reader_verify)}
+    classification_demo_sweep, kill_soak_train, kill_soak_train_damaged, reader_verify, cross_tokenizer)}
 
 
 def doc_paths() -> list[Path]:
