@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train.xtok.align import IGNORE, StudentTokenizer, student_row
-from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map, token_bytes
+from kdpipe.pipeline.train.xtok.vocab_map import prefix_token_map, shared_token_map, token_bytes
 from tests.train.xtok_rows import DATA, packed_teacher_row, spans_from_bytes
 
 DOCS = ["First Witch.\nWhen shall we three meet again\nIn thunder, lightning, or in rain?",
@@ -172,3 +172,18 @@ def test_a_chat_row_aligns_within_message_content_and_each_side_keeps_its_own_te
     # KD only where the teacher's next token is an assistant target, i.e. inside assistant turns
     teacher_roles = [next(r for r, a, b in segments if a < spans[t, 1] <= b) for t in row.teacher_positions]
     assert set(teacher_roles) == {"assistant"}  # (a reply's first token follows template tokens: no pair)
+
+
+def test_the_prefix_map_sends_each_teacher_token_to_the_longest_student_token_it_begins_with(teacher, unigram):
+    mapping = prefix_token_map(teacher, unigram).teacher_to_student
+    teacher_bytes, student_bytes = token_bytes(teacher), token_bytes(unigram)
+    for i, value in enumerate(teacher_bytes):
+        if value is None:
+            continue
+        candidates = [j for j, s in enumerate(student_bytes) if s and value.startswith(s)]
+        best = max(len(student_bytes[j]) for j in candidates)
+        longest = [j for j in candidates if len(student_bytes[j]) == best]
+        pieces = [j for j in longest if not unigram.convert_ids_to_tokens(j).startswith("<0x")]
+        assert mapping[i] == min(pieces or longest), teacher.convert_ids_to_tokens(i)
+    kingdom = teacher.encode(" kingdom")
+    assert unigram.convert_ids_to_tokens(int(mapping[kingdom[0]])).startswith("▁k")

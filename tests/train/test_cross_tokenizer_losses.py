@@ -97,6 +97,35 @@ def test_exact_map_with_a_top_k_equals_a_per_row_brute_force():
     _assert_same_gradient(got, want, student)
 
 
+@pytest.mark.parametrize("k", [V_T, 5])
+def test_a_many_to_one_map_sums_the_teacher_mass_of_each_student_id(k):
+    """A prefix map sends several teacher ids to one student id: at k = V_t the dense projection again;
+    at a smaller k, the per-row brute force where each student id's bin holds its top-k teachers' mass."""
+    teacher, student, _, ids, logprobs, tail = _case(6, k, 1.0)
+    mapping = torch.tensor([0, 0, 1, 1, 1, 2, -1, 3, 3, -1, 4, 0], dtype=torch.int64)  # V_T = 12 onto 5 ids
+    got = exact_map_loss(student, ids, logprobs, tail, mapping, temperature=1.0)
+    if k == V_T:
+        p_bins, q_bins = _projected(teacher, student, mapping, 1.0)
+        want = _dense_divergence(p_bins, q_bins, "forward-kl").mean()
+    else:
+        q, total = torch.softmax(student, dim=-1), 0.0
+        for row in range(M):
+            groups: dict[int, torch.Tensor] = {}
+            rest = tail[row].exp()
+            for j in range(k):
+                twin = int(mapping[ids[row, j]])
+                if twin < 0:
+                    rest = rest + logprobs[row, j].exp()
+                else:
+                    groups[twin] = groups.get(twin, 0.0) + logprobs[row, j].exp()
+            p_all = torch.stack([*groups.values(), rest])
+            q_all = torch.stack([*(q[row, s] for s in groups), 1 - sum(q[row, s] for s in groups)])
+            total = total + (p_all * (p_all.log() - q_all.log())).sum()
+        want = total / M
+    assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
+    _assert_same_gradient(got, want, student)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_uld_at_full_k_equals_the_l1_distance_of_the_sorted_full_vectors(temperature):
     teacher, student, mapping, ids, logprobs, tail = _case(2, V_T, temperature)

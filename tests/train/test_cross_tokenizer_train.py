@@ -53,7 +53,7 @@ def train(cache, student, out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["exact-map+uld", "uld"])
+@pytest.mark.parametrize("loss", ["exact-map+uld", "uld", "prefix-map"])
 def test_train_student_with_the_unigram_tokenizer_records_the_loss_and_the_aligned_share(
         text_cache, student, tmp_path, one_thread, loss):
     result = train(text_cache, student, tmp_path / "run", "--steps", 3, "--cross-tokenizer-loss", loss)
@@ -81,7 +81,7 @@ def test_an_unknown_cross_tokenizer_loss_is_one_line(text_cache, student, tmp_pa
     result = train(text_cache, student, tmp_path / "run", "--steps", 1, "--cross-tokenizer-loss", "gold")
     assert result.exit_code == 2
     assert result.stderr == ("error: unknown --cross-tokenizer-loss 'gold'; use one of exact-map, uld, "
-                             "exact-map+uld\n")
+                             "exact-map+uld, prefix-map\n")
 
 
 def test_a_cache_that_records_no_text_is_refused_in_one_line(student, tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ teacher's cached targets there (top-k ids ``[M, k]``, their log-probs at ``T``, 
   each (the student's ``k`` largest of its own vocabulary). By the triangle inequality this is a lower
   bound of the full ULD, and equals it when ``k = V_t`` (the teacher's whole vocabulary; its tail is
   then empty and the student's ranks past ``k`` face zeros).
-- :func:`cross_tokenizer_loss`: one of ``exact-map``, ``uld``, ``exact-map+uld`` (their sum, as GOLD).
+- :func:`cross_tokenizer_loss`: one of ``exact-map``, ``uld``, ``exact-map+uld`` (their sum, as GOLD), or
+  ``prefix-map``: the exact map's bins and divergence with a many-to-one map instead, each teacher token
+  onto the longest student token its bytes begin with (:func:`~.vocab_map.prefix_token_map`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from kdpipe.pipeline.cache.schema import check_temperature
 from kdpipe.pipeline.train.losses import TAIL_LOGPROB_FLOOR, _check_kind, _divergence, _reduce, _scaled_fp32
 
-CROSS_TOKENIZER_LOSSES = ("exact-map", "uld", "exact-map+uld")
+CROSS_TOKENIZER_LOSSES = ("exact-map", "uld", "exact-map+uld", "prefix-map")
 _NEG_INF = float("-inf")
 
 
@@ -42,12 +44,17 @@ def exact_map_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
 
     Bin ``j < k`` is teacher id ``topk_ids[:, j]`` and its student twin (``-inf`` on both sides where it
     has none); bin ``k`` holds the rest on each side. ``teacher_to_student``: int64 ``[V_t]`` (-1: no twin).
+    A map that sends several teacher ids to one student id (:func:`~.vocab_map.prefix_token_map`) gives
+    that student id one bin, at the first of those top-k slots, holding their summed teacher mass.
     """
     twin = teacher_to_student.to(topk_ids.device)[topk_ids]  # [M, k]
     mapped = twin >= 0
+    same = (twin[:, :, None] == twin[:, None, :]) & mapped[:, None, :] & mapped[:, :, None]  # [M, k, k]
+    earlier = torch.ones(twin.shape[1], twin.shape[1], dtype=torch.bool, device=twin.device).tril(-1)
+    first = mapped & ~(same & earlier).any(-1)  # the first slot of each student twin in its row
     log_q = _student_logprobs(student_logits, temperature)  # [M, V_s]
     safe_twin = twin.clamp_min(0)
-    q_mapped = log_q.gather(1, safe_twin).masked_fill(~mapped, _NEG_INF)  # [M, k]
+    q_mapped = log_q.gather(1, safe_twin).masked_fill(~first, _NEG_INF)  # [M, k]
     taken = torch.zeros_like(log_q, dtype=torch.int64).scatter_add_(1, safe_twin, mapped.long()) > 0
     rest = log_q.masked_fill(taken, _NEG_INF)
     with torch.no_grad():
@@ -56,7 +63,10 @@ def exact_map_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     p_top = teacher_topk_logprobs.float()
     p_unmapped = torch.logsumexp(torch.cat([p_top.masked_fill(mapped, _NEG_INF),
                                             teacher_tail_logprob.float()[:, None]], dim=-1), dim=-1, keepdim=True)
-    p_mapped = p_top.masked_fill(~mapped, _NEG_INF)
+    grouped = p_top[:, None, :].expand_as(same).masked_fill(~same, _NEG_INF)  # [M, k, k]: slot j's group
+    with torch.no_grad():
+        lonely = ~same.any(-1, keepdim=True)
+    p_mapped = torch.logsumexp(grouped.masked_fill(lonely, 0.0), dim=-1).masked_fill(~first, _NEG_INF)
     return torch.cat([p_mapped, p_unmapped], dim=-1), torch.cat([q_mapped, q_rest], dim=-1)
 
 
@@ -95,11 +105,12 @@ def uld_loss(student_logits, teacher_topk_logprobs, teacher_tail_logprob, *, tem
 
 def cross_tokenizer_loss(loss: str, student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
                          teacher_to_student, *, temperature, kind="forward-kl", mask=None) -> torch.Tensor:
-    """``loss`` in :data:`CROSS_TOKENIZER_LOSSES` at the aligned positions (``mask``: which count)."""
+    """``loss`` in :data:`CROSS_TOKENIZER_LOSSES` at the aligned positions (``mask``: which count);
+    ``teacher_to_student``: the exact map, or for ``prefix-map`` the prefix map."""
     if loss not in CROSS_TOKENIZER_LOSSES:
         raise ValueError(f"unknown cross-tokenizer loss {loss!r}: use one of {', '.join(CROSS_TOKENIZER_LOSSES)}")
     total = student_logits.new_zeros((), dtype=torch.float32)
-    if "exact-map" in loss:
+    if loss != "uld":
         total = total + exact_map_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
                                        teacher_to_student, temperature=temperature, kind=kind, mask=mask)
     if "uld" in loss:

@@ -27,7 +27,7 @@ from kdpipe.pipeline.train.targets import IGNORE, TeacherTargets, teacher_target
 from kdpipe.pipeline.train.xtok.align import StudentTokenizer
 from kdpipe.pipeline.train.xtok.batches import CrossTokenizerDataset
 from kdpipe.pipeline.train.xtok.losses import CROSS_TOKENIZER_LOSSES, cross_tokenizer_loss, exact_map_loss, uld_loss
-from kdpipe.pipeline.train.xtok.vocab_map import shared_token_map
+from kdpipe.pipeline.train.xtok.vocab_map import prefix_token_map, shared_token_map
 
 PROBE = "Enter VIOLA, a Captain, and Sailors.  Œdipus' ﬁne café\n"  # case, spaces, a ligature, accents
 IMPLEMENTATION = ("cross-tokenizer: full student logits [B, L_s, V_s] at every student position (CE needs them), "
@@ -60,6 +60,8 @@ def for_student(cache, student, *, cache_name: str, loss: str,
                           "of its tokenizer; give the student a vocab_size of at least that")
     teacher_vocab = int(cache.manifest["capture"]["teacher_vocab_size"])
     vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab)
+    loss_map = vocab_map if loss != "prefix-map" else prefix_token_map(teacher, tokenizer,
+                                                                       teacher_vocab_size=teacher_vocab)
     config = getattr(student.model, "config", None)
     max_len = getattr(config, "max_position_embeddings", None)
     try:
@@ -69,18 +71,20 @@ def for_student(cache, student, *, cache_name: str, loss: str,
             student_tokenizer.template("user")
     except DataError as exc:
         raise ConfigError(str(exc)) from None
-    return CrossTokenizerRun(loss, torch.from_numpy(vocab_map.teacher_to_student), student_tokenizer, max_len,
-                             shared=vocab_map.shared, teacher_tokenizer=teacher_tokenizer_path)
+    return CrossTokenizerRun(loss, torch.from_numpy(loss_map.teacher_to_student), student_tokenizer, max_len,
+                             shared=vocab_map.shared, teacher_tokenizer=teacher_tokenizer_path,
+                             exact_map=torch.from_numpy(vocab_map.teacher_to_student))
 
 
 @dataclasses.dataclass
 class CrossTokenizerRun:
     loss_name: str
-    teacher_to_student: torch.Tensor  # [V_t] int64, -1: no student twin
+    teacher_to_student: torch.Tensor  # [V_t] int64: the loss's map (exact, or prefix for prefix-map), -1: none
     student: StudentTokenizer
     max_len: int | None
     shared: int  # teacher ids with a student twin
     teacher_tokenizer: str | None = None  # where the teacher's tokenizer was loaded from
+    exact_map: torch.Tensor | None = None  # [V_t] the exact map, for the held-out KL (default: teacher_to_student)
     implementation: str = IMPLEMENTATION
 
     def dataset(self, dataset) -> CrossTokenizerDataset:
@@ -157,8 +161,9 @@ class CrossTokenizerRun:
                 targets = self.aligned_targets(schema, batch, temperature=temperature)
                 at = flat[batch["kd_student_index"]]
                 m = len(batch["kd_student_index"])
+                exact = self.teacher_to_student if self.exact_map is None else self.exact_map
                 kl.add(exact_map_loss(at, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-                                      self.teacher_to_student, temperature=temperature) * m / temperature**2, m)
+                                      exact, temperature=temperature) * m / temperature**2, m)
                 uld.add(uld_loss(at, targets.topk_logprobs, targets.tail_logprob, temperature=temperature)
                         * m / temperature**2, m)
         return {"ce": ce.value, "bits_per_byte": ce_nats / (math.log(2) * max(label_bytes, 1)),

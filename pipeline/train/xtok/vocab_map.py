@@ -72,7 +72,31 @@ def shared_token_map(teacher_tokenizer, student_tokenizer, *, teacher_vocab_size
     student_by_bytes = _first_id_by_bytes(student_tokenizer, student_table)
     for value, teacher_id in _first_id_by_bytes(teacher_tokenizer, teacher_table).items():
         mapping[teacher_id] = student_by_bytes.get(value, -1)
+    _pair_eos(mapping, teacher_tokenizer, student_tokenizer)
+    return SharedTokenMap(mapping, student_table)
+
+
+def prefix_token_map(teacher_tokenizer, student_tokenizer, *, teacher_vocab_size: int | None = None) -> SharedTokenMap:
+    """Each teacher id onto the student id of the longest student token its bytes begin with (many to one).
+
+    The student's next token, where the teacher's is `` kingdom``, is (about) the first token the student
+    makes of those bytes: `` king`` for a student that writes `` king`` + ``dom``. This map gives the student's
+    `` king`` the teacher's mass on `` king``, `` kingdom``, `` kings``, ... where the exact map gives it
+    `` king``'s alone. Every teacher token with bytes is mapped when the student has byte tokens."""
+    teacher_table, student_table = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+    mapping = np.full(max(teacher_vocab_size or 0, len(teacher_table)), -1, dtype=np.int64)
+    student_by_bytes = _first_id_by_bytes(student_tokenizer, student_table)
+    longest = max(map(len, student_by_bytes), default=0)
+    for teacher_id, value in enumerate(teacher_table):
+        for n in range(min(len(value or b""), longest), 0, -1):
+            if value[:n] in student_by_bytes:
+                mapping[teacher_id] = student_by_bytes[value[:n]]
+                break
+    _pair_eos(mapping, teacher_tokenizer, student_tokenizer)
+    return SharedTokenMap(mapping, student_table)
+
+
+def _pair_eos(mapping: np.ndarray, teacher_tokenizer, student_tokenizer) -> None:
     eos_t, eos_s = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
     if eos_t is not None and eos_s is not None:
         mapping[eos_t] = eos_s
-    return SharedTokenMap(mapping, student_table)
