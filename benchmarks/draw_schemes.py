@@ -22,6 +22,9 @@ Per budget the report names the schemes that reach top-k's cosine at every T (``
 the issue's goal), the one with the smallest ``regret`` (its largest shortfall, over T = 1, 2, 4, from
 the best draw scheme at that T: the choice), the best mean cosine, and the best worst case against top-k.
 
+``--default``: the same measurement for cache-teacher's default targets and temperatures, against the
+same draws all made at T = 1 and top-32/34 (``results/draw_schemes_default_cpu.json``).
+
 Every capture and inspect command is the ``kdpipe`` of the running interpreter's venv and is recorded.
 """
 
@@ -43,7 +46,10 @@ KDPIPE = str(Path(sys.executable).parent / "kdpipe")
 TEMPERATURES = (1.0, 2.0, 4.0)
 CAPTURE = ("cache-teacher --teacher {repo}/data/teacher --data {repo}/data/shakespeare/heldout --out {out} "
            "--seq-len 128 --limit-rows 16 " + " ".join(f"--temperature {t:g}" for t in TEMPERATURES))
+DEFAULT_CAPTURE = CAPTURE.split(" --temperature")[0]  # cache-teacher's default temperatures and targets
 INSPECT = "inspect {out} --fidelity --rows 16 --json"
+DEFAULT_ROWS = {"default targets (draws split over T)": "", "default targets, all draws at T = 1 (before)":
+                "--sample-temperature 1", "top-32": "--top-k 32 --sample 0", "top-34": "--top-k 34 --sample 0"}
 BUDGETS = {  # name -> (top-k head, draws M), and the top-k captures that bracket its bytes
     "sampled, 24 draws": ((0, 24), (22, 24)),
     "top-16 + 24 draws": ((16, 24), (44, 46)),
@@ -59,11 +65,11 @@ def kdpipe(args: str) -> dict | None:
     return json.loads(done.stdout) if "--json" in args else None
 
 
-def measured(options: str, out: Path) -> dict:
+def measured(options: str, out: Path, template: str = CAPTURE) -> dict:
     """Capture with ``options``, then ``inspect --fidelity``: bytes/token and the cosine per T. A rerun
     with the same ``--work`` keeps a finished capture (cache-teacher's own no-op) and its inspect
     output while the manifest's checksum is unchanged (the report is deterministic: seeded student)."""
-    capture = CAPTURE.format(repo=REPO, out=out) + " " + options
+    capture = template.format(repo=REPO, out=out) + " " + options
     kdpipe(capture)
     checksum = json.loads((out / "manifest.json").read_text())["checksum"]
     saved = out.parent / f"{out.name}.fidelity.json"
@@ -114,9 +120,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--default", action="store_true", help="measure cache-teacher's default targets and "
+                   "temperatures instead (against all draws at T = 1 and the top-k of about its bytes)")
     args = p.parse_args()
     work = args.work.resolve()
     started = time.time()
+    if args.default:
+        rows = {name: measured(options, work / f"default-{i}", DEFAULT_CAPTURE)
+                for i, (name, options) in enumerate(DEFAULT_ROWS.items())}
+        args.out.write_text(json.dumps({
+            "benchmark": "draw_schemes --default", "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "capture": DEFAULT_CAPTURE.format(repo="REPO", out="OUT"), "inspect": INSPECT.format(out="OUT"),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+            "wall_s": round(time.time() - started, 1), "rows": rows}, indent=1) + "\n")
+        for name, row in rows.items():
+            print(f"{name:45} {row['bytes_per_token']:6.1f} B/token", row["grad_cosine"])
+        return
     budgets = {}
     for name, ((k, draws), topk_grid) in BUDGETS.items():
         head = f"--top-k {k} --sample {draws}"
