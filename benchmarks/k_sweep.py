@@ -256,13 +256,34 @@ def previous_rows(args, old: dict, online: dict, hard: dict) -> dict:
     for name in args.previous_rows:
         row = dict(old["variants"][name])
         reference = name in ("online", "hard-labels")
-        row.update(label=f"{row['label']} (previous sweep)", budget=None, bytes_from_cache=not reference,
+        label = {"sampled": f"sampled ({old['settings']['sample']} draws)"}.get(name, row["label"])
+        if name == "mixed":
+            k, m = old["settings"]["mixed"].split(":")
+            label = f"mixed (top-{k} + {m} tail draws)"
+        row.update(label=f"{label.removeprefix('cached ')}, previous sweep", budget=None, bytes_from_cache=not reference,
                    bytes_note={"online": "— (teacher in memory)", "hard-labels": "0"}.get(name),
                    aggregate=aggregate(previous_scores(old, name), online, hard),
                    previous={"report": args.previous, "commit": commit, "variant": name,
                              "note": "trained and scored by an earlier run of this script with the same settings"})
         out[f"previous-{name}"] = row
     return out
+
+
+def recorded_caches(args, work: Path, variants: list[Variant]) -> dict:
+    """``--score-only``: the finished captures' records from their manifests, each checked to hold its targets."""
+    caches = {}
+    for v in variants:
+        if v.kind is None or v.name in caches:
+            continue
+        path = work / f"cache-{v.name}"
+        manifest = json.loads((path / "manifest.json").read_text())
+        held = {k: manifest["capture"][k] for k in ("top_k", "sample", "value_dtype", "seq_len", "teacher", "data")}
+        wanted = {"top_k": v.kind.top_k, "sample": v.kind.sample, "value_dtype": v.kind.values, "seq_len": args.seq_len,
+                  "teacher": args.teacher, "data": args.train_data}
+        if held != wanted:
+            raise SystemExit(f"{path} holds {held}, not {wanted}")
+        caches[v.name] = {**kd_targets.cache_record(v.kind, manifest, 0.0), "capture_s": None, "path": str(path)}
+    return caches
 
 
 def capture_all(args, work: Path, variants: list[Variant]) -> dict:
@@ -348,9 +369,10 @@ def main():
         needed = {v.cache for v in variants if v.name in args.only}
         train_all(args, work, variants, capture_all(args, work, [v for v in variants if v.name in needed]))
         return
-    caches = capture_all(args, work, variants)
+    caches = recorded_caches(args, work, variants) if args.score_only else capture_all(args, work, variants)
     heldout = work / f"cache-heldout-top{HELDOUT_K}"
-    kd_targets.capture(args, data=args.heldout_data, out=heldout, top_k=HELDOUT_K, values="float16")
+    if not args.score_only:
+        kd_targets.capture(args, data=args.heldout_data, out=heldout, top_k=HELDOUT_K, values="float16")
     runs = finished_runs(args, work, variants, caches) if args.score_only else train_all(args, work, variants, caches)
     if args.skip_eval:
         return

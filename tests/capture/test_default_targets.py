@@ -4,12 +4,17 @@ exact top-k only and draws only."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from kdpipe import open_cache
 from kdpipe.pipeline.capture.plan import DEFAULT_SAMPLE, DEFAULT_TOP_K
 from kdpipe.pipeline.demo import TASKS
 from test_capture import run_cli
+
+SWEEP = Path(__file__).parents[2] / "benchmarks" / "results" / "k_sweep_cpu.json"
 
 
 def encoding_line(teacher, data, out, *args) -> str:
@@ -43,3 +48,14 @@ def test_the_demo_captures_the_same_default():
     demo = TASKS["causal-lm"]
     assert (demo.top_k, demo.sample) == (DEFAULT_TOP_K, DEFAULT_SAMPLE)
 
+
+
+def test_the_default_is_the_smallest_measured_capture_that_reaches_online_kd():
+    """The committed sweep: among the captures it trained with the library's loss (not the renormalised-draws
+    variant, not rows copied from an earlier sweep), the default's row is the smallest that reaches online KD."""
+    variants = json.loads(SWEEP.read_text())["variants"]
+    captures = {name: v for name, v in variants.items() if v.get("budget") and not name.startswith("renorm-")}
+    reaching = sorted((v["cache"]["bytes_per_token"], name) for name, v in captures.items()
+                      if v["aggregate"]["reaches_online"])
+    default = f"mixed-{DEFAULT_TOP_K}+{DEFAULT_SAMPLE}" if DEFAULT_TOP_K else f"sampled-{DEFAULT_SAMPLE}"
+    assert reaching and reaching[0][1] == default, reaching
