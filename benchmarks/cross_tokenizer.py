@@ -9,7 +9,7 @@ warmup 20, ``--steps``, alpha 0.5 for the KD runs, forward KL, 5% of the rows he
 
 - the Unigram student (``data/students/lm-student-unigram.json`` with ``data/tokenizer-unigram``, 1,500
   tokens, metaspace, byte fallback): ``hard-labels`` (alpha 0: CE on its own tokens only) and each
-  ``--cross-tokenizer-loss``: ``exact-map``, ``uld``, ``exact-map+uld``;
+  ``--cross-tokenizer-loss``: ``exact-map``, ``uld``, ``exact-map+uld``, ``prefix-map``;
 - for reference, the same architecture with the teacher's tokenizer (``data/students/lm-student.json``):
   ``bpe-hard-labels`` (alpha 0) and ``bpe-cached-kd`` (ordinary cached KD, alpha 0.5).
 
@@ -156,10 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "prefix-map"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--stand-in-text", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -43,7 +43,7 @@ def run_identity(cache, config, *, world_size: int = 1) -> dict:
     decides the global batch, so the order rows are seen in)."""
     settings = {k: v for k, v in config.recorded().items() if k not in RESUMABLE_SETTINGS}  # no storage options
     settings["world_size"] = world_size
-    if settings.get("cross_tokenizer_loss") == "exact-map":  # the default: as runs from before it existed
+    if settings.get("cross_tokenizer_loss") == "prefix-map":  # the default: as runs from before it existed
         settings.pop("cross_tokenizer_loss")
     if settings.get("sharding") == "ddp" and not settings.get("cpu_offload"):  # as runs from before --sharding
         settings.pop("sharding", None)
