@@ -188,6 +188,8 @@ def rerun_commands(recorded: Recorded, out: str, *, storage_options: str | None 
     for step in steps:
         args = _with_out(_without(step["args"], _SPLIT_OPTIONS if recorded.kind == "cache" else ()), out)
         args = _with_threads(_with_storage_options(args, storage_options), record)
+        if recorded.kind == "cache":
+            args = _with_recorded_targets(args, record)
         cwd = step.get("cwd") if step.get("cwd") and Path(step["cwd"]).is_dir() else os.getcwd()
         commands.append(Command(args, cwd, nproc))
     return commands
@@ -234,6 +236,28 @@ def _with_threads(args: list[str], record: dict) -> list[str]:
     if not threads or any(arg.split("=", 1)[0] == "--threads" for arg in args):
         return args
     return [*args, "--threads", str(threads)]
+
+
+def _given(args: list[str], *options: str) -> bool:
+    return any(arg.split("=", 1)[0] in options for arg in args)
+
+
+def _with_recorded_targets(args: list[str], manifest: dict) -> list[str]:
+    """``args`` with what the capture kept made explicit where the command left it to defaults that a later
+    kdpipe may have changed: ``--top-k``/``--sample`` (top-64 alone before mixed top-12 + 16 draws became the
+    default), ``--sample-temperature`` (draws at one temperature before they were split over all of them)
+    and ``--no-text`` (rows without their text before causal-LM caches recorded it)."""
+    capture, schema = manifest.get("capture") or {}, manifest.get("schema") or {}
+    added: list[str] = []
+    if not _given(args, "--top-k", "--sample") and "top_k" in capture:
+        added += ["--top-k", str(capture["top_k"]), "--sample", str(capture.get("sample") or 0)]
+    if schema.get("sample_draws") and schema.get("sample_temperature") is not None and not schema.get("sample_scheme") \
+            and not _given(args, "--sample-temperature"):
+        added += ["--sample-temperature", repr(float(schema["sample_temperature"]))]
+    packing = (manifest.get("data") or {}).get("packing") or {}
+    if schema.get("task", "causal-lm") == "causal-lm" and "text" not in packing and not _given(args, "--text", "--no-text"):
+        added.append("--no-text")
+    return [*args, *added]
 
 
 def _with_storage_options(args: list[str], storage_options: str | None) -> list[str]:

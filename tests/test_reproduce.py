@@ -216,3 +216,22 @@ def test_package_list_is_this_environment():
     names = [line.split("==")[0] for line in lines]
     assert names == sorted(set(names))  # one line a package, by name
     assert f"torch=={version('torch')}" in lines and f"numpy=={version('numpy')}" in lines
+
+
+def test_an_older_capture_re_runs_with_the_targets_it_kept(work):
+    """A command that left --top-k, --sample and the text to the defaults of the kdpipe that ran it re-runs with
+    what that capture kept, made explicit: the defaults have changed since (top-64 alone, then mixed top-12 +
+    16 draws; draws at one temperature, then split over all; no text, then the rows' text)."""
+    from kdpipe.pipeline.reproduce import Recorded, rerun_commands
+
+    old = json.loads((FIXTURE_V1 / "manifest.json").read_text())  # what an older kdpipe wrote
+    old["command"] = {"args": ["cache-teacher", "--teacher", "t", "--data", "d", "--out", "c"], "cwd": None}
+    old["capture"].update(top_k=64, sample=16)
+    old["schema"].update(top_k=64, sample_draws=16, sample_temperature=1.0)
+    args = rerun_commands(Recorded("cache", "c", old, None), str(work / "again"))[0].args
+    assert args[args.index("--top-k") + 1] == "64" and args[args.index("--sample") + 1] == "16"
+    assert args[args.index("--sample-temperature") + 1] == "1.0" and "--no-text" in args
+
+    new = json.loads((work / "cache" / "manifest.json").read_text())  # this kdpipe's: given flags are kept as given
+    args = rerun_commands(Recorded("cache", "cache", new, None), str(work / "again"))[0].args
+    assert args.count("--top-k") == 1 and "--no-text" not in args and "--sample-temperature" not in args
