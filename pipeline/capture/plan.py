@@ -39,7 +39,7 @@ TARGETS = ("assistant", "all")
 MAX_DRAWS = 255  # draws per position: counts are stored in one byte
 # What `kdpipe cache-teacher` and `kdpipe demo` capture by default (exact top-k + tail draws): the smallest
 # capture that reached online dense KD in benchmarks/k_sweep.py (docs/choosing-k.md).
-DEFAULT_TOP_K, DEFAULT_SAMPLE = 12, 16
+DEFAULT_TOP_K, DEFAULT_SAMPLE = 6, 8
 
 
 @dataclasses.dataclass
