@@ -104,7 +104,7 @@ def test_a_student_tokenizer_that_normalises_the_text_is_refused_in_one_line(tex
     result = run_cli("train-student", "--cache", text_cache, "--student", student, "--tokenizer", lowercase,
                      "--out", tmp_path / "run", "--steps", 1, "--device", "cpu")
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
-    assert result.stderr.startswith("error: tokenizer ") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: the student's tokenizer differs") and result.stderr.count("\n") == 1
     assert "normalises the text it tokenises (Lowercase)" in result.stderr
 
 

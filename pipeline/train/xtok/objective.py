@@ -58,19 +58,20 @@ def for_student(cache, student, *, cache_name: str, loss: str,
     if student.vocab_size < len(tokenizer):
         raise ConfigError(f"the student's vocabulary ({student.vocab_size}) does not cover the {len(tokenizer)} tokens "
                           "of its tokenizer; give the student a vocab_size of at least that")
-    teacher_vocab = int(cache.manifest["capture"]["teacher_vocab_size"])
-    vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab)
-    loss_map = vocab_map if loss != "prefix-map" else prefix_token_map(teacher, tokenizer,
-                                                                       teacher_vocab_size=teacher_vocab)
-    config = getattr(student.model, "config", None)
-    max_len = getattr(config, "max_position_embeddings", None)
-    try:
+    try:  # the maps and the probe refuse a tokenizer whose bytes cannot be matched to the text
+        teacher_vocab = int(cache.manifest["capture"]["teacher_vocab_size"])
+        vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab)
+        loss_map = vocab_map if loss != "prefix-map" else prefix_token_map(teacher, tokenizer,
+                                                                           teacher_vocab_size=teacher_vocab)
+        config = getattr(student.model, "config", None)
+        max_len = getattr(config, "max_position_embeddings", None)
         student_tokenizer = StudentTokenizer.of(tokenizer, vocab_map.student_bytes)
         student_tokenizer.segment(PROBE.encode(), 0)  # a normalising tokenizer is refused here, not mid-run
         if cache.schema.mask_meaning == "next-token-target":  # a chat cache: the student's own template
             student_tokenizer.template("user")
-    except DataError as exc:
-        raise ConfigError(str(exc)) from None
+    except (ConfigError, DataError) as exc:
+        raise ConfigError(f"the student's tokenizer differs from the one the cache was made with, and cannot "
+                          f"train across tokenizers: {exc}") from None
     return CrossTokenizerRun(loss, torch.from_numpy(loss_map.teacher_to_student), student_tokenizer, max_len,
                              shared=vocab_map.shared, teacher_tokenizer=teacher_tokenizer_path,
                              exact_map=torch.from_numpy(vocab_map.teacher_to_student))
