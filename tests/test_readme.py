@@ -151,7 +151,7 @@ def test_marked_blocks_run_on_the_demo_data(tmp_path):
             f"{doc} block at line {line} failed (exit {done.returncode}) as run:\n{script}\n"
             f"--- stdout (end)\n{done.stdout[-3000:]}\n--- stderr (end)\n{done.stderr[-3000:]}")
     assert (tmp_path / "runs" / "s1" / "model").is_dir()
-    assert (tmp_path / "caches" / "qwen-k64" / "manifest.json").is_file()
+    assert (tmp_path / "caches" / "qwen" / "manifest.json").is_file()
 
 
 def _free_port() -> int:
