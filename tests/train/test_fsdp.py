@@ -39,15 +39,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_lm_dir, text_dir, tmp_path_factory):
-    """61 full rows of 16 tokens (every row has as many targets), in several shards."""
-    out = tmp_path_factory.mktemp("fsdp") / "cache"
-    result = CliRunner().invoke(main, [
-        "cache-teacher", "--teacher", str(tiny_lm_dir), "--data", str(text_dir), "--out", str(out),
-        "--top-k", "16", "--seq-len", "16", "--limit-rows", "61", "--shard-size-mb", "0.02", "--device", "cpu",
-    ], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def cache(full_rows_cache):
+    return full_rows_cache
 
 
 @pytest.fixture(scope="module")
