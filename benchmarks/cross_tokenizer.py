@@ -48,6 +48,8 @@ VARIANTS = {  # name: (student config, tokenizer dir or None, alpha, cross-token
     "uld": ("lm-student-unigram.json", "tokenizer-unigram", 0.5, "uld"),
     "exact-map+uld": ("lm-student-unigram.json", "tokenizer-unigram", 0.5, "exact-map+uld"),
     "prefix-map": ("lm-student-unigram.json", "tokenizer-unigram", 0.5, "prefix-map"),
+    "prefix-groups": ("lm-student-unigram.json", "tokenizer-unigram", 0.5, "prefix-groups"),
+    "first-byte": ("lm-student-unigram.json", "tokenizer-unigram", 0.5, "first-byte"),
     "bpe-hard-labels": ("lm-student.json", None, 0.0, None),
     "bpe-cached-kd": ("lm-student.json", None, 0.5, None),
 }

@@ -38,13 +38,14 @@ _EXTENDABLE = ("steps", "epochs")
 _FINISHED_KEYS = ("finished_at", "final_train_metrics", "final_eval_metrics", "model_dir")
 
 
-def run_identity(cache, config, *, world_size: int = 1) -> dict:
+def run_identity(cache, config, *, world_size: int = 1, cross_tokenizer: bool = False) -> dict:
     """What a resumed run must share with the one it continues (the number of ranks included: it
-    decides the global batch, so the order rows are seen in)."""
+    decides the global batch, so the order rows are seen in; the cross-tokenizer loss only for a student
+    with another tokenizer)."""
     settings = {k: v for k, v in config.recorded().items() if k not in RESUMABLE_SETTINGS}  # no storage options
     settings["world_size"] = world_size
-    if settings.get("cross_tokenizer_loss") == "prefix-map":  # the default: as runs from before it existed
-        settings.pop("cross_tokenizer_loss")
+    if not cross_tokenizer or settings.get("cross_tokenizer_loss") == "prefix-map":  # it does not apply, or is
+        settings.pop("cross_tokenizer_loss", None)  # prefix-map: runs from before prefix-groups did not record it
     if settings.get("sharding") == "ddp" and not settings.get("cpu_offload"):  # as runs from before --sharding
         settings.pop("sharding", None)
         settings.pop("cpu_offload", None)

@@ -54,7 +54,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     fused_loss: bool = True  # the lm-head and the loss in one chunked pass where the student allows it
-    cross_tokenizer_loss: str = "prefix-map"  # a student with another tokenizer (pipeline/train/xtok; docs/cross-tokenizer.md)
+    cross_tokenizer_loss: str = "prefix-groups"  # a student with another tokenizer (pipeline/train/xtok; docs/cross-tokenizer.md)
     sharding: str = "ddp"  # under torchrun: a whole student per rank (ddp) or a shard of it (fsdp)
     cpu_offload: bool = False  # fsdp: parameter, gradient and optimizer shards in CPU memory
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward

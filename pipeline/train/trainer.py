@@ -134,7 +134,8 @@ class Trainer:
         self.sharded = sharding.is_sharded(self.ddp)  # FSDP: evaluation, checkpoints and finish need every rank
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.weight_decay)
-        self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size)
+        self.identity = ckpt.run_identity(self.cache, c, world_size=self.world_size,
+                                          cross_tokenizer=self.xtok is not None)
         if self.resume:
             self._resume()
         else:

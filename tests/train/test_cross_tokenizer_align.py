@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from kdpipe.pipeline.errors import ConfigError
 from kdpipe.pipeline.train.xtok.align import IGNORE, StudentTokenizer, student_row
-from kdpipe.pipeline.train.xtok.vocab_map import prefix_token_map, shared_token_map, token_bytes
+from kdpipe.pipeline.train.xtok.vocab_map import (first_byte_groups, prefix_groups, prefix_token_map, shared_token_map,
+                                                 token_bytes)
 from tests.train.xtok_rows import DATA, packed_teacher_row, spans_from_bytes
 
 DOCS = ["First Witch.\nWhen shall we three meet again\nIn thunder, lightning, or in rain?",
@@ -187,3 +188,48 @@ def test_the_prefix_map_sends_each_teacher_token_to_the_longest_student_token_it
         assert mapping[i] == min(pieces or longest), teacher.convert_ids_to_tokens(i)
     kingdom = teacher.encode(" kingdom")
     assert unigram.convert_ids_to_tokens(int(mapping[kingdom[0]])).startswith("▁k")
+
+
+def test_the_prefix_groups_are_the_connected_sets_of_the_prefix_relation(teacher, unigram):
+    """Brute force: a graph joining each token of either side to the longest token of the other side its
+    bytes begin with, and ids with equal bytes; its connected sets (by search) are the groups."""
+    groups = prefix_groups(teacher, unigram)
+    teacher_bytes, student_bytes = token_bytes(teacher), token_bytes(unigram)
+    nodes = [("t", i, v) for i, v in enumerate(teacher_bytes) if v] + [("s", j, v) for j, v in enumerate(student_bytes) if v]
+    edges: dict = {(side, i): set() for side, i, _ in nodes}
+    for side, i, value in nodes:
+        others = [(o, j, w) for o, j, w in nodes if o != side and value.startswith(w)]
+        best = max(len(w) for _, _, w in others)
+        for o, j, w in nodes:  # the longest of the other side, and every id of either side with those bytes
+            if (o != side and w == value[:best]) or (o == side and w == value):
+                edges[(side, i)].add((o, j))
+                edges[(o, j)].add((side, i))
+    edges[("t", teacher.eos_token_id)] = {("s", unigram.eos_token_id)}
+    edges[("s", unigram.eos_token_id)] = {("t", teacher.eos_token_id)}
+    component, count = {}, 0
+    for start in edges:
+        if start in component:
+            continue
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            if node not in component:
+                component[node] = count
+                stack.extend(edges[node])
+        count += 1
+    assert groups.count == count
+    labels = {("t", i): int(c) for i, c in enumerate(groups.teacher_group) if c >= 0}
+    labels.update({("s", j): int(c) for j, c in enumerate(groups.student_group) if c >= 0})
+    assert set(labels) == set(component)
+    pairs = {(component[node], labels[node]) for node in component}  # one-to-one between the two labellings
+    assert len(pairs) == count == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    kingdom, king = teacher.encode(" kingdom")[0], unigram.encode("king", add_special_tokens=False)[0]
+    assert groups.teacher_group[kingdom] == groups.student_group[king]
+
+
+def test_first_byte_groups_give_each_model_its_next_byte_distribution(teacher, unigram):
+    groups = first_byte_groups(teacher, unigram)
+    for group, table, eos in ((groups.teacher_group, token_bytes(teacher), teacher.eos_token_id),
+                              (groups.student_group, token_bytes(unigram), unigram.eos_token_id)):
+        for token_id, value in enumerate(table):
+            assert group[token_id] == (value[0] if value else 256 if token_id == eos else -1)

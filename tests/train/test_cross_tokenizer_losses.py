@@ -171,3 +171,81 @@ def test_a_row_without_any_mapped_id_puts_everything_in_the_remaining_bins():
     got = exact_map_loss(student, ids, logprobs, tail, nothing, temperature=1.0)
     assert abs(got.item()) < 1e-6  # one bin of mass 1 on each side
     assert np.isfinite(torch.autograd.grad(got, student)[0].numpy()).all()
+
+
+def _groups(seed: int):
+    """Random groups of both vocabularies (-1: an id in no group), every group with a student id."""
+    g = torch.Generator().manual_seed(seed)
+    student_group = torch.tensor([0, 1, 2, 3, 0, 1, 4, -1, 2], dtype=torch.int64)  # V_S = 9, groups 0..4
+    teacher_group = torch.randint(0, 5, (V_T,), generator=g)
+    teacher_group[torch.randperm(V_T, generator=g)[:2]] = -1
+    teacher_group[torch.randperm(V_T, generator=g)[:2]] = 4  # the ungrouped and group 4 also among the teacher's
+    return teacher_group, student_group
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "js", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_group_loss_at_full_k_equals_the_divergence_of_the_dense_group_masses(kind, temperature):
+    """At k = V_t: one bin per group the teacher has ids in (its mass on them / the student's on the whole
+    group), one for the rest on each side (ids in no group, groups only the student has)."""
+    teacher, student, _, ids, logprobs, tail = _case(7, V_T, temperature)
+    teacher_group, student_group = _groups(7)
+    got = cross_tokenizer_loss("prefix-groups", student, ids, logprobs, tail, teacher_group, temperature=temperature,
+                               kind=kind, student_group=student_group)
+    p = torch.softmax(teacher / temperature, dim=-1)
+    q = torch.softmax(student / temperature, dim=-1)
+    present = sorted(set(teacher_group[teacher_group >= 0].tolist()))
+    p_bins = torch.stack([p[:, teacher_group == c].sum(-1) for c in present] + [p[:, teacher_group < 0].sum(-1)], -1)
+    q_groups = [q[:, student_group == c].sum(-1) for c in present]
+    q_bins = torch.stack(q_groups + [1 - sum(q_groups)], -1)
+    want = temperature ** 2 * _dense_divergence(p_bins, q_bins, kind).mean()
+    assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
+    _assert_same_gradient(got, want, student)
+
+
+def test_group_loss_with_a_top_k_equals_a_per_row_brute_force():
+    temperature, k = 1.0, 4
+    teacher, student, _, ids, logprobs, tail = _case(8, k, temperature)
+    teacher_group, student_group = _groups(8)
+    mask = torch.tensor([True, True, False, True, True])
+    got = cross_tokenizer_loss("first-byte", student, ids, logprobs, tail, teacher_group, temperature=temperature,
+                               mask=mask, student_group=student_group)
+    q, total = torch.softmax(student, dim=-1), 0.0
+    for row in range(M):
+        if not mask[row]:
+            continue
+        groups: dict[int, torch.Tensor] = {}
+        rest = tail[row].exp()
+        for j in range(k):
+            group = int(teacher_group[ids[row, j]])
+            if group < 0:
+                rest = rest + logprobs[row, j].exp()
+            else:
+                groups[group] = groups.get(group, 0.0) + logprobs[row, j].exp()
+        q_groups = [q[row, student_group == c].sum() for c in groups]
+        p_all = torch.stack([*groups.values(), rest])
+        q_all = torch.stack([*q_groups, 1 - sum(q_groups)])
+        total = total + (p_all * (p_all.log() - q_all.log())).sum()
+    want = total / int(mask.sum())
+    assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
+    _assert_same_gradient(got, want, student)
+
+
+def test_group_loss_is_zero_when_both_sides_put_the_same_mass_on_every_group():
+    """Different distributions inside the groups, the same group masses: nothing to learn."""
+    teacher_group = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4])  # V_T = 12
+    student_group = torch.tensor([0, 1, 1, 1, 2, 3, 4, 4, 4])  # V_S = 9
+    g = torch.Generator().manual_seed(9)
+    group_mass = torch.softmax(torch.randn(M, 5, generator=g, dtype=torch.float64), -1)
+
+    def spread(groups, width):  # the group's mass split at random among its ids
+        share = torch.rand(M, width, generator=g, dtype=torch.float64) + 0.1
+        share = share / torch.stack([share[:, groups == groups[i]].sum(-1) for i in range(width)], -1)
+        return (group_mass[:, groups] * share).log()
+
+    teacher_logprobs, student_logits = spread(teacher_group, V_T), spread(student_group, V_S)
+    top = teacher_logprobs.topk(V_T, dim=-1)
+    tail = torch.full((M,), -math.inf, dtype=torch.float64)
+    got = cross_tokenizer_loss("prefix-groups", student_logits, top.indices, top.values, tail, teacher_group,
+                               temperature=1.0, student_group=student_group)
+    assert abs(got.item()) < 1e-6

@@ -30,7 +30,8 @@ import torch
 from kdpipe.pipeline.cache.schema import check_temperature
 from kdpipe.pipeline.train.losses import TAIL_LOGPROB_FLOOR, _check_kind, _divergence, _reduce, _scaled_fp32
 
-CROSS_TOKENIZER_LOSSES = ("exact-map", "uld", "exact-map+uld", "prefix-map")
+CROSS_TOKENIZER_LOSSES = ("exact-map", "uld", "exact-map+uld", "prefix-map", "prefix-groups", "first-byte")
+GROUP_LOSSES = ("prefix-groups", "first-byte")
 _NEG_INF = float("-inf")
 
 
@@ -47,12 +48,39 @@ def exact_map_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     A map that sends several teacher ids to one student id (:func:`~.vocab_map.prefix_token_map`) gives
     that student id one bin, at the first of those top-k slots, holding their summed teacher mass.
     """
+    return _bins(_student_logprobs(student_logits, temperature), topk_ids, teacher_topk_logprobs,
+                 teacher_tail_logprob, teacher_to_student)
+
+
+def group_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_group, student_group, *,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) log-probs on the bins of shared token groups, ``[M, k + 1]`` each
+    (:func:`~.vocab_map.prefix_groups`, :func:`~.vocab_map.first_byte_groups`).
+
+    The student's probabilities are summed over each group (``student_group``: int64 ``[V_s]``, -1: in
+    none; ids past it in none) and the bins are :func:`exact_map_bins`' with the groups as the student's
+    ids: one bin per group among the teacher's top-k ids, holding the teacher's mass on those ids and the
+    student's on the whole group; the rest in one bin on each side.
+    """
+    log_q = _student_logprobs(student_logits, temperature)
+    width = log_q.shape[1]
+    group = torch.full((width,), -1, dtype=torch.int64, device=log_q.device)
+    known = min(width, len(student_group))
+    group[:known] = student_group[:known].to(log_q.device)
+    count = int(max(int(teacher_group.max()), int(group.max()))) + 1
+    column = torch.where(group >= 0, group, count)  # the student's ids in no group: one column of their own
+    grouped = log_q.new_zeros(log_q.shape[0], count + 1).index_add_(1, column, log_q.exp())
+    log_grouped = grouped.clamp_min(torch.finfo(grouped.dtype).tiny).log()
+    return _bins(log_grouped, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_group)
+
+
+def _bins(log_q, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_to_student):
+    """:func:`exact_map_bins` from the student's log-probs ``log_q [M, V_s]`` (summing to one)."""
     twin = teacher_to_student.to(topk_ids.device)[topk_ids]  # [M, k]
     mapped = twin >= 0
     same = (twin[:, :, None] == twin[:, None, :]) & mapped[:, None, :] & mapped[:, :, None]  # [M, k, k]
     earlier = torch.ones(twin.shape[1], twin.shape[1], dtype=torch.bool, device=twin.device).tril(-1)
     first = mapped & ~(same & earlier).any(-1)  # the first slot of each student twin in its row
-    log_q = _student_logprobs(student_logits, temperature)  # [M, V_s]
     safe_twin = twin.clamp_min(0)
     q_mapped = log_q.gather(1, safe_twin).masked_fill(~first, _NEG_INF)  # [M, k]
     taken = torch.zeros_like(log_q, dtype=torch.int64).scatter_add_(1, safe_twin, mapped.long()) > 0
@@ -76,8 +104,22 @@ def exact_map_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail
     Reverse KL floors the teacher's remaining bin at ``log(1e-12)`` as ``sparse_kd_loss`` floors its tail."""
     temperature = check_temperature(temperature)
     _check_kind(kind)
-    log_p, log_q = exact_map_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-                                  teacher_to_student, temperature=temperature)
+    bins = exact_map_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
+                          teacher_to_student, temperature=temperature)
+    return _bins_loss(*bins, kind=kind, mask=mask, temperature=temperature, skew_lambda=skew_lambda)
+
+
+def group_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_group, student_group, *,
+               temperature, kind="forward-kl", mask=None, skew_lambda=0.1) -> torch.Tensor:
+    """The ``kind`` divergence on the bins of shared token groups (:func:`group_bins`), ``T**2 * mean``."""
+    temperature = check_temperature(temperature)
+    _check_kind(kind)
+    bins = group_bins(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_group,
+                      student_group, temperature=temperature)
+    return _bins_loss(*bins, kind=kind, mask=mask, temperature=temperature, skew_lambda=skew_lambda)
+
+
+def _bins_loss(log_p, log_q, *, kind, mask, temperature, skew_lambda):
     if kind == "reverse-kl":
         log_p = torch.cat([log_p[:, :-1], log_p[:, -1:].clamp_min(TAIL_LOGPROB_FLOOR)], dim=-1)
     return _reduce(_divergence(log_p, log_q, kind, skew_lambda), mask, temperature)
@@ -104,11 +146,16 @@ def uld_loss(student_logits, teacher_topk_logprobs, teacher_tail_logprob, *, tem
 
 
 def cross_tokenizer_loss(loss: str, student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-                         teacher_to_student, *, temperature, kind="forward-kl", mask=None) -> torch.Tensor:
-    """``loss`` in :data:`CROSS_TOKENIZER_LOSSES` at the aligned positions (``mask``: which count);
-    ``teacher_to_student``: the exact map, or for ``prefix-map`` the prefix map."""
+                         teacher_to_student, *, temperature, kind="forward-kl", mask=None,
+                         student_group=None) -> torch.Tensor:
+    """``loss`` in :data:`CROSS_TOKENIZER_LOSSES` at the aligned positions (``mask``: which count).
+    ``teacher_to_student``: the exact map; for ``prefix-map`` the prefix map; for ``prefix-groups`` and
+    ``first-byte`` the teacher's groups, with the student's in ``student_group``."""
     if loss not in CROSS_TOKENIZER_LOSSES:
         raise ValueError(f"unknown cross-tokenizer loss {loss!r}: use one of {', '.join(CROSS_TOKENIZER_LOSSES)}")
+    if loss in GROUP_LOSSES:
+        return group_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob, teacher_to_student,
+                          student_group, temperature=temperature, kind=kind, mask=mask)
     total = student_logits.new_zeros((), dtype=torch.float32)
     if loss != "uld":
         total = total + exact_map_loss(student_logits, topk_ids, teacher_topk_logprobs, teacher_tail_logprob,

@@ -26,8 +26,9 @@ from kdpipe.pipeline.train.losses import hard_label_ce
 from kdpipe.pipeline.train.targets import IGNORE, TeacherTargets, teacher_targets
 from kdpipe.pipeline.train.xtok.align import StudentTokenizer
 from kdpipe.pipeline.train.xtok.batches import CrossTokenizerDataset
-from kdpipe.pipeline.train.xtok.losses import CROSS_TOKENIZER_LOSSES, cross_tokenizer_loss, exact_map_loss, uld_loss
-from kdpipe.pipeline.train.xtok.vocab_map import prefix_token_map, shared_token_map
+from kdpipe.pipeline.train.xtok.losses import (CROSS_TOKENIZER_LOSSES, GROUP_LOSSES, cross_tokenizer_loss, exact_map_loss,
+                                               uld_loss)
+from kdpipe.pipeline.train.xtok.vocab_map import first_byte_groups, prefix_groups, prefix_token_map, shared_token_map
 
 PROBE = "Enter VIOLA, a Captain, and Sailors.  Œdipus' ﬁne café\n"  # case, spaces, a ligature, accents
 IMPLEMENTATION = ("cross-tokenizer: full student logits [B, L_s, V_s] at every student position (CE needs them), "
@@ -61,8 +62,15 @@ def for_student(cache, student, *, cache_name: str, loss: str,
     try:  # the maps and the probe refuse a tokenizer whose bytes cannot be matched to the text
         teacher_vocab = int(cache.manifest["capture"]["teacher_vocab_size"])
         vocab_map = shared_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab)
-        loss_map = vocab_map if loss != "prefix-map" else prefix_token_map(teacher, tokenizer,
-                                                                           teacher_vocab_size=teacher_vocab)
+        student_group = None
+        if loss == "prefix-map":
+            loss_map = prefix_token_map(teacher, tokenizer, teacher_vocab_size=teacher_vocab).teacher_to_student
+        elif loss in GROUP_LOSSES:
+            groups = (prefix_groups if loss == "prefix-groups" else first_byte_groups)(
+                teacher, tokenizer, teacher_vocab_size=teacher_vocab)
+            loss_map, student_group = groups.teacher_group, torch.from_numpy(groups.student_group)
+        else:
+            loss_map = vocab_map.teacher_to_student
         config = getattr(student.model, "config", None)
         max_len = getattr(config, "max_position_embeddings", None)
         student_tokenizer = StudentTokenizer.of(tokenizer, vocab_map.student_bytes)
@@ -72,21 +80,22 @@ def for_student(cache, student, *, cache_name: str, loss: str,
     except (ConfigError, DataError) as exc:
         raise ConfigError(f"the student's tokenizer differs from the one the cache was made with, and cannot "
                           f"train across tokenizers: {exc}") from None
-    return CrossTokenizerRun(loss, torch.from_numpy(loss_map.teacher_to_student), student_tokenizer, max_len,
+    return CrossTokenizerRun(loss, torch.from_numpy(loss_map), student_tokenizer, max_len,
                              shared=vocab_map.shared, teacher_tokenizer=teacher_tokenizer_path,
-                             exact_map=torch.from_numpy(vocab_map.teacher_to_student))
+                             exact_map=torch.from_numpy(vocab_map.teacher_to_student), student_group=student_group)
 
 
 @dataclasses.dataclass
 class CrossTokenizerRun:
     loss_name: str
-    teacher_to_student: torch.Tensor  # [V_t] int64: the loss's map (exact, or prefix for prefix-map), -1: none
+    teacher_to_student: torch.Tensor  # [V_t] int64: the loss's map (exact, prefix, or the teacher's groups), -1: none
     student: StudentTokenizer
     max_len: int | None
     shared: int  # teacher ids with a student twin
     teacher_tokenizer: str | None = None  # where the teacher's tokenizer was loaded from
     exact_map: torch.Tensor | None = None  # [V_t] the exact map, for the held-out KL (default: teacher_to_student)
     implementation: str = IMPLEMENTATION
+    student_group: torch.Tensor | None = None  # [V_s] int64: the student's groups for a group loss, -1: none
 
     def dataset(self, dataset) -> CrossTokenizerDataset:
         """``dataset``'s rows re-tokenised for the student."""
@@ -135,7 +144,7 @@ class CrossTokenizerRun:
             targets = self.aligned_targets(schema, batch, temperature=temperature)
             kd = cross_tokenizer_loss(self.loss_name, flat[batch["kd_student_index"]], targets.topk_ids,
                                       targets.topk_logprobs, targets.tail_logprob, self.teacher_to_student,
-                                      temperature=temperature, kind=kind)
+                                      temperature=temperature, kind=kind, student_group=self.student_group)
         return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
     @torch.no_grad()

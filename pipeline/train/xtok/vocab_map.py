@@ -100,3 +100,82 @@ def _pair_eos(mapping: np.ndarray, teacher_tokenizer, student_tokenizer) -> None
     eos_t, eos_s = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
     if eos_t is not None and eos_s is not None:
         mapping[eos_t] = eos_s
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGroups:
+    """Both vocabularies cut into the same ``count`` groups: ``teacher_group [V_t]`` and ``student_group
+    [len(student tokenizer)]``, int64 group numbers, -1 for ids in no group (special tokens, padding)."""
+
+    teacher_group: np.ndarray
+    student_group: np.ndarray
+    count: int
+
+
+def prefix_groups(teacher_tokenizer, student_tokenizer, *, teacher_vocab_size: int | None = None) -> TokenGroups:
+    """The groups of tokens joined by the prefix relation, seen from both sides.
+
+    Each teacher token is joined to the longest student token its bytes begin with (:func:`prefix_token_map`),
+    each student token to the longest teacher token its bytes begin with, ids with the same bytes to each
+    other, and the two EOS tokens; a group is a connected set. A group is then about the same event for
+    both models, "the text goes on with this stem": a teacher's `` kingdom`` and a student's `` king`` fall
+    in one group, and so do a teacher's `` k`` and the student's `` kill`` that the teacher would write
+    `` k`` + ``ill``. Its mass is the sum of its tokens' probabilities on each side."""
+    teacher_table, student_table = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+    teacher_size = max(teacher_vocab_size or 0, len(teacher_table))
+    parent = np.arange(teacher_size + len(student_table))  # teacher id i is node i, student id j node V_t + j
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = int(parent[node])
+        return node
+
+    def join(a: int, b: int) -> None:
+        parent[root(a)] = root(b)
+
+    teacher_by_bytes = _first_id_by_bytes(teacher_tokenizer, teacher_table)
+    student_by_bytes = _first_id_by_bytes(student_tokenizer, student_table)
+    for own, other, own_offset, other_offset, by_bytes, other_by_bytes in (
+            (teacher_table, student_table, 0, teacher_size, teacher_by_bytes, student_by_bytes),
+            (student_table, teacher_table, teacher_size, 0, student_by_bytes, teacher_by_bytes)):
+        longest = max(map(len, other_by_bytes), default=0)
+        for token_id, value in enumerate(own):
+            if not value:
+                continue
+            join(own_offset + token_id, own_offset + by_bytes[value])  # same bytes, one group
+            for n in range(min(len(value), longest), 0, -1):
+                if value[:n] in other_by_bytes:
+                    join(own_offset + token_id, other_offset + other_by_bytes[value[:n]])
+                    break
+    eos_t, eos_s = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
+    grouped = np.zeros(len(parent), dtype=bool)
+    grouped[:len(teacher_table)] = [value is not None and len(value) > 0 for value in teacher_table]
+    grouped[teacher_size:] = [value is not None and len(value) > 0 for value in student_table]
+    if eos_t is not None and eos_s is not None:
+        join(eos_t, teacher_size + eos_s)
+        grouped[eos_t] = grouped[teacher_size + eos_s] = True
+    roots = np.array([root(node) for node in range(len(parent))])
+    numbers: dict[int, int] = {}
+    group = np.array([numbers.setdefault(int(r), len(numbers)) if g else -1 for r, g in zip(roots, grouped)],
+                     dtype=np.int64)
+    return TokenGroups(group[:teacher_size], group[teacher_size:], len(numbers))
+
+
+def first_byte_groups(teacher_tokenizer, student_tokenizer, *,
+                      teacher_vocab_size: int | None = None) -> TokenGroups:
+    """Both vocabularies grouped by their tokens' first byte (256 groups, and one for the two EOS tokens).
+    Exact on both sides: a model's probability that the next byte is ``b`` is the sum of its probabilities of
+    the tokens that begin with ``b``, whatever its tokenizer."""
+    teacher_table, student_table = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+
+    def groups(table, size, eos):
+        out = np.full(size, -1, dtype=np.int64)
+        out[:len(table)] = [value[0] if value else -1 for value in table]
+        if eos is not None and teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
+            out[eos] = 256
+        return out
+
+    return TokenGroups(groups(teacher_table, max(teacher_vocab_size or 0, len(teacher_table)),
+                              teacher_tokenizer.eos_token_id),
+                       groups(student_table, len(student_table), student_tokenizer.eos_token_id), 257)
