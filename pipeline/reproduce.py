@@ -190,6 +190,8 @@ def rerun_commands(recorded: Recorded, out: str, *, storage_options: str | None 
         args = _with_threads(_with_storage_options(args, storage_options), record)
         if recorded.kind == "cache":
             args = _with_recorded_targets(args, record)
+        elif record.get("cross_tokenizer") and not _given(args, "--cross-tokenizer-loss"):
+            args = [*args, "--cross-tokenizer-loss", record["cross_tokenizer"]["loss"]]  # as a later default may differ
         cwd = step.get("cwd") if step.get("cwd") and Path(step["cwd"]).is_dir() else os.getcwd()
         commands.append(Command(args, cwd, nproc))
     return commands
@@ -326,8 +328,10 @@ def _compare_runs(old: dict, new: dict) -> Comparison:
 
 
 def _comparable_settings(run: dict) -> dict:
-    """Resolved settings less the ones that name places or pace the work (not what is computed)."""
-    return {k: v for k, v in (run.get("resolved_settings") or {}).items() if k not in RESUMABLE_SETTINGS}
+    """Resolved settings less the ones that name places or pace the work (not what is computed), and less
+    the cross-tokenizer loss of a run whose student has the cache's tokenizer (it computes nothing there)."""
+    unused = RESUMABLE_SETTINGS if run.get("cross_tokenizer") else {*RESUMABLE_SETTINGS, "cross_tokenizer_loss"}
+    return {k: v for k, v in (run.get("resolved_settings") or {}).items() if k not in unused}
 
 
 def _without_timings(metrics: dict | None) -> dict | None:

@@ -235,3 +235,24 @@ def test_an_older_capture_re_runs_with_the_targets_it_kept(work):
     new = json.loads((work / "cache" / "manifest.json").read_text())  # this kdpipe's: given flags are kept as given
     args = rerun_commands(Recorded("cache", "cache", new, None), str(work / "again"))[0].args
     assert args.count("--top-k") == 1 and "--no-text" not in args and "--sample-temperature" not in args
+
+
+def test_a_cross_tokenizer_run_re_runs_with_its_loss_and_a_same_tokenizer_run_ignores_it(tmp_path):
+    """The default --cross-tokenizer-loss changed (prefix-map, then prefix-groups): a run that left it to the
+    default re-runs with the loss it used; for a student with the cache's tokenizer the setting computes
+    nothing and is not compared."""
+    from kdpipe.pipeline.reproduce import Recorded, _compare_runs, rerun_commands
+
+    command = {"args": ["train-student", "--cache", "c", "--student", "s", "--out", "r"], "cwd": None}
+    crossed = {"command": command, "cross_tokenizer": {"loss": "prefix-map"},
+               "resolved_settings": {"cross_tokenizer_loss": "prefix-map", "steps": 2}}
+    args = rerun_commands(Recorded("run", "r", crossed, None), str(tmp_path / "again"))[0].args
+    assert args[args.index("--cross-tokenizer-loss") + 1] == "prefix-map"
+    same = {"command": command, "cross_tokenizer": None, "resolved_settings": {"cross_tokenizer_loss": "prefix-map"}}
+    assert "--cross-tokenizer-loss" not in rerun_commands(Recorded("run", "r", same, None), str(tmp_path / "x"))[0].args
+    now = {"cross_tokenizer": None, "resolved_settings": {"cross_tokenizer_loss": "prefix-groups"}}
+    assert _compare_runs(same, now).differed == []
+    crossed_now = {"cross_tokenizer": {"loss": "prefix-groups"},
+                   "resolved_settings": {"cross_tokenizer_loss": "prefix-groups", "steps": 2}}
+    assert _compare_runs(crossed, crossed_now).differed == [
+        "setting cross_tokenizer_loss: 'prefix-map' recorded, 'prefix-groups' now"]

@@ -53,12 +53,13 @@ def train(cache, student, out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["exact-map+uld", "uld", "prefix-map"])
+@pytest.mark.parametrize("loss", ["exact-map+uld", "prefix-map", "first-byte", None])  # None: the default
 def test_train_student_with_the_unigram_tokenizer_records_the_loss_and_the_aligned_share(
         text_cache, student, tmp_path, one_thread, loss):
-    result = train(text_cache, student, tmp_path / "run", "--steps", 3, "--cross-tokenizer-loss", loss)
+    result = train(text_cache, student, tmp_path / "run", "--steps", 3, *(["--cross-tokenizer-loss", loss] if loss else []))
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "run" / "run.json").read_text())
+    loss = loss or "prefix-groups"
     assert run["resolved_settings"]["cross_tokenizer_loss"] == loss
     assert run["loss_implementation"].startswith("cross-tokenizer: full student logits")
     recorded = run["cross_tokenizer"]
@@ -81,7 +82,7 @@ def test_an_unknown_cross_tokenizer_loss_is_one_line(text_cache, student, tmp_pa
     result = train(text_cache, student, tmp_path / "run", "--steps", 1, "--cross-tokenizer-loss", "gold")
     assert result.exit_code == 2
     assert result.stderr == ("error: unknown --cross-tokenizer-loss 'gold'; use one of exact-map, uld, "
-                             "exact-map+uld, prefix-map\n")
+                             "exact-map+uld, prefix-map, prefix-groups, first-byte\n")
 
 
 def test_a_cache_that_records_no_text_is_refused_in_one_line(student, tmp_path, monkeypatch):
@@ -149,3 +150,38 @@ def test_a_student_vocabulary_smaller_than_its_tokenizer_is_refused_in_one_line(
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     assert result.stderr == ("error: the student's vocabulary (1000) does not cover the 1500 tokens of its tokenizer; "
                              "give the student a vocab_size of at least that\n")
+
+
+def test_a_resumed_cross_tokenizer_run_ends_bit_identical_and_a_changed_loss_is_refused(text_cache, student, tmp_path,
+                                                                                         one_thread):
+    from kdpipe.pipeline.train.config import TrainConfig
+    from kdpipe.pipeline.train.trainer import Trainer
+
+    def run(out, *, resume=False, stop_after=None, **overrides):
+        config = TrainConfig(**{**dict(cache=str(text_cache), student=str(student), tokenizer=str(UNIGRAM), out=str(out),
+                                       steps=4, batch_size=4, checkpoint_every=2, log_every=1, eval_every=0, lr=3e-3,
+                                       seed=0, device="cpu"), **overrides})
+        config.validate()
+        trainer = Trainer(config, resume=resume)
+        trainer.setup()
+
+        def on_step(metrics):
+            if metrics["step"] == stop_after:
+                raise KeyboardInterrupt  # a crash right after that step's checkpoint
+
+        try:
+            trainer.fit(on_step=on_step)
+        except KeyboardInterrupt:
+            trainer.close()
+            return
+        trainer.finish({})
+
+    run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=3)
+    result = run_cli("train-student", "--out", tmp_path / "cut", "--resume", "--cross-tokenizer-loss", "exact-map")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert 'settings.cross_tokenizer_loss (was "prefix-groups", now "exact-map")' in result.stderr, result.stderr
+    run(tmp_path / "cut", resume=True)
+    full, cut = (tmp_path / "full" / "model" / "model.safetensors"), (tmp_path / "cut" / "model" / "model.safetensors")
+    assert full.read_bytes() == cut.read_bytes()
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["cross_tokenizer"]["loss"] == "prefix-groups"

@@ -18,9 +18,13 @@ teacher's cached targets there (top-k ids ``[M, k]``, their log-probs at ``T``, 
   each (the student's ``k`` largest of its own vocabulary). By the triangle inequality this is a lower
   bound of the full ULD, and equals it when ``k = V_t`` (the teacher's whole vocabulary; its tail is
   then empty and the student's ranks past ``k`` face zeros).
-- :func:`cross_tokenizer_loss`: one of ``exact-map``, ``uld``, ``exact-map+uld`` (their sum, as GOLD), or
-  ``prefix-map``: the exact map's bins and divergence with a many-to-one map instead, each teacher token
-  onto the longest student token its bytes begin with (:func:`~.vocab_map.prefix_token_map`).
+- :func:`group_loss`: both vocabularies cut into the same groups (:func:`~.vocab_map.prefix_groups`: tokens
+  that begin one another; :func:`~.vocab_map.first_byte_groups`: tokens' first bytes), the student's
+  probabilities summed over each group, and the exact map's bins and divergence on the groups.
+- :func:`cross_tokenizer_loss`: one of ``exact-map``, ``uld``, ``exact-map+uld`` (their sum, as GOLD),
+  ``prefix-map`` (the exact map's bins and divergence with a many-to-one map instead, each teacher token
+  onto the longest student token its bytes begin with: :func:`~.vocab_map.prefix_token_map`),
+  ``prefix-groups`` or ``first-byte`` (:func:`group_loss` on those groups).
 """
 
 from __future__ import annotations
