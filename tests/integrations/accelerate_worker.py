@@ -64,6 +64,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():  # gloo's threads stopped before exit (else a rare abort at exit)
+        torch.distributed.destroy_process_group()
 
 
 def _equal(got, want) -> bool:

@@ -67,6 +67,8 @@ def main() -> None:
         save_file(grads.grads, str(options.out / "grads.safetensors"))
         record["log"] = next(line for line in trainer.state.log_history if "loss" in line)
     (options.out / f"rank{rank}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():  # gloo's threads stopped before exit (else a rare abort at exit)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
