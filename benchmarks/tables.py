@@ -515,8 +515,15 @@ def cross_tokenizer_summary() -> str:
                              ("hard-labels", "prefix-groups", "bpe-hard-labels", "bpe-cached-kd")])
 
 
-def _cross_tokenizer(rows_of) -> str:
-    r = result("cross_tokenizer_cpu")["results"]
+def cross_tokenizer_800() -> str:
+    """:func:`cross_tokenizer_summary` after twice the steps (800)."""
+    return _cross_tokenizer([row for row in _CROSS_TOKENIZER_ROWS if row[0] in
+                             ("hard-labels", "prefix-groups", "bpe-hard-labels", "bpe-cached-kd")],
+                            name="cross_tokenizer_800_cpu")
+
+
+def _cross_tokenizer(rows_of, *, name: str = "cross_tokenizer_cpu") -> str:
+    r = result(name)["results"]
     rows = []
     for key, tokenizer, training, baseline in rows_of:
         if key not in r:
@@ -537,7 +544,7 @@ TABLES = {render.__name__.replace("_", "-"): render for render in (
     loader_decode, loader_decode_llm, train_memory, fused_kd, ingest_data_path, ingest_rss, remote_read,
     remote_read_small_shards, classification_demo, classification_demo_seeds, classification_demo_threads,
     classification_demo_sweep, kill_soak_train, kill_soak_train_damaged, reader_verify, cross_tokenizer,
-    cross_tokenizer_summary)}
+    cross_tokenizer_summary, cross_tokenizer_800)}
 
 
 def doc_paths() -> list[Path]:
