@@ -155,26 +155,13 @@ def test_a_student_vocabulary_smaller_than_its_tokenizer_is_refused_in_one_line(
 def test_a_resumed_cross_tokenizer_run_ends_bit_identical_and_a_changed_loss_is_refused(text_cache, student, tmp_path,
                                                                                          one_thread):
     from kdpipe.pipeline.train.config import TrainConfig
-    from kdpipe.pipeline.train.trainer import Trainer
+    from tests.train.crash import train as train_with
 
-    def run(out, *, resume=False, stop_after=None, **overrides):
-        config = TrainConfig(**{**dict(cache=str(text_cache), student=str(student), tokenizer=str(UNIGRAM), out=str(out),
-                                       steps=4, batch_size=4, checkpoint_every=2, log_every=1, eval_every=0, lr=3e-3,
-                                       seed=0, device="cpu"), **overrides})
+    def run(out, *, resume=False, stop_after=None):
+        config = TrainConfig(cache=str(text_cache), student=str(student), tokenizer=str(UNIGRAM), out=str(out), steps=4,
+                             batch_size=4, checkpoint_every=2, log_every=1, eval_every=0, lr=3e-3, seed=0, device="cpu")
         config.validate()
-        trainer = Trainer(config, resume=resume)
-        trainer.setup()
-
-        def on_step(metrics):
-            if metrics["step"] == stop_after:
-                raise KeyboardInterrupt  # a crash right after that step's checkpoint
-
-        try:
-            trainer.fit(on_step=on_step)
-        except KeyboardInterrupt:
-            trainer.close()
-            return
-        trainer.finish({})
+        train_with(config, resume=resume, stop_after=stop_after)
 
     run(tmp_path / "full")
     run(tmp_path / "cut", stop_after=3)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.trainer import Trainer
 from kdpipe.stages.cli import main
+from tests.train.crash import train
 
 STUDENT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=128)
@@ -51,24 +52,6 @@ def make_config(cache, student, out, **overrides) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     return config
-
-
-def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> Trainer:
-    trainer = Trainer(config, resume=resume)
-    trainer.setup()
-
-    def on_step(metrics):
-        if metrics["step"] == stop_after:
-            raise KeyboardInterrupt  # a crash right after that step's checkpoint
-
-    try:
-        trainer.fit(on_step=on_step)
-    except KeyboardInterrupt:
-        trainer.close()
-        return trainer
-    trainer.finish({})
-    trainer.close()
-    return trainer
 
 
 def run_cli(*args) -> "CliRunner.invoke":
