@@ -55,7 +55,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/kdpipe demo --out runs/demo
 
-# The whole suite, what CI runs (.ci/run). On a 2-core machine it takes about 19 minutes when the
+# The whole suite, what CI runs (.ci/run). On a 2-core machine it takes about 18 minutes when the
 # machine is otherwise idle, and several times longer when other jobs share the cores.
 test: setup
 	$(VENV)/bin/python -m pytest -q

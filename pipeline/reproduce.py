@@ -246,8 +246,8 @@ def _given(args: list[str], *options: str) -> bool:
 
 def _with_recorded_targets(args: list[str], manifest: dict) -> list[str]:
     """``args`` with what the capture kept made explicit where the command left it to defaults that a later
-    kdpipe may have changed: ``--top-k``/``--sample`` (top-64 alone before mixed top-12 + 16 draws became the
-    default), ``--sample-temperature`` (draws at one temperature before they were split over all of them)
+    kdpipe may have changed: ``--top-k``/``--sample`` (the default was top-64 alone, then top-12 + 16
+    draws, now top-6 + 8), ``--sample-temperature`` (draws at one temperature before they were split over all of them)
     and ``--no-text`` (rows without their text before causal-LM caches recorded it)."""
     capture, schema = manifest.get("capture") or {}, manifest.get("schema") or {}
     added: list[str] = []

@@ -141,11 +141,18 @@ class CrossTokenizerRun:
         ce = zero if alpha == 1.0 else hard_label_ce(flat, batch["labels"].reshape(-1))
         kd = zero
         if alpha > 0.0:
+            self._maps_to(flat.device)
             targets = self.aligned_targets(schema, batch, temperature=temperature)
             kd = cross_tokenizer_loss(self.loss_name, flat[batch["kd_student_index"]], targets.topk_ids,
                                       targets.topk_logprobs, targets.tail_logprob, self.teacher_to_student,
                                       temperature=temperature, kind=kind, student_group=self.student_group)
         return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+
+    def _maps_to(self, device) -> None:
+        """The vocabulary maps on the student's device, moved once rather than at every step."""
+        if self.teacher_to_student.device != device:
+            self.teacher_to_student = self.teacher_to_student.to(device)
+            self.student_group = None if self.student_group is None else self.student_group.to(device)
 
     @torch.no_grad()
     def evaluate(self, schema, batches, student_logits, *, temperature: float) -> dict:

@@ -85,15 +85,25 @@ def prefix_token_map(teacher_tokenizer, student_tokenizer, *, teacher_vocab_size
     `` king``'s alone. Every teacher token with bytes is mapped when the student has byte tokens."""
     teacher_table, student_table = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
     mapping = np.full(max(teacher_vocab_size or 0, len(teacher_table)), -1, dtype=np.int64)
-    student_by_bytes = _first_id_by_bytes(student_tokenizer, student_table)
-    longest = max(map(len, student_by_bytes), default=0)
+    longest_prefix = _longest_prefix_finder(_first_id_by_bytes(student_tokenizer, student_table))
     for teacher_id, value in enumerate(teacher_table):
-        for n in range(min(len(value or b""), longest), 0, -1):
-            if value[:n] in student_by_bytes:
-                mapping[teacher_id] = student_by_bytes[value[:n]]
-                break
+        if value:
+            mapping[teacher_id] = longest_prefix(value)
     _pair_eos(mapping, teacher_tokenizer, student_tokenizer)
     return SharedTokenMap(mapping, student_table)
+
+
+def _longest_prefix_finder(by_bytes: dict[bytes, int]):
+    """``value -> the id of the longest key of by_bytes that value begins with (-1: none)``."""
+    longest = max(map(len, by_bytes), default=0)
+
+    def find(value: bytes) -> int:
+        for n in range(min(len(value), longest), 0, -1):
+            if value[:n] in by_bytes:
+                return by_bytes[value[:n]]
+        return -1
+
+    return find
 
 
 def _pair_eos(mapping: np.ndarray, teacher_tokenizer, student_tokenizer) -> None:
@@ -136,22 +146,21 @@ def prefix_groups(teacher_tokenizer, student_tokenizer, *, teacher_vocab_size: i
 
     teacher_by_bytes = _first_id_by_bytes(teacher_tokenizer, teacher_table)
     student_by_bytes = _first_id_by_bytes(student_tokenizer, student_table)
-    for own, other, own_offset, other_offset, by_bytes, other_by_bytes in (
-            (teacher_table, student_table, 0, teacher_size, teacher_by_bytes, student_by_bytes),
-            (student_table, teacher_table, teacher_size, 0, student_by_bytes, teacher_by_bytes)):
-        longest = max(map(len, other_by_bytes), default=0)
+    for own, own_offset, by_bytes, other_offset, other_by_bytes in (
+            (teacher_table, 0, teacher_by_bytes, teacher_size, student_by_bytes),
+            (student_table, teacher_size, student_by_bytes, 0, teacher_by_bytes)):
+        longest_prefix = _longest_prefix_finder(other_by_bytes)
         for token_id, value in enumerate(own):
             if not value:
                 continue
             join(own_offset + token_id, own_offset + by_bytes[value])  # same bytes, one group
-            for n in range(min(len(value), longest), 0, -1):
-                if value[:n] in other_by_bytes:
-                    join(own_offset + token_id, other_offset + other_by_bytes[value[:n]])
-                    break
+            other_id = longest_prefix(value)
+            if other_id >= 0:
+                join(own_offset + token_id, other_offset + other_id)
     eos_t, eos_s = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
     grouped = np.zeros(len(parent), dtype=bool)
-    grouped[:len(teacher_table)] = [value is not None and len(value) > 0 for value in teacher_table]
-    grouped[teacher_size:] = [value is not None and len(value) > 0 for value in student_table]
+    grouped[:len(teacher_table)] = [bool(value) for value in teacher_table]
+    grouped[teacher_size:] = [bool(value) for value in student_table]
     if eos_t is not None and eos_s is not None:
         join(eos_t, teacher_size + eos_s)
         grouped[eos_t] = grouped[teacher_size + eos_s] = True
